@@ -1,0 +1,15 @@
+"""nmfjax: deep non-negative matrix factorisation networks in JAX and Flax NNX."""
+
+from nmfjax.layers import L1Normalize, NMFConv, NMFDense, NMFWeight
+from nmfjax.ops import l1_normalize, nmf, nmf_update, positive_weights
+
+__all__ = [
+    "L1Normalize",
+    "NMFConv",
+    "NMFDense",
+    "NMFWeight",
+    "l1_normalize",
+    "nmf",
+    "nmf_update",
+    "positive_weights",
+]

@@ -1,0 +1,282 @@
+"""The NMF op of deep NMF networks as pure JAX functions (SPEC section 1).
+
+Notation: ``S`` input features of an NMF unit, ``I`` hidden units, ``N``
+iterations. Leading batch dimensions of ``x`` are independent NMF problems
+("positions") that share the weight ``w``.
+
+The forward pass iterates the multiplicative update
+
+    R = W h + 1e-20,   f = W^T (x / R),
+    h <- normalise(h * f)               (pure mode, ``epsilon=None``)
+    h <- normalise(h * (1 + eps * f))   (``epsilon=eps``)
+
+``N`` times from ``h = 1/I``. Three backward passes are available:
+
+* ``"approx"``: the one-step formula of the paper (eq. 18/19), evaluated once at
+  the final ``h``; keeps only ``x``, ``W`` and ``h``.
+* ``"unrolled"``: reverse-mode autodiff through all ``N`` iterations; memory
+  grows with ``N``.
+* ``"implicit"``: implicit-function-theorem gradient of the fixed point,
+  solving the adjoint system by a fixed number of iterations; memory
+  independent of ``N``.
+"""
+
+from __future__ import annotations
+
+import functools
+import numbers
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+GRADIENTS = ("approx", "unrolled", "implicit")
+LEARNING_RULES = ("backprop", "local_kl", "local_mse")
+
+# Guards of the authors' code: keep sums and reconstructions away from zero.
+_NORMALIZE_EPS = 1e-19
+_RECONSTRUCTION_EPS = 1e-20
+
+
+def l1_normalize(x: jax.Array, axis: int = -1) -> jax.Array:
+    """Divides ``x`` by its sum over ``axis`` (plus 1e-19), as SPEC's ``x / (sum(x) + 1e-19)``.
+
+    Args:
+      x: non-negative array of any shape.
+      axis: the axis that is made to sum to one.
+
+    Returns:
+      An array of the shape of ``x``.
+    """
+    return x / (jnp.sum(x, axis=axis, keepdims=True) + _NORMALIZE_EPS)
+
+
+def positive_weights(u: jax.Array) -> jax.Array:
+    """Maps the unconstrained weight ``u`` to the NMF weight ``W`` (SPEC section 1).
+
+    ``W[s, i] = |u[s, i]| / (sum_s |u[s, i]| + 1e-19)``: every column of ``W``
+    is non-negative and sums to one. Gradients reach ``u`` by autodiff.
+
+    Args:
+      u: array of shape ``(S, I)``; a kernel of shape ``(..., I)`` (for example
+        a convolution's ``(kh, kw, C, I)``) is normalised over all axes but the
+        last, as if reshaped to ``(S, I)``.
+
+    Returns:
+      ``W``, of the shape of ``u``.
+    """
+    if u.ndim < 2:
+        raise ValueError(
+            f"positive_weights expects u of shape (S, I) (or (..., I)), got shape {u.shape}."
+        )
+    magnitude = jnp.abs(u)
+    column_sums = jnp.sum(magnitude, axis=tuple(range(u.ndim - 1)), keepdims=True)
+    return magnitude / (column_sums + _NORMALIZE_EPS)
+
+
+def check_nmf_options(
+    iterations: int,
+    epsilon: float | None,
+    gradient: str,
+    learning: str,
+    adjoint_iterations: int | None = None,
+) -> None:
+    """Raises ``TypeError``/``ValueError`` naming a bad static option of :func:`nmf`."""
+    for name, value in (("iterations", iterations), ("adjoint_iterations", adjoint_iterations)):
+        if value is None and name == "adjoint_iterations":
+            continue
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise TypeError(f"{name} must be a Python int >= 1, got {value!r} of type {type(value).__name__}.")
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}.")
+    if epsilon is not None:
+        if isinstance(epsilon, bool) or not isinstance(epsilon, numbers.Real):
+            raise TypeError(
+                f"epsilon must be None (pure update) or a positive float, got {epsilon!r} "
+                f"of type {type(epsilon).__name__}."
+            )
+        if not epsilon > 0:
+            raise ValueError(f"epsilon must be > 0 (or None for the pure update), got {epsilon}.")
+    if gradient not in GRADIENTS:
+        raise ValueError(f"gradient must be one of {GRADIENTS}, got {gradient!r}.")
+    if learning not in LEARNING_RULES:
+        raise ValueError(f"learning must be one of {LEARNING_RULES}, got {learning!r}.")
+
+
+def _check_shapes(x: jax.Array, w: jax.Array) -> None:
+    if w.ndim != 2:
+        raise ValueError(f"w must have shape (S, I), got an array of rank {w.ndim} with shape {w.shape}.")
+    if x.ndim < 1:
+        raise ValueError("x must have shape (..., S) with at least one axis, got a scalar.")
+    if x.shape[-1] != w.shape[0]:
+        raise ValueError(
+            f"x has {x.shape[-1]} features on its last axis (shape {x.shape}) but w has "
+            f"{w.shape[0]} rows (shape {w.shape}); w must have shape (S, I) with S = x.shape[-1]."
+        )
+
+
+def nmf_update(h: jax.Array, x: jax.Array, w: jax.Array, epsilon: float | None = None) -> jax.Array:
+    """One normalised multiplicative update of ``h`` (SPEC section 1, paper eq. 3/6).
+
+    Args:
+      h: current activations, shape ``(..., I)``.
+      x: input, shape ``(..., S)``.
+      w: positive weight, shape ``(S, I)``.
+      epsilon: ``None`` for the pure update ``h * f``, else ``h * (1 + epsilon * f)``.
+
+    Returns:
+      The next ``h``, shape ``(..., I)``, non-negative and summing to one.
+    """
+    reconstruction = h @ w.T + _RECONSTRUCTION_EPS
+    factor = (x / reconstruction) @ w
+    h = h * factor if epsilon is None else h * (1 + epsilon * factor)
+    return l1_normalize(h)
+
+
+def _iterate(x: jax.Array, w: jax.Array, iterations: int, epsilon: float | None) -> jax.Array:
+    dtype = jnp.result_type(x, w)
+    num_hidden = w.shape[1]
+    h = jnp.full(x.shape[:-1] + (num_hidden,), 1.0 / num_hidden, dtype)
+    return lax.fori_loop(0, iterations, lambda _, h: nmf_update(h, x, w, epsilon), h)
+
+
+def _sum_positions(a: jax.Array, b: jax.Array) -> jax.Array:
+    """``sum_p a[p, s] * b[p, i]`` over all leading axes: shape ``(S, I)``."""
+    return jnp.einsum("...s,...i->si", a, b)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _nmf_approx(x, w, iterations, epsilon):
+    return _iterate(x, w, iterations, epsilon)
+
+
+def _nmf_approx_fwd(x, w, iterations, epsilon):
+    h = _iterate(x, w, iterations, epsilon)
+    return h, (x, w, h)
+
+
+def _nmf_approx_bwd(iterations, epsilon, residuals, g):
+    """SPEC's one-step VJP at the returned ``h`` (paper eq. 18, 19):
+
+    ``dx[s] = sum_i W[s,i] h[i] g[i] / R[s]`` and
+    ``dW[s,i] = sum_positions h[i] x[s] / R[s] * (g[i] - dx[s])``.
+    """
+    del iterations, epsilon  # the one-step formula is the same for every mode
+    x, w, h = residuals
+    reconstruction = h @ w.T + _RECONSTRUCTION_EPS
+    weighted_error = h * g
+    dx = (weighted_error @ w.T) / reconstruction
+    ratio = x / reconstruction
+    dw = _sum_positions(ratio, weighted_error) - _sum_positions(ratio * dx, h)
+    return dx.astype(x.dtype), dw.astype(w.dtype)
+
+
+_nmf_approx.defvjp(_nmf_approx_fwd, _nmf_approx_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _nmf_implicit(x, w, iterations, epsilon, adjoint_iterations):
+    return _iterate(x, w, iterations, epsilon)
+
+
+def _nmf_implicit_fwd(x, w, iterations, epsilon, adjoint_iterations):
+    h = _iterate(x, w, iterations, epsilon)
+    return h, (x, w, h)
+
+
+def _nmf_implicit_bwd(iterations, epsilon, adjoint_iterations, residuals, g):
+    """Implicit-function VJP at ``h* = F(h*, x, W)``: ``v = g + (dF/dh)^T v`` is
+    iterated ``adjoint_iterations`` times from ``v = g`` (a truncated Neumann
+    series), then ``(dx, dW) = (dF/dx, dF/dW)^T v``."""
+    del iterations
+    x, w, h = residuals
+    _, vjp_h = jax.vjp(lambda h_: nmf_update(h_, x, w, epsilon), h)
+    adjoint = lax.fori_loop(0, adjoint_iterations, lambda _, v: g + vjp_h(v)[0], g)
+    _, vjp_inputs = jax.vjp(lambda x_, w_: nmf_update(h, x_, w_, epsilon), x, w)
+    return vjp_inputs(adjoint)
+
+
+_nmf_implicit.defvjp(_nmf_implicit_fwd, _nmf_implicit_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _with_local_weight_gradient(h, x, w, rule):
+    return h
+
+
+def _local_fwd(h, x, w, rule):
+    return h, (x, w, h)
+
+
+def _local_bwd(rule, residuals, g):
+    """Passes ``g`` through to ``h`` and hands ``w`` the local rule of SPEC section 1:
+    ``local_kl: -h x / R``, ``local_mse: -2 h (x - R)``, summed over positions."""
+    x, w, h = residuals
+    reconstruction = h @ w.T
+    if rule == "local_kl":
+        dw = -_sum_positions(x / (reconstruction + _RECONSTRUCTION_EPS), h)
+    else:
+        dw = -2 * _sum_positions(x - reconstruction, h)
+    return g, jnp.zeros_like(x), dw.astype(w.dtype)
+
+
+_with_local_weight_gradient.defvjp(_local_fwd, _local_bwd)
+
+
+def nmf(
+    x: jax.Array,
+    w: jax.Array,
+    *,
+    iterations: int = 20,
+    epsilon: float | None = None,
+    gradient: str = "approx",
+    learning: str = "backprop",
+    adjoint_iterations: int | None = None,
+) -> jax.Array:
+    """Runs ``iterations`` NMF updates of ``h`` for input ``x`` and weight ``w`` (SPEC section 1).
+
+    ``x`` is used as given (the layers L1-normalise it first); in the pure mode
+    ``h`` does not change when ``x`` is rescaled.
+
+    Args:
+      x: non-negative input of shape ``(..., S)``; leading axes are independent
+        positions sharing ``w``.
+      w: positive weight of shape ``(S, I)``, columns summing to one (see
+        :func:`positive_weights`).
+      iterations: number ``N`` of updates, a Python int >= 1.
+      epsilon: ``None`` for the pure update (paper eq. 3), else the step size of
+        eq. 6, a float > 0.
+      gradient: backward pass: ``"approx"`` (paper eq. 18/19, default),
+        ``"unrolled"`` (autodiff through every iteration) or ``"implicit"``
+        (fixed-point adjoint).
+      learning: gradient handed to ``w``: ``"backprop"`` (from ``gradient``), or
+        the local rules ``"local_kl"`` / ``"local_mse"`` (the input gradient then
+        still comes from ``gradient``).
+      adjoint_iterations: iterations of the adjoint solve in ``"implicit"`` mode
+        (default: ``iterations``).
+
+    Returns:
+      ``h`` of shape ``(..., I)``: non-negative, summing to one over the last axis.
+    """
+    check_nmf_options(iterations, epsilon, gradient, learning, adjoint_iterations)
+    x = jnp.asarray(x)
+    w = jnp.asarray(w)
+    _check_shapes(x, w)
+    epsilon = None if epsilon is None else float(epsilon)
+
+    return _nmf(x, w, iterations, epsilon, gradient, learning, adjoint_iterations or iterations)
+
+
+# Jitted so that eager calls run as one compiled program; inside a caller's jit it is inlined.
+@functools.partial(jax.jit, static_argnums=(2, 3, 4, 5, 6))
+def _nmf(x, w, iterations, epsilon, gradient, learning, adjoint_iterations):
+    core_w = w if learning == "backprop" else lax.stop_gradient(w)
+    if gradient == "approx":
+        h = _nmf_approx(x, core_w, iterations, epsilon)
+    elif gradient == "unrolled":
+        h = _iterate(x, core_w, iterations, epsilon)
+    else:
+        h = _nmf_implicit(x, core_w, iterations, epsilon, adjoint_iterations)
+    if learning != "backprop":
+        h = _with_local_weight_gradient(h, x, w, learning)
+    return h

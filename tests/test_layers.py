@@ -1,0 +1,158 @@
+"""The NNX layers: patch-wise NMFConv against NMFDense on hand-extracted patches."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from nmfjax import L1Normalize, NMFConv, NMFDense, NMFWeight, ops
+
+
+def hand_patches(x, kernel_size, stride, padding, dilation):
+    """Patches of an NHWC array by explicit loops, each ordered (dy, dx, c)."""
+    (kh, kw), (sh, sw), (dh, dw) = kernel_size, stride, dilation
+    (top, bottom), (left, right) = padding
+    x = np.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0)))
+    span_h, span_w = (kh - 1) * dh + 1, (kw - 1) * dw + 1
+    rows = range(0, x.shape[1] - span_h + 1, sh)
+    cols = range(0, x.shape[2] - span_w + 1, sw)
+    out = np.zeros((x.shape[0], len(rows), len(cols), kh, kw, x.shape[3]))
+    for a, r in enumerate(rows):
+        for b, c in enumerate(cols):
+            out[:, a, b] = x[:, r : r + span_h : dh, c : c + span_w : dw, :]
+    return out
+
+
+@pytest.mark.parametrize(
+    "kernel_size, strides, padding, dilation, groups",
+    [
+        ((3, 3), (1, 1), ((0, 0), (0, 0)), (1, 1), 1),
+        ((3, 2), (2, 1), ((1, 2), (0, 1)), (1, 1), 1),
+        ((2, 3), (1, 2), ((1, 1), (1, 1)), (2, 1), 1),
+        ((3, 3), (2, 2), ((1, 0), (2, 1)), (1, 2), 2),
+        ((2, 2), (1, 1), ((0, 0), (0, 0)), (1, 1), 4),
+    ],
+)
+def test_conv_equals_dense_on_hand_extracted_normalised_patches(kernel_size, strides, padding, dilation, groups):
+    channels, outputs = 4, 8
+    conv = NMFConv(
+        channels,
+        outputs,
+        kernel_size,
+        strides=strides,
+        padding=padding,
+        kernel_dilation=dilation,
+        feature_group_count=groups,
+        rngs=nnx.Rngs(0),
+    )
+    x = np.random.default_rng(0).uniform(0, 1, (2, 9, 8, channels)).astype(np.float32)
+    patches = hand_patches(x, kernel_size, strides, padding, dilation)
+    result = np.asarray(conv(jnp.asarray(x)))
+    assert result.shape == (*patches.shape[:3], outputs)
+
+    kernel = np.asarray(conv.kernel[...])  # (kh, kw, C/G, I)
+    channels_per_group, outputs_per_group = channels // groups, outputs // groups
+    for g in range(groups):
+        group_patches = patches[..., g * channels_per_group : (g + 1) * channels_per_group]
+        group_patches = group_patches.reshape(*patches.shape[:3], -1)
+        group_patches /= group_patches.sum(-1, keepdims=True) + 1e-19
+        dense = NMFDense(group_patches.shape[-1], outputs_per_group, rngs=nnx.Rngs(1))
+        dense.kernel[...] = kernel[..., g * outputs_per_group : (g + 1) * outputs_per_group].reshape(
+            -1, outputs_per_group
+        )
+        expected = np.asarray(dense(jnp.asarray(group_patches, jnp.float32)))
+        np.testing.assert_allclose(
+            result[..., g * outputs_per_group : (g + 1) * outputs_per_group], expected, rtol=1e-5, atol=1e-7
+        )
+
+
+def test_same_padding_keeps_the_spatial_size():
+    conv = NMFConv(3, 5, 5, padding="SAME", rngs=nnx.Rngs(0))
+    out = conv(jnp.ones((1, 7, 6, 3)))
+    assert out.shape == (1, 7, 6, 5)
+
+
+def test_dense_normalises_its_input_and_runs_the_op():
+    dense = NMFDense(6, 3, iterations=7, epsilon=0.5, rngs=nnx.Rngs(0))
+    x = jnp.asarray(np.random.default_rng(1).uniform(0, 5, (4, 6)), jnp.float32)
+    expected = ops.nmf(x / x.sum(-1, keepdims=True), ops.positive_weights(dense.kernel[...]), iterations=7, epsilon=0.5)
+    np.testing.assert_allclose(dense(x), expected, rtol=1e-6)
+
+
+def test_kernel_is_initialised_uniform_zero_one():
+    kernel = NMFDense(200, 50, rngs=nnx.Rngs(0)).kernel[...]
+    assert float(kernel.min()) >= 0 and float(kernel.max()) < 1
+    assert abs(float(kernel.mean()) - 0.5) < 0.01
+
+
+class _Mixed(nnx.Module):
+    def __init__(self, rngs):
+        self.nmf = NMFConv(3, 4, 3, rngs=rngs)
+        self.mix = nnx.Conv(4, 4, (1, 1), rngs=rngs)
+
+    def __call__(self, x):
+        return self.mix(self.nmf(x))
+
+
+def test_nmf_weight_is_a_separate_variable_type_for_its_own_learning_rate():
+    model = _Mixed(nnx.Rngs(0))
+    nmf_state = nnx.state(model, NMFWeight)
+    assert [path for path, _ in nnx.to_flat_state(nmf_state)] == [("nmf", "kernel")]
+    assert len(nnx.to_flat_state(nnx.state(model, nnx.Param))) == 3  # NMFWeight is a Param too
+
+    # An optimiser that gives the NMF weight its own learning rate moves only it.
+    labels = jax.tree.map(
+        lambda v: "nmf" if isinstance(v, NMFWeight) else "other",
+        nnx.state(model, nnx.Param),
+        is_leaf=lambda v: isinstance(v, nnx.Variable),
+    )
+    tx = optax.multi_transform({"nmf": optax.sgd(0.1), "other": optax.set_to_zero()}, labels)
+    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+    before_nmf, before_mix = model.nmf.kernel[...], model.mix.kernel[...]
+    x = jnp.asarray(np.random.default_rng(0).uniform(0, 1, (2, 6, 6, 3)), jnp.float32)
+    grads = nnx.grad(lambda m: jnp.sum(m(x) ** 2))(model)
+    optimizer.update(model, grads)
+    assert not np.allclose(model.nmf.kernel[...], before_nmf)
+    np.testing.assert_array_equal(model.mix.kernel[...], before_mix)
+
+
+@pytest.mark.parametrize("gradient", ["approx", "unrolled", "implicit"])
+def test_conv_gradients_reach_kernel_and_input(gradient):
+    conv = NMFConv(3, 4, 3, strides=2, gradient=gradient, iterations=5, rngs=nnx.Rngs(0))
+    x = jnp.asarray(np.random.default_rng(0).uniform(0, 1, (2, 7, 7, 3)), jnp.float32)
+    target = jnp.asarray(np.random.default_rng(1).normal(size=(2, 3, 3, 4)), jnp.float32)
+    loss = lambda model, x: jnp.sum(target * model(x))
+    model_grads, input_grads = nnx.grad(loss, argnums=(0, 1))(conv, x)
+    assert float(jnp.abs(model_grads.kernel[...]).max()) > 0
+    assert float(jnp.abs(input_grads).max()) > 0
+
+
+def test_l1_normalize_sums_the_last_axis_to_one():
+    x = jnp.asarray(np.random.default_rng(0).uniform(0, 1, (3, 4, 5)))
+    np.testing.assert_allclose(L1Normalize()(x).sum(-1), 1.0, rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "build, match",
+    [
+        (lambda: NMFDense(0, 3, rngs=nnx.Rngs(0)), "in_features must be a positive int, got 0"),
+        (lambda: NMFDense(4, 3, gradient="exact", rngs=nnx.Rngs(0)), "gradient must be one of"),
+        (lambda: NMFDense(4, 3, iterations=0, rngs=nnx.Rngs(0)), "iterations must be >= 1"),
+        (lambda: NMFConv(6, 4, 3, feature_group_count=4, rngs=nnx.Rngs(0)), "feature_group_count=4 must divide"),
+        (lambda: NMFConv(6, 4, (3, 3, 3), rngs=nnx.Rngs(0)), "kernel_size must be an int or a pair"),
+        (lambda: NMFConv(6, 4, 3, padding="FULL", rngs=nnx.Rngs(0)), "padding must be 'SAME', 'VALID'"),
+        (lambda: NMFConv(6, 4, 3, strides=0, rngs=nnx.Rngs(0)), "strides must be a positive int"),
+    ],
+)
+def test_bad_layer_arguments_raise(build, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        build()
+
+
+def test_wrong_input_shape_names_the_expected_features():
+    with pytest.raises(ValueError, match="in_features=4"):
+        NMFDense(4, 2, rngs=nnx.Rngs(0))(jnp.ones((3, 5)))
+    with pytest.raises(ValueError, match="NHWC inputs with in_features=3"):
+        NMFConv(3, 2, 3, rngs=nnx.Rngs(0))(jnp.ones((5, 5, 3)))

@@ -1,0 +1,285 @@
+"""The NMF op against an independent float64 NumPy transcription of SPEC section 1."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.test_util import check_grads
+
+from nmfjax import ops
+
+GRADIENTS = ops.GRADIENTS
+
+
+# --- independent NumPy reference (SPEC section 1, written out per position) ---
+
+
+def reference_positive_weights(u):
+    magnitude = np.abs(u)
+    return magnitude / (magnitude.sum(axis=0, keepdims=True) + 1e-19)
+
+
+def reference_forward(x, w, iterations, epsilon=None):
+    x = np.asarray(x, np.float64).reshape(-1, w.shape[0])
+    out = []
+    for position in x:
+        h = np.full(w.shape[1], 1.0 / w.shape[1])
+        for _ in range(iterations):
+            reconstruction = w @ h + 1e-20
+            factor = w.T @ (position / reconstruction)
+            h = h * factor if epsilon is None else h * (1 + epsilon * factor)
+            h = h / (h.sum() + 1e-19)
+        out.append(h)
+    return np.stack(out)
+
+
+def reference_approx_vjp(x, w, h, g):
+    """SPEC's closed form, position by position; dW summed over positions."""
+    dx = np.zeros_like(x)
+    dw = np.zeros_like(w)
+    for p in range(x.shape[0]):
+        reconstruction = w @ h[p]
+        for s in range(w.shape[0]):
+            dx[p, s] = np.sum(w[s] * h[p] * g[p]) / reconstruction[s]
+        for s in range(w.shape[0]):
+            for i in range(w.shape[1]):
+                dw[s, i] += h[p, i] * x[p, s] / reconstruction[s] * (g[p, i] - dx[p, s])
+    return dx, dw
+
+
+def random_problem(seed, positions=5, features=12, hidden=4):
+    rng = np.random.default_rng(seed)
+    x = rng.uniform(0.05, 1.0, (positions, features))
+    x /= x.sum(-1, keepdims=True)
+    w = reference_positive_weights(rng.uniform(0, 1, (features, hidden)))
+    g = rng.normal(size=(positions, hidden))
+    return x, w, g
+
+
+@pytest.fixture
+def x64():
+    with jax.enable_x64(True):
+        yield
+
+
+# --- forward ---
+
+
+@pytest.mark.parametrize("epsilon", [None, 0.3])
+@pytest.mark.parametrize("iterations", [1, 20])
+def test_forward_matches_numpy_reference_float64(x64, epsilon, iterations):
+    x, w, _ = random_problem(0)
+    h = ops.nmf(jnp.asarray(x), jnp.asarray(w), iterations=iterations, epsilon=epsilon)
+    assert h.dtype == jnp.float64
+    np.testing.assert_allclose(h, reference_forward(x, w, iterations, epsilon), rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("epsilon", [None, 1.0])
+def test_forward_float32_matches_reference_to_round_off(epsilon):
+    x, w, _ = random_problem(1)
+    h = ops.nmf(jnp.asarray(x, jnp.float32), jnp.asarray(w, jnp.float32), epsilon=epsilon)
+    assert h.dtype == jnp.float32
+    np.testing.assert_allclose(h, reference_forward(x, w, 20, epsilon), rtol=2e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("epsilon", [None, 0.5])
+def test_output_is_nonnegative_and_sums_to_one_for_any_batch_shape(epsilon):
+    rng = np.random.default_rng(2)
+    x = jnp.asarray(rng.uniform(0, 3, (2, 3, 4, 7)), jnp.float32)
+    w = ops.positive_weights(jnp.asarray(rng.uniform(0, 1, (7, 5)), jnp.float32))
+    h = ops.nmf(x, w, epsilon=epsilon)
+    assert h.shape == (2, 3, 4, 5)
+    assert bool(jnp.all(h >= 0))
+    np.testing.assert_allclose(h.sum(-1), 1.0, rtol=1e-5)
+
+
+def test_pure_mode_is_invariant_to_input_scale():
+    x, w, _ = random_problem(3)
+    h = ops.nmf(jnp.asarray(x, jnp.float32), jnp.asarray(w, jnp.float32))
+    h_scaled = ops.nmf(jnp.asarray(7.5 * x, jnp.float32), jnp.asarray(w, jnp.float32))
+    np.testing.assert_allclose(h, h_scaled, rtol=1e-5, atol=1e-7)
+
+
+def test_positive_weights_matches_spec():
+    u = np.random.default_rng(4).normal(size=(9, 4))
+    w = ops.positive_weights(jnp.asarray(u))
+    np.testing.assert_allclose(w, reference_positive_weights(u), rtol=1e-6)
+    assert bool(jnp.all(w >= 0))
+    np.testing.assert_allclose(w.sum(0), 1.0, rtol=1e-6)
+
+
+# --- gradients ---
+
+
+def test_approx_vjp_equals_spec_closed_form(x64):
+    x, w, g = random_problem(5)
+    h, vjp = jax.vjp(lambda x_, w_: ops.nmf(x_, w_, epsilon=0.7), jnp.asarray(x), jnp.asarray(w))
+    dx, dw = vjp(jnp.asarray(g))
+    expected_dx, expected_dw = reference_approx_vjp(x, w, np.asarray(h), g)
+    np.testing.assert_allclose(dx, expected_dx, rtol=1e-10, atol=1e-14)
+    np.testing.assert_allclose(dw, expected_dw, rtol=1e-10, atol=1e-14)
+
+
+def test_grad_reaches_u_through_positive_weights(x64):
+    x, _, g = random_problem(6)
+    u = np.random.default_rng(7).normal(size=(12, 4))  # signed, so |u| matters
+    loss = lambda u_: jnp.sum(jnp.asarray(g) * ops.nmf(jnp.asarray(x), ops.positive_weights(u_)))
+    du = np.asarray(jax.grad(loss)(jnp.asarray(u)))
+
+    # Chain rule by hand: W = |u| / n with n = sum_s |u|, so
+    # dL/du[s,i] = sign(u[s,i]) / n[i] * (dW[s,i] - sum_s' dW[s',i] W[s',i]).
+    w = reference_positive_weights(u)
+    h = reference_forward(x, w, 20)
+    _, dw = reference_approx_vjp(x, w, h, g)
+    column_sums = np.abs(u).sum(0)
+    expected = np.sign(u) / column_sums * (dw - (dw * w).sum(0, keepdims=True))
+    assert np.abs(du).max() > 0
+    np.testing.assert_allclose(du, expected, rtol=1e-9, atol=1e-13)
+
+
+@pytest.mark.parametrize("epsilon", [None, 0.5])
+def test_unrolled_passes_check_grads(x64, epsilon):
+    x, w, _ = random_problem(8, positions=3, features=6, hidden=3)
+    nmf = lambda x_, w_: ops.nmf(x_, w_, iterations=5, epsilon=epsilon, gradient="unrolled")
+    check_grads(nmf, (jnp.asarray(x), jnp.asarray(w)), order=1, modes=["rev"], eps=1e-6)
+
+
+def _gradients(mode, x, w, g, iterations, **options):
+    loss = lambda x_, w_: jnp.sum(g * ops.nmf(x_, w_, iterations=iterations, gradient=mode, **options))
+    return jax.grad(loss, argnums=(0, 1))(x, w)
+
+
+def _relative_error(a, b):
+    return max(float(jnp.linalg.norm(p - q) / jnp.linalg.norm(q)) for p, q in zip(a, b))
+
+
+def exactly_factorisable_problem(seed, positions=4, features=8, hidden=3):
+    """x = W h_true with h_true > 0: the fixed point is interior, so the
+    multiplicative updates converge linearly and the adjoint series converges."""
+    rng = np.random.default_rng(seed)
+    w = reference_positive_weights(rng.uniform(0, 1, (features, hidden)))
+    h_true = rng.uniform(0.2, 1.0, (positions, hidden))
+    h_true /= h_true.sum(-1, keepdims=True)
+    g = rng.normal(size=(positions, hidden))
+    return jnp.asarray(h_true @ w.T), jnp.asarray(w), jnp.asarray(g)
+
+
+def test_implicit_approaches_unrolled_as_iterations_grow(x64):
+    x, w, g = exactly_factorisable_problem(9)
+    errors = [
+        _relative_error(_gradients("implicit", x, w, g, n), _gradients("unrolled", x, w, g, n))
+        for n in (10, 50, 200)
+    ]
+    assert errors[0] > errors[1] > errors[2], errors
+    assert errors[0] > 1e-2 and errors[2] < 1e-3, errors
+
+
+def test_implicit_adjoint_iterations_are_configurable(x64):
+    x, w, g = exactly_factorisable_problem(10)
+    exact = _gradients("unrolled", x, w, g, 500)
+    coarse = _gradients("implicit", x, w, g, 500, adjoint_iterations=3)
+    fine = _gradients("implicit", x, w, g, 500, adjoint_iterations=500)
+    assert _relative_error(fine, exact) < 1e-3 * _relative_error(coarse, exact)
+
+
+def _backward_temp_bytes(mode, iterations):
+    loss = lambda x, w: jnp.sum(jnp.sin(ops.nmf(x, w, iterations=iterations, gradient=mode)))
+    grad = jax.jit(jax.grad(loss, argnums=(0, 1)))
+    x = jax.ShapeDtypeStruct((64, 75), jnp.float32)
+    w = jax.ShapeDtypeStruct((75, 32), jnp.float32)
+    return grad.lower(x, w).compile().memory_analysis().temp_size_in_bytes
+
+
+@pytest.mark.parametrize("mode", ["approx", "implicit"])
+def test_backward_memory_does_not_grow_with_iterations(mode):
+    assert _backward_temp_bytes(mode, 200) == _backward_temp_bytes(mode, 20)
+
+
+def test_unrolled_backward_memory_grows_with_iterations():
+    assert _backward_temp_bytes("unrolled", 200) > 5 * _backward_temp_bytes("unrolled", 20)
+
+
+@pytest.mark.parametrize("mode", GRADIENTS)
+def test_modes_compose_with_jit_vmap_and_grad(mode):
+    x, w, g = (jnp.asarray(a, jnp.float32) for a in random_problem(11))
+    weights = jnp.stack([w, jnp.roll(w, 1, axis=0)])  # a batch of two weight matrices
+    inputs = jnp.stack([x, x[::-1]])
+
+    def loss(inputs, weights):
+        batched = jax.vmap(lambda x_, w_: ops.nmf(x_, w_, iterations=10, gradient=mode))
+        return jnp.sum(g * batched(inputs, weights))
+
+    dx, dw = jax.jit(jax.grad(loss, argnums=(0, 1)))(inputs, weights)
+    for b in range(2):
+        one = _gradients(mode, inputs[b], weights[b], g, 10)
+        np.testing.assert_allclose(dx[b], one[0], rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(dw[b], one[1], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", GRADIENTS)
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+def test_gradients_keep_the_dtype(x64, mode, dtype):
+    x, w, g = (jnp.asarray(a, dtype) for a in random_problem(12))
+    dx, dw = _gradients(mode, x, w, g, 5)
+    assert dx.dtype == dtype and dw.dtype == dtype
+    assert bool(jnp.all(jnp.isfinite(dx))) and bool(jnp.all(jnp.isfinite(dw)))
+
+
+# --- local learning ---
+
+
+@pytest.mark.parametrize("rule", ["local_kl", "local_mse"])
+def test_local_rules_hand_w_the_spec_gradient_and_keep_approx_dx(x64, rule):
+    x, w, g = random_problem(13)
+    dx, dw = _gradients("approx", jnp.asarray(x), jnp.asarray(w), jnp.asarray(g), 20, learning=rule)
+    h = reference_forward(x, w, 20)
+    expected_dx, _ = reference_approx_vjp(x, w, h, g)
+    reconstruction = h @ w.T
+    if rule == "local_kl":
+        expected_dw = -np.einsum("pi,ps->si", h, x / reconstruction)
+    else:
+        expected_dw = -np.einsum("pi,ps->si", h, 2 * (x - reconstruction))
+    np.testing.assert_allclose(dx, expected_dx, rtol=1e-9, atol=1e-14)
+    np.testing.assert_allclose(dw, expected_dw, rtol=1e-9, atol=1e-14)
+
+
+def test_local_rule_weight_gradient_ignores_the_upstream_error(x64):
+    x, w, g = (jnp.asarray(a) for a in random_problem(14))
+    _, dw_one = _gradients("approx", x, w, g, 20, learning="local_kl")
+    _, dw_other = _gradients("approx", x, w, -3 * g, 20, learning="local_kl")
+    np.testing.assert_allclose(dw_one, dw_other)
+
+
+# --- argument checks ---
+
+
+@pytest.mark.parametrize(
+    "x_shape, w_shape, match",
+    [
+        ((4, 12), (12,), r"w must have shape \(S, I\).*rank 1"),
+        ((4, 12), (2, 12, 4), r"w must have shape \(S, I\).*rank 3"),
+        ((4, 10), (12, 4), r"x has 10 features.*w has 12 rows"),
+        ((), (12, 4), r"x must have shape \(\.\.\., S\)"),
+    ],
+)
+def test_shape_mismatch_raises(x_shape, w_shape, match):
+    with pytest.raises(ValueError, match=match):
+        ops.nmf(jnp.ones(x_shape), jnp.ones(w_shape))
+
+
+@pytest.mark.parametrize(
+    "options, error, match",
+    [
+        ({"iterations": 0}, ValueError, "iterations must be >= 1, got 0"),
+        ({"iterations": 2.5}, TypeError, "iterations must be a Python int"),
+        ({"adjoint_iterations": -1, "gradient": "implicit"}, ValueError, "adjoint_iterations must be >= 1"),
+        ({"epsilon": 0.0}, ValueError, "epsilon must be > 0.*got 0.0"),
+        ({"epsilon": -1.0}, ValueError, "epsilon must be > 0"),
+        ({"epsilon": "big"}, TypeError, "epsilon must be None.*'big'"),
+        ({"gradient": "exact"}, ValueError, r"gradient must be one of \('approx', 'unrolled', 'implicit'\), got 'exact'"),
+        ({"learning": "hebb"}, ValueError, r"learning must be one of \('backprop', 'local_kl', 'local_mse'\), got 'hebb'"),
+    ],
+)
+def test_bad_options_raise_clear_errors(options, error, match):
+    with pytest.raises(error, match=match):
+        ops.nmf(jnp.ones((4, 12)), jnp.ones((12, 4)) / 12, **options)
