@@ -1,6 +1,6 @@
 """nmfjax: deep non-negative matrix factorisation networks in JAX and Flax NNX."""
 
-from nmfjax.layers import L1Normalize, NMFConv, NMFDense, NMFWeight
+from nmfjax.layers import L1Normalize, NMFConv, NMFDense, NMFWeight, PatchConv
 from nmfjax.ops import l1_normalize, nmf, nmf_update, positive_weights
 
 __all__ = [
@@ -8,6 +8,7 @@ __all__ = [
     "NMFConv",
     "NMFDense",
     "NMFWeight",
+    "PatchConv",
     "l1_normalize",
     "nmf",
     "nmf_update",

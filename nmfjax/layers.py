@@ -157,18 +157,61 @@ def extract_patches(
     )
 
 
-class NMFConv(nnx.Module, _NMFOptions):
+class _PatchLayer(nnx.Module):
+    """Patch geometry shared by the patch-wise layers: every output position takes
+    its ``k x k`` patch of an NHWC input (stride, padding and dilation as for a
+    convolution) and L1-normalises it. With ``feature_group_count = G`` the input
+    channels and outputs split into ``G`` groups with separate weights; each
+    group's part of the patch is normalised on its own. ``kernel`` has Flax's
+    convolution layout ``(kh, kw, C / G, I)``."""
+
+    def _init_patches(self, in_features, out_features, kernel_size, strides, padding, kernel_dilation, groups):
+        _check_positive_int("in_features", in_features)
+        _check_positive_int("out_features", out_features)
+        _check_positive_int("feature_group_count", groups)
+        if in_features % groups or out_features % groups:
+            raise ValueError(
+                f"feature_group_count={groups} must divide in_features={in_features} "
+                f"and out_features={out_features}."
+            )
+        self.in_features = in_features
+        self.out_features = out_features
+        self.kernel_size = _pair("kernel_size", kernel_size)
+        self.strides = _pair("strides", strides)
+        self.padding = _padding_pairs(padding)
+        self.kernel_dilation = _pair("kernel_dilation", kernel_dilation)
+        self.feature_group_count = groups
+        return (*self.kernel_size, in_features // groups, out_features)
+
+    def _normalised_patches(self, x: jax.Array) -> jax.Array:
+        """``(B, H, W, C)`` -> ``(B, H', W', G, C/G * kh * kw)``, each group's patch summing to one."""
+        if x.ndim != 4 or x.shape[-1] != self.in_features:
+            raise ValueError(
+                f"{type(self).__name__} expects NHWC inputs with in_features={self.in_features} channels, "
+                f"got shape {x.shape}."
+            )
+        patches = extract_patches(x, self.kernel_size, self.strides, self.padding, self.kernel_dilation)
+        # The channel axis is outermost in a patch, so each group's values are contiguous.
+        return ops.l1_normalize(patches.reshape(*patches.shape[:-1], self.feature_group_count, -1))
+
+    def _grouped(self, kernel: jax.Array) -> jax.Array:
+        """``(kh, kw, C/G, I)`` -> ``(G, C/G * kh * kw, I/G)``, rows in the patch order ``(c, dy, dx)``."""
+        groups = self.feature_group_count
+        kernel = jnp.transpose(kernel, (2, 0, 1, 3)).reshape(-1, groups, self.out_features // groups)
+        return jnp.transpose(kernel, (1, 0, 2))
+
+    def _merge_groups(self, y: jax.Array) -> jax.Array:
+        return y.reshape(*y.shape[:-2], self.out_features)
+
+
+class NMFConv(_PatchLayer, _NMFOptions):
     """Patch-wise convolutional NMF (SPEC section 2), NHWC.
 
-    Every output position takes its ``k x k`` patch (stride, padding and
-    dilation as for a convolution), L1-normalises it and runs the NMF op on it;
-    positions are independent NMF problems sharing the weight. With
-    ``feature_group_count = G`` the ``C`` input channels and ``I`` outputs split
-    into ``G`` groups with separate weights; each group's patch is normalised on
-    its own (in the pure mode this gives the same ``h`` as normalising the whole
-    patch, since ``h`` is invariant to the input's scale).
-
-    ``kernel`` has Flax's convolution layout ``(kh, kw, C / G, I)``.
+    Every output position runs the NMF op on its L1-normalised patch; positions
+    are independent NMF problems sharing the weight (the overlapping patches are
+    not reconstructed jointly). With ``feature_group_count = G`` each group is
+    an NMF unit of its own (with ``G = 1``, exactly SPEC section 2; in the pure
+    mode ``h`` does not depend on how the patch is scaled).
 
     Args:
       in_features: input channels ``C``.
@@ -201,23 +244,10 @@ class NMFConv(nnx.Module, _NMFOptions):
         param_dtype=jnp.float32,
         rngs: nnx.Rngs,
     ):
-        _check_positive_int("in_features", in_features)
-        _check_positive_int("out_features", out_features)
-        _check_positive_int("feature_group_count", feature_group_count)
-        if in_features % feature_group_count or out_features % feature_group_count:
-            raise ValueError(
-                f"feature_group_count={feature_group_count} must divide in_features={in_features} "
-                f"and out_features={out_features}."
-            )
+        kernel_shape = self._init_patches(
+            in_features, out_features, kernel_size, strides, padding, kernel_dilation, feature_group_count
+        )
         self._set_nmf_options(iterations, epsilon, gradient, learning, adjoint_iterations)
-        self.in_features = in_features
-        self.out_features = out_features
-        self.kernel_size = _pair("kernel_size", kernel_size)
-        self.strides = _pair("strides", strides)
-        self.padding = _padding_pairs(padding)
-        self.kernel_dilation = _pair("kernel_dilation", kernel_dilation)
-        self.feature_group_count = feature_group_count
-        kernel_shape = (*self.kernel_size, in_features // feature_group_count, out_features)
         self.kernel = NMFWeight(kernel_init(rngs.params(), kernel_shape, param_dtype))
 
     def nmf_weights(self) -> jax.Array:
@@ -225,21 +255,40 @@ class NMFConv(nnx.Module, _NMFOptions):
 
         Rows follow the patch vector's order ``(c, dy, dx)`` of :func:`extract_patches`.
         """
-        groups = self.feature_group_count
-        w = ops.positive_weights(self.kernel[...])  # (kh, kw, C/G, I)
-        w = jnp.transpose(w, (2, 0, 1, 3)).reshape(-1, groups, self.out_features // groups)
-        return jnp.transpose(w, (1, 0, 2))
+        return self._grouped(ops.positive_weights(self.kernel[...]))
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        if x.ndim != 4 or x.shape[-1] != self.in_features:
-            raise ValueError(
-                f"NMFConv expects NHWC inputs with in_features={self.in_features} channels, "
-                f"got shape {x.shape}."
-            )
-        groups = self.feature_group_count
-        patches = extract_patches(x, self.kernel_size, self.strides, self.padding, self.kernel_dilation)
-        # The channel axis is outermost in a patch, so each group's values are contiguous.
-        patches = ops.l1_normalize(patches.reshape(*patches.shape[:-1], groups, -1))
         group_nmf = jax.vmap(self._nmf, in_axes=(-2, 0), out_axes=-2)
-        h = group_nmf(patches, self.nmf_weights())  # (B, H', W', G, I/G)
-        return h.reshape(*h.shape[:-2], self.out_features)
+        return self._merge_groups(group_nmf(self._normalised_patches(x), self.nmf_weights()))
+
+
+class PatchConv(_PatchLayer):
+    """Convolution without bias over L1-normalised patches: the CNN counterpart of
+    :class:`NMFConv` (SPEC section 3, module a of the CNN models).
+
+    Args are those of :class:`NMFConv` without the NMF options; ``kernel_init``
+    defaults to PyTorch's convolution initialisation, Uniform(+-1/sqrt(fan_in)).
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        kernel_size: int | Sequence[int],
+        *,
+        strides: int | Sequence[int] = 1,
+        padding: PaddingLike = "VALID",
+        kernel_dilation: int | Sequence[int] = 1,
+        feature_group_count: int = 1,
+        kernel_init: nnx.Initializer = nnx.initializers.variance_scaling(1 / 3, "fan_in", "uniform"),
+        param_dtype=jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        kernel_shape = self._init_patches(
+            in_features, out_features, kernel_size, strides, padding, kernel_dilation, feature_group_count
+        )
+        self.kernel = nnx.Param(kernel_init(rngs.params(), kernel_shape, param_dtype))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        patches = self._normalised_patches(x)
+        return self._merge_groups(jnp.einsum("...gs,gsi->...gi", patches, self._grouped(self.kernel[...])))

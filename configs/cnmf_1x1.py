@@ -1,0 +1,12 @@
+"""CNMF+1x1: convolutional NMF, each followed by a 1x1 mixing convolution (paper: 85.1 %).
+
+    python train.py --config configs/cnmf_1x1.py --workdir runs/cnmf_1x1
+"""
+
+from configs import default
+
+
+def get_config():
+    config = default.get_config()
+    config.model = "cnmf_1x1"
+    return config

@@ -1,0 +1,209 @@
+"""The training recipe: loss, optimiser groups, plateau rule, end-to-end runs, resume, data parallelism."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import textwrap
+from unittest import mock
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+from absl import flags
+from absl.testing import flagsaver
+from flax import nnx
+
+from nmfjax import plots, training
+from tests.conftest import tiny_config
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def test_composite_loss_matches_spec():
+    logits = np.random.default_rng(0).normal(size=(5, 10))
+    labels = np.array([0, 3, 9, 3, 1])
+    p = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+    y = np.eye(10)[labels]
+    expected = (-(y * np.log(p)).sum(-1) + 0.5 * ((p - y) ** 2).sum(-1)) / 1.5
+    np.testing.assert_allclose(training.composite_loss(jnp.asarray(logits), jnp.asarray(labels)), expected, rtol=1e-5)
+
+
+def test_each_parameter_group_moves_by_its_own_learning_rate():
+    config = tiny_config("cnmf_1x1")
+    trainer = training.Trainer(config, training.validate_config(config), _mesh())
+    state = trainer.initial_state
+    params = jax.device_get(state.params)
+    grads = jax.tree.map(jnp.ones_like, state.params)  # Adam's first step is then exactly -lr
+    updates, _ = trainer.tx.update(grads, state.opt_state, state.params)
+    steps = {}
+    for path, update in jax.tree_util.tree_flatten_with_path(updates)[0]:
+        steps.setdefault(training.models.parameter_group(path), set()).add(round(float(-np.mean(update)), 5))
+    assert steps == {"module_a": {0.01}, "mixing": {0.001}, "batch_norm": {0.001}}
+    assert jax.tree.structure(params) == jax.tree.structure(updates)
+
+
+def test_plateau_rule_reduces_after_more_than_patience_bad_epochs():
+    config = tiny_config()
+    plateau = training.make_plateau(config)
+    plateau_state = plateau.init(jnp.zeros(()))
+    scales = []
+    for _ in range(1 + 11 + 11):  # one improvement, then a loss that never improves
+        _, plateau_state = plateau.update(updates=(), state=plateau_state, value=jnp.float32(1.0))
+        scales.append(float(plateau_state.scale))
+    # As torch.optim.lr_scheduler.ReduceLROnPlateau(patience=10): reduce on the 11th bad epoch.
+    assert scales[:11] == [1.0] * 11
+    np.testing.assert_allclose(scales[11:22], 0.1, rtol=1e-6)
+    np.testing.assert_allclose(scales[22], 0.01, rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        ({"model": "resnet"}, "config.model must be one of"),
+        ({"pooling": (True, True, False)}, "config.pooling has 3 entries but config.features has 4"),
+        ({"learning_rates.mixing": 0.0}, "config.learning_rates.mixing must be positive"),
+        ({"learning_rates.module_a": -0.1}, "config.learning_rates.module_a must be positive"),
+        ({"batch_size": 0}, "config.batch_size must be positive"),
+        ({"eval_batch_size": -5}, "config.eval_batch_size must be positive"),
+        ({"dataset": "imagenet"}, "config.dataset must be one of"),
+        ({"plateau.metric": "accuracy"}, "config.plateau.metric must be one of"),
+        ({"nmf.iterations": 0}, "config.nmf: iterations must be >= 1"),
+        ({"crop_size": 40}, "config.crop_size=40 exceeds"),
+    ],
+)
+def test_bad_configs_fail_at_start_up_naming_the_field(overrides, match, tmp_path):
+    config = tiny_config(**overrides)
+    with pytest.raises(ValueError, match=match):
+        training.train_and_evaluate(config, tmp_path)
+    assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def _mesh(devices=None):
+    devices = jax.devices() if devices is None else devices
+    return jax.make_mesh((len(devices),), ("data",), axis_types=(jax.sharding.AxisType.Auto,), devices=devices)
+
+
+def _run_train_py(config_file, workdir, *overrides):
+    argv = ["train.py", f"--config={ROOT / config_file}", f"--workdir={workdir}", *overrides]
+    import train  # the top-level script
+    # array_record defines absl flags when first imported; flagsaver would delete them on exit.
+    import array_record.python.array_record_data_source  # noqa: F401
+
+    # config_flags reads the --config.* overrides from sys.argv.
+    with flagsaver.flagsaver(), mock.patch.object(sys, "argv", argv):
+        flags.FLAGS(argv)
+        train.main(argv[:1])
+
+
+@pytest.mark.parametrize("model", ["cnn", "cnmf", "cnn_1x1", "cnmf_1x1"])
+def test_every_config_trains_one_tiny_epoch_end_to_end(model, tmp_path):
+    with tfds.testing.mock_data(num_examples=20):
+        _run_train_py(
+            f"configs/{model}.py",
+            tmp_path,
+            "--config.num_epochs=1",
+            "--config.batch_size=10",
+            "--config.eval_batch_size=10",
+            "--config.nmf.iterations=3",
+        )
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["model"] == model
+    (row,) = training.read_metrics(tmp_path)
+    assert row["epoch"] == 1
+    for key in ("train_loss", "train_accuracy", "test_loss", "test_accuracy", "compile_seconds", "epoch_seconds"):
+        assert np.isfinite(row[key]), key
+    assert 0 <= row["test_accuracy"] <= 1
+    assert (tmp_path / "checkpoints" / "1").is_dir()
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    plots.main([str(tmp_path)])
+    png = tmp_path / "learning_curves.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _final_state(workdir):
+    *_, state, epoch = training.load_checkpoint(workdir)
+    return jax.device_get(state), epoch
+
+
+def test_resuming_gives_the_same_parameters_as_one_run(tmp_path):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    with tfds.testing.mock_data(num_examples=30):
+        training.train_and_evaluate(tiny_config(num_epochs=2), straight)
+        training.train_and_evaluate(tiny_config(num_epochs=1), resumed)
+        assert [row["epoch"] for row in training.read_metrics(resumed)] == [1]
+        training.train_and_evaluate(tiny_config(num_epochs=2), resumed)
+    assert [row["epoch"] for row in training.read_metrics(resumed)] == [1, 2]
+    (state_a, epoch_a), (state_b, epoch_b) = _final_state(straight), _final_state(resumed)
+    assert epoch_a == epoch_b == 2
+    for a, b in zip(jax.tree.leaves(state_a), jax.tree.leaves(state_b), strict=True):
+        np.testing.assert_array_equal(a, b)
+    # The run really trained: parameters moved away from the initialisation.
+    initial = training.Trainer(tiny_config(), training.validate_config(tiny_config()), _mesh()).initial_state
+    assert not np.allclose(jax.tree.leaves(initial.params)[0], jax.tree.leaves(state_a.params)[0])
+
+
+def test_a_finished_run_is_not_trained_again(tmp_path):
+    with tfds.testing.mock_data(num_examples=20):
+        training.train_and_evaluate(tiny_config(num_epochs=1), tmp_path)
+        assert training.train_and_evaluate(tiny_config(num_epochs=1), tmp_path) == {}
+    assert len(training.read_metrics(tmp_path)) == 1
+
+
+_DATA_PARALLEL_SCRIPT = textwrap.dedent(
+    """
+    import os
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    import jax, numpy as np
+    from nmfjax import training
+    from tests.conftest import tiny_config
+
+    assert jax.device_count() == 8
+    config = tiny_config("cnmf_1x1", batch_size=16, eval_batch_size=16)
+    spec = training.validate_config(config)
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (40, 32, 32, 3), dtype=np.uint8)
+    labels = rng.integers(0, 10, 40).astype(np.int32)
+    batch = rng.permutation(40)[:16].astype(np.int32)
+    results = []
+    for devices in (jax.devices()[:1], jax.devices()):
+        mesh = jax.make_mesh((len(devices),), ("data",), axis_types=(jax.sharding.AxisType.Auto,), devices=devices)
+        trainer = training.Trainer(config, spec, mesh)
+        args = (trainer.put_replicated(images), trainer.put_replicated(labels), batch, trainer.step_key(1, 0))
+        hlo = trainer.train_step.lower(trainer.initial_state, *args).compile().as_text()
+        state, metrics = trainer.train_step(trainer.initial_state, *args)
+        results.append((jax.device_get(state), jax.device_get(metrics), "all-reduce" in hlo))
+    (single, single_metrics, single_reduces), (sharded, sharded_metrics, sharded_reduces) = results
+    assert not single_reduces and sharded_reduces, "the 8-device step must all-reduce across the batch"
+    np.testing.assert_allclose(single_metrics["loss"], sharded_metrics["loss"], rtol=1e-5)
+    # Equal up to the order of float reductions: 2e-5 is under 2 % of the smallest Adam step (1e-3).
+    # (Biases followed by BatchNorm have a zero gradient up to round-off, which Adam rescales.)
+    for tree in ("params", "batch_stats"):
+        for a, b in zip(jax.tree.leaves(getattr(single, tree)), jax.tree.leaves(getattr(sharded, tree)), strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-5)
+    print("DATA PARALLEL OK")
+    """
+)
+
+
+def test_sharded_step_on_eight_devices_equals_the_single_device_step():
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    result = subprocess.run(
+        [sys.executable, "-c", _DATA_PARALLEL_SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0 and "DATA PARALLEL OK" in result.stdout, result.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_one_epoch_of_cnmf_1x1_learns_on_the_real_cifar10_subset(shared_tfds, tmp_path):
+    config = tiny_config("cnmf_1x1", data_dir=shared_tfds, download=False, num_epochs=1, log_every_steps=50)
+    config.batch_size = config.eval_batch_size = 50
+    config.nmf.iterations = 20
+    row = training.train_and_evaluate(config, tmp_path)
+    assert row["test_accuracy"] > 0.25, row
+    config_back, model, _, epoch = training.load_checkpoint(tmp_path, "best")
+    assert epoch == 1 and config_back.model == "cnmf_1x1"
+    assert isinstance(model, nnx.Module)
