@@ -143,18 +143,31 @@ def extract_patches(
 ) -> jax.Array:
     """All ``k x k`` patches of an NHWC batch, as a convolution would see them.
 
-    Returns shape ``(B, H', W', C * kh * kw)`` with the channel axis outermost in
-    the patch vector (index ``c * kh * kw + dy * kw + dx``).
+    Built from ``kh * kw`` strided slices (pure data movement: no FLOPs, and a
+    cheap pad-and-add as its gradient).
+
+    Returns:
+      Shape ``(B, H', W', kh, kw, C)``: the patch of output position ``(y, x)``
+      in Flax's kernel order ``(dy, dx, c)``.
     """
-    return lax.conv_general_dilated_patches(
-        x,
-        filter_shape=kernel_size,
-        window_strides=strides,
-        padding=padding,
-        rhs_dilation=kernel_dilation,
-        dimension_numbers=("NHWC", "HWIO", "NHWC"),
-        precision=lax.Precision.HIGHEST,
-    )
+    (kh, kw), (sh, sw), (dh, dw) = kernel_size, strides, kernel_dilation
+    span = ((kh - 1) * dh + 1, (kw - 1) * dw + 1)
+    if isinstance(padding, str):
+        padding = lax.padtype_to_pads(x.shape[1:3], span, (sh, sw), padding)
+    x = jnp.pad(x, ((0, 0), *padding, (0, 0)))
+    out_h = (x.shape[1] - span[0]) // sh + 1
+    out_w = (x.shape[2] - span[1]) // sw + 1
+    rows = [
+        jnp.stack(
+            [
+                x[:, dy * dh : dy * dh + (out_h - 1) * sh + 1 : sh, dx * dw : dx * dw + (out_w - 1) * sw + 1 : sw]
+                for dx in range(kw)
+            ],
+            axis=3,
+        )
+        for dy in range(kh)
+    ]
+    return jnp.stack(rows, axis=3)
 
 
 class _PatchLayer(nnx.Module):
@@ -184,20 +197,22 @@ class _PatchLayer(nnx.Module):
         return (*self.kernel_size, in_features // groups, out_features)
 
     def _normalised_patches(self, x: jax.Array) -> jax.Array:
-        """``(B, H, W, C)`` -> ``(B, H', W', G, C/G * kh * kw)``, each group's patch summing to one."""
+        """``(B, H, W, C)`` -> ``(B, H', W', G, kh * kw * C/G)``, each group's patch summing to one."""
         if x.ndim != 4 or x.shape[-1] != self.in_features:
             raise ValueError(
                 f"{type(self).__name__} expects NHWC inputs with in_features={self.in_features} channels, "
                 f"got shape {x.shape}."
             )
         patches = extract_patches(x, self.kernel_size, self.strides, self.padding, self.kernel_dilation)
-        # The channel axis is outermost in a patch, so each group's values are contiguous.
-        return ops.l1_normalize(patches.reshape(*patches.shape[:-1], self.feature_group_count, -1))
+        groups = self.feature_group_count
+        if groups > 1:  # (..., kh, kw, C) -> (..., G, kh, kw, C/G)
+            patches = jnp.moveaxis(patches.reshape(*patches.shape[:-1], groups, -1), -2, -4)
+        return ops.l1_normalize(patches.reshape(*patches.shape[:3], groups, -1))
 
     def _grouped(self, kernel: jax.Array) -> jax.Array:
-        """``(kh, kw, C/G, I)`` -> ``(G, C/G * kh * kw, I/G)``, rows in the patch order ``(c, dy, dx)``."""
+        """``(kh, kw, C/G, I)`` -> ``(G, kh * kw * C/G, I/G)``, rows in the patch order ``(dy, dx, c)``."""
         groups = self.feature_group_count
-        kernel = jnp.transpose(kernel, (2, 0, 1, 3)).reshape(-1, groups, self.out_features // groups)
+        kernel = kernel.reshape(-1, groups, self.out_features // groups)
         return jnp.transpose(kernel, (1, 0, 2))
 
     def _merge_groups(self, y: jax.Array) -> jax.Array:
@@ -251,9 +266,9 @@ class NMFConv(_PatchLayer, _NMFOptions):
         self.kernel = NMFWeight(kernel_init(rngs.params(), kernel_shape, param_dtype))
 
     def nmf_weights(self) -> jax.Array:
-        """The positive weights per group, shape ``(G, C/G * kh * kw, I/G)``.
+        """The positive weights per group, shape ``(G, kh * kw * C/G, I/G)``.
 
-        Rows follow the patch vector's order ``(c, dy, dx)`` of :func:`extract_patches`.
+        Rows follow the patch order ``(dy, dx, c)`` of :func:`extract_patches`.
         """
         return self._grouped(ops.positive_weights(self.kernel[...]))
 

@@ -1,0 +1,329 @@
+"""Benchmarks: throughput of the paper's networks, the paper's Figure 1, and how cost grows.
+
+    python -m nmfjax.bench --output bench            # the full suite (minutes on 2 CPU cores)
+    python -m nmfjax.bench --tiny --output /tmp/b     # seconds: keeps the code working
+
+Every figure is the median over ``--repeats`` timed calls after one warm-up
+call; compile time is reported apart. Prints tables and writes
+``OUTPUT/bench.json`` and ``OUTPUT/bench.png``.
+
+* ``throughput``: per model and batch size, train-step images/s (the real
+  jitted step: gather, augmentation, forward, backward, Adam) and eval images/s;
+  achieved GFLOP/s from XLA's cost analysis and its fraction of ``--peak-gflops``;
+  peak memory of the compiled step (arguments + outputs + temporaries).
+* ``figure1``: the paper's Figure 1: backward time and memory of the CNN,
+  and of the CNMF network with the "unrolled", "approx" and "implicit"
+  backward, relative to the CNN, at N in {5, 20, 50}.
+* ``scaling``: train-step time of CNMF+1x1 against N and against batch size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import pathlib
+import platform
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from nmfjax import models, training
+
+# Two AVX2 cores with two FMA units each at ~3 GHz: 2 x 2 x 8 lanes x 2 flops x 3e9.
+DEFAULT_PEAK_GFLOPS = 190.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Sizes:
+    models: tuple[str, ...]
+    batch_sizes: tuple[int, ...]
+    figure1_iterations: tuple[int, ...]
+    figure1_batch: int
+    scaling_iterations: tuple[int, ...]
+    scaling_batch_sizes: tuple[int, ...]
+    repeats: int
+
+
+FULL = Sizes(
+    models=("cnn", "cnmf", "cnn_1x1", "cnmf_1x1"),
+    batch_sizes=(50, 200),
+    figure1_iterations=(5, 20, 50),
+    figure1_batch=50,
+    scaling_iterations=(1, 5, 10, 20, 50),
+    scaling_batch_sizes=(10, 25, 50, 100, 200),
+    repeats=5,
+)
+TINY = Sizes(
+    models=("cnn", "cnmf_1x1"),
+    batch_sizes=(4,),
+    figure1_iterations=(2,),
+    figure1_batch=4,
+    scaling_iterations=(1, 2),
+    scaling_batch_sizes=(2, 4),
+    repeats=2,
+)
+
+
+def _median_seconds(function, *args, repeats: int) -> float:
+    jax.block_until_ready(function(*args))  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(function(*args))
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _compile(jitted, *args):
+    start = time.perf_counter()
+    compiled = jitted.lower(*args).compile()
+    return compiled, time.perf_counter() - start
+
+
+def _flops(compiled) -> float:
+    analysis = compiled.cost_analysis()
+    if isinstance(analysis, (list, tuple)):  # older JAX: one dict per computation
+        analysis = analysis[0]
+    return float(analysis.get("flops", float("nan")))
+
+
+def _peak_bytes(compiled) -> int:
+    memory = compiled.memory_analysis()
+    return int(
+        memory.argument_size_in_bytes
+        + memory.output_size_in_bytes
+        + memory.temp_size_in_bytes
+        - memory.alias_size_in_bytes
+    )
+
+
+def _config(model: str, batch_size: int, iterations: int = 20, gradient: str = "approx"):
+    from configs import default
+
+    config = default.get_config()
+    config.model = model
+    config.batch_size = config.eval_batch_size = batch_size
+    config.nmf.iterations = iterations
+    config.nmf.gradient = gradient
+    return config
+
+
+def _synthetic_data(trainer: training.Trainer, count: int):
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (count, 32, 32, 3), dtype=np.uint8)
+    labels = rng.integers(0, 10, count).astype(np.int32)
+    return trainer.put_replicated(images), trainer.put_replicated(labels)
+
+
+def _mesh():
+    return jax.make_mesh((jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+
+
+def measure_train_and_eval(model: str, batch_size: int, repeats: int, peak_gflops: float, iterations: int = 20) -> dict:
+    """Train-step and eval throughput of one model at one batch size."""
+    config = _config(model, batch_size, iterations)
+    trainer = training.Trainer(config, training.validate_config(config), _mesh())
+    images, labels = _synthetic_data(trainer, 2 * batch_size)
+    batch = np.arange(batch_size, dtype=np.int32)
+    key = trainer.step_key(1, 0)
+    state = trainer.initial_state
+
+    train_compiled, train_compile_seconds = _compile(trainer.train_step, state, images, labels, batch, key)
+    eval_compiled, eval_compile_seconds = _compile(trainer.eval_step, state, images, labels, batch)
+    # The train step donates its state: thread it through the timed calls.
+    holder = {"state": state}
+
+    def train_once():
+        holder["state"], metrics = train_compiled(holder["state"], images, labels, batch, key)
+        return metrics
+
+    train_seconds = _median_seconds(train_once, repeats=repeats)
+    eval_seconds = _median_seconds(eval_compiled, holder["state"], images, labels, batch, repeats=repeats)
+    train_flops, eval_flops = _flops(train_compiled), _flops(eval_compiled)
+    return {
+        "model": model,
+        "batch_size": batch_size,
+        "iterations": iterations,
+        "train_images_per_second": batch_size / train_seconds,
+        "eval_images_per_second": batch_size / eval_seconds,
+        "train_step_ms": 1e3 * train_seconds,
+        "eval_step_ms": 1e3 * eval_seconds,
+        "train_gflops_per_image": train_flops / batch_size / 1e9,
+        "train_gflop_per_second": train_flops / train_seconds / 1e9,
+        "train_fraction_of_peak": train_flops / train_seconds / 1e9 / peak_gflops,
+        "eval_gflop_per_second": eval_flops / eval_seconds / 1e9,
+        "eval_fraction_of_peak": eval_flops / eval_seconds / 1e9 / peak_gflops,
+        "train_peak_memory_mb": _peak_bytes(train_compiled) / 2**20,
+        "eval_peak_memory_mb": _peak_bytes(eval_compiled) / 2**20,
+        "train_compile_seconds": train_compile_seconds,
+        "eval_compile_seconds": eval_compile_seconds,
+    }
+
+
+def measure_backward(model: str, gradient: str, iterations: int, batch_size: int, repeats: int) -> dict:
+    """Forward and forward+backward time and memory of the loss gradient (Figure 1)."""
+    spec = models.NetworkSpec(architecture=model, iterations=iterations, gradient=gradient)
+    graphdef, params, batch_stats = nnx.split(models.Network(spec, rngs=nnx.Rngs(0)), nnx.Param, nnx.BatchStat)
+    images = jax.random.uniform(jax.random.key(0), (batch_size, 28, 28, 3))
+    labels = jnp.arange(batch_size) % 10
+
+    def loss(params):
+        network = nnx.merge(graphdef, params, jax.tree.map(jnp.asarray, batch_stats))
+        return jnp.mean(training.composite_loss(network.logits(images), labels))
+
+    forward, _ = _compile(jax.jit(loss), params)
+    backward, compile_seconds = _compile(jax.jit(jax.grad(loss)), params)
+    forward_seconds = _median_seconds(forward, params, repeats=repeats)
+    gradient_seconds = _median_seconds(backward, params, repeats=repeats)
+    return {
+        "model": model,
+        "gradient": gradient if model.startswith("cnmf") else "autodiff",
+        "iterations": iterations,
+        "batch_size": batch_size,
+        "forward_ms": 1e3 * forward_seconds,
+        "forward_backward_ms": 1e3 * gradient_seconds,
+        "backward_ms": 1e3 * max(gradient_seconds - forward_seconds, 0.0),
+        "backward_temp_memory_mb": backward.memory_analysis().temp_size_in_bytes / 2**20,
+        "compile_seconds": compile_seconds,
+    }
+
+
+def figure1(sizes: Sizes) -> list[dict]:
+    rows = []
+    for iterations in sizes.figure1_iterations:
+        cnn = measure_backward("cnn", "approx", iterations, sizes.figure1_batch, sizes.repeats)
+        rows.append(cnn)
+        for gradient in ("unrolled", "approx", "implicit"):
+            rows.append(measure_backward("cnmf", gradient, iterations, sizes.figure1_batch, sizes.repeats))
+        for row in rows[-4:]:
+            row["backward_time_vs_cnn"] = row["backward_ms"] / cnn["backward_ms"]
+            row["backward_memory_vs_cnn"] = row["backward_temp_memory_mb"] / cnn["backward_temp_memory_mb"]
+    return rows
+
+
+def scaling(sizes: Sizes, peak_gflops: float) -> dict[str, list[dict]]:
+    batch = sizes.scaling_batch_sizes[len(sizes.scaling_batch_sizes) // 2]
+    return {
+        "iterations": [
+            measure_train_and_eval("cnmf_1x1", batch, sizes.repeats, peak_gflops, n) for n in sizes.scaling_iterations
+        ],
+        "batch_size": [
+            measure_train_and_eval("cnmf_1x1", b, sizes.repeats, peak_gflops) for b in sizes.scaling_batch_sizes
+        ],
+    }
+
+
+def _table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
+    header = " | ".join(title for title, _, _ in columns)
+    lines = [f"| {header} |", "|" + "|".join("---" for _ in columns) + "|"]
+    for row in rows:
+        lines.append("| " + " | ".join(format(row[key], fmt) for _, key, fmt in columns) + " |")
+    return "\n".join(lines)
+
+
+THROUGHPUT_COLUMNS = [
+    ("model", "model", "s"),
+    ("batch", "batch_size", "d"),
+    ("train img/s", "train_images_per_second", ".0f"),
+    ("eval img/s", "eval_images_per_second", ".0f"),
+    ("train GFLOP/img", "train_gflops_per_image", ".3f"),
+    ("train GFLOP/s", "train_gflop_per_second", ".1f"),
+    ("train % peak", "train_fraction_of_peak", ".1%"),
+    ("eval GFLOP/s", "eval_gflop_per_second", ".1f"),
+    ("train peak MB", "train_peak_memory_mb", ".0f"),
+    ("eval peak MB", "eval_peak_memory_mb", ".0f"),
+    ("compile s (train/eval)", "train_compile_seconds", ".1f"),
+]
+FIGURE1_COLUMNS = [
+    ("N", "iterations", "d"),
+    ("model", "model", "s"),
+    ("backward", "gradient", "s"),
+    ("forward ms", "forward_ms", ".1f"),
+    ("backward ms", "backward_ms", ".1f"),
+    ("backward time vs CNN", "backward_time_vs_cnn", ".2f"),
+    ("backward temp MB", "backward_temp_memory_mb", ".1f"),
+    ("backward memory vs CNN", "backward_memory_vs_cnn", ".2f"),
+]
+
+
+def plot(results: dict, path: pathlib.Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, 4, figsize=(20, 4.2))
+    fig1 = results["figure1"]
+    for gradient in ("unrolled", "approx", "implicit"):
+        rows = [row for row in fig1 if row["gradient"] == gradient]
+        iterations = [row["iterations"] for row in rows]
+        axes[0].plot(iterations, [row["backward_time_vs_cnn"] for row in rows], marker="o", label=f"NMF {gradient}")
+        axes[1].plot(iterations, [row["backward_memory_vs_cnn"] for row in rows], marker="o", label=f"NMF {gradient}")
+    for axis, title in ((axes[0], "backward time / CNN's"), (axes[1], "backward memory / CNN's")):
+        axis.axhline(1.0, color="grey", linestyle=":", label="CNN")
+        axis.set(title=f"Figure 1: {title}", xlabel="NMF iterations N", yscale="log")
+        axis.legend(fontsize=8)
+    by_n, by_batch = results["scaling"]["iterations"], results["scaling"]["batch_size"]
+    axes[2].plot([r["iterations"] for r in by_n], [r["train_step_ms"] for r in by_n], marker="o", label="train step")
+    axes[2].plot([r["iterations"] for r in by_n], [r["eval_step_ms"] for r in by_n], marker="o", label="eval step")
+    axes[2].set(title=f"CNMF+1x1, batch {by_n[0]['batch_size']}: time vs N", xlabel="N", ylabel="ms")
+    axes[3].plot([r["batch_size"] for r in by_batch], [r["train_images_per_second"] for r in by_batch], marker="o", label="train")
+    axes[3].plot([r["batch_size"] for r in by_batch], [r["eval_images_per_second"] for r in by_batch], marker="o", label="eval")
+    axes[3].set(title="CNMF+1x1, N=20: throughput vs batch", xlabel="batch size", ylabel="images/s", xscale="log")
+    for axis in axes:
+        axis.grid(alpha=0.3)
+    axes[2].legend(fontsize=8)
+    axes[3].legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def run(sizes: Sizes, output: pathlib.Path, peak_gflops: float) -> dict:
+    output.mkdir(parents=True, exist_ok=True)
+    results = {
+        "device": str(jax.devices()[0].device_kind),
+        "platform": jax.default_backend(),
+        "device_count": jax.device_count(),
+        "cpu": platform.processor() or platform.machine(),
+        "jax": jax.__version__,
+        "peak_gflops": peak_gflops,
+        "repeats": sizes.repeats,
+    }
+    results["throughput"] = [
+        measure_train_and_eval(model, batch, sizes.repeats, peak_gflops)
+        for model in sizes.models
+        for batch in sizes.batch_sizes
+    ]
+    print("\nThroughput (N=20):\n" + _table(results["throughput"], THROUGHPUT_COLUMNS), flush=True)
+    results["figure1"] = figure1(sizes)
+    print("\nFigure 1 (backward of the whole network):\n" + _table(results["figure1"], FIGURE1_COLUMNS), flush=True)
+    results["scaling"] = scaling(sizes, peak_gflops)
+    for name, rows in results["scaling"].items():
+        print(f"\nCNMF+1x1 against {name}:\n" + _table(rows, THROUGHPUT_COLUMNS[1:5]), flush=True)
+    (output / "bench.json").write_text(json.dumps(results, indent=2))
+    plot(results, output / "bench.png")
+    print(f"\nwrote {output / 'bench.json'} and {output / 'bench.png'}")
+    return results
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--output", default="bench", help="folder for bench.json and bench.png")
+    parser.add_argument("--tiny", action="store_true", help="tiny sizes (a smoke test, not a measurement)")
+    parser.add_argument("--repeats", type=int, help="timed calls per figure (default 5; tiny: 2)")
+    parser.add_argument("--peak-gflops", type=float, default=DEFAULT_PEAK_GFLOPS, help="the machine's peak GFLOP/s")
+    args = parser.parse_args(argv)
+    sizes = TINY if args.tiny else FULL
+    if args.repeats:
+        sizes = dataclasses.replace(sizes, repeats=args.repeats)
+    run(sizes, pathlib.Path(args.output), args.peak_gflops)
+
+
+if __name__ == "__main__":
+    main()
