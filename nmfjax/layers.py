@@ -273,8 +273,11 @@ class NMFConv(_PatchLayer, _NMFOptions):
         return self._grouped(ops.positive_weights(self.kernel[...]))
 
     def __call__(self, x: jax.Array) -> jax.Array:
+        patches, weights = self._normalised_patches(x), self.nmf_weights()
+        if self.feature_group_count == 1:  # vmap over one group would only add transposes
+            return self._nmf(patches[..., 0, :], weights[0])
         group_nmf = jax.vmap(self._nmf, in_axes=(-2, 0), out_axes=-2)
-        return self._merge_groups(group_nmf(self._normalised_patches(x), self.nmf_weights()))
+        return self._merge_groups(group_nmf(patches, weights))
 
 
 class PatchConv(_PatchLayer):

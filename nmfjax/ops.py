@@ -142,7 +142,8 @@ def _iterate(x: jax.Array, w: jax.Array, iterations: int, epsilon: float | None)
 
 def _sum_positions(a: jax.Array, b: jax.Array) -> jax.Array:
     """``sum_p a[p, s] * b[p, i]`` over all leading axes: shape ``(S, I)``."""
-    return jnp.einsum("...s,...i->si", a, b)
+    # One plain GEMM over flattened positions; XLA handles several contracting axes less well.
+    return a.reshape(-1, a.shape[-1]).T @ b.reshape(-1, b.shape[-1])
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
@@ -264,7 +265,9 @@ def nmf(
     _check_shapes(x, w)
     epsilon = None if epsilon is None else float(epsilon)
 
-    return _nmf(x, w, iterations, epsilon, gradient, learning, adjoint_iterations or iterations)
+    # All positions as the rows of one matrix, so that every product is a plain GEMM.
+    h = _nmf(x.reshape(-1, x.shape[-1]), w, iterations, epsilon, gradient, learning, adjoint_iterations or iterations)
+    return h.reshape(*x.shape[:-1], w.shape[1])
 
 
 # Jitted so that eager calls run as one compiled program; inside a caller's jit it is inlined.
