@@ -143,15 +143,11 @@ def _synthetic_data(trainer: training.Trainer, count: int):
     return trainer.put_replicated(images), trainer.put_replicated(labels)
 
 
-def _mesh():
-    return jax.make_mesh((jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
-
-
 def measure_train_and_eval(model: str, batch_size: int, repeats: int, peak_gflops: float, iterations: int = 20) -> dict:
     """Train-step and eval throughput of one model at one batch size."""
     config = _config(model, batch_size, iterations)
     spec = training.validate_config(config)
-    trainer = training.Trainer(config, spec, _mesh())
+    trainer = training.Trainer(config, spec, training.data_mesh())
     images, labels = _synthetic_data(trainer, 2 * batch_size)
     batch = np.arange(batch_size, dtype=np.int32)
     key = trainer.step_key(1, 0)
@@ -294,11 +290,12 @@ def plot(results: dict, path: pathlib.Path) -> None:
         axis.set(title=f"Figure 1: {title}", xlabel="NMF iterations N", yscale="log")
         axis.legend(fontsize=8)
     by_n, by_batch = results["scaling"]["iterations"], results["scaling"]["batch_size"]
-    axes[2].plot([r["iterations"] for r in by_n], [r["train_step_ms"] for r in by_n], marker="o", label="train step")
-    axes[2].plot([r["iterations"] for r in by_n], [r["eval_step_ms"] for r in by_n], marker="o", label="eval step")
+    for series, key in (("train", "train_step_ms"), ("eval", "eval_step_ms")):
+        axes[2].plot([r["iterations"] for r in by_n], [r[key] for r in by_n], marker="o", label=f"{series} step")
+    for series in ("train", "eval"):
+        key = f"{series}_images_per_second"
+        axes[3].plot([r["batch_size"] for r in by_batch], [r[key] for r in by_batch], marker="o", label=series)
     axes[2].set(title=f"CNMF+1x1, batch {by_n[0]['batch_size']}: time vs N", xlabel="N", ylabel="ms")
-    axes[3].plot([r["batch_size"] for r in by_batch], [r["train_images_per_second"] for r in by_batch], marker="o", label="train")
-    axes[3].plot([r["batch_size"] for r in by_batch], [r["eval_images_per_second"] for r in by_batch], marker="o", label="eval")
     axes[3].set(title="CNMF+1x1, N=20: throughput vs batch", xlabel="batch size", ylabel="images/s", xscale="log")
     for axis in axes:
         axis.grid(alpha=0.3)

@@ -139,10 +139,6 @@ def _jitter_saturation(image, factor):
     return jnp.clip(factor * image + (1 - factor) * _grayscale(image), 0.0, 1.0)
 
 
-def _jitter_hue(image, shift):
-    return dm_pix.adjust_hue(image, shift)
-
-
 def _augment_one(key, image, crop_size, flip, brightness, contrast, saturation, hue):
     crop_key, flip_key, order_key, factor_key = jax.random.split(key, 4)
     height, width, channels = image.shape
@@ -161,7 +157,7 @@ def _augment_one(key, image, crop_size, flip, brightness, contrast, saturation, 
     factors = jax.random.uniform(factor_key, (4,), minval=low, maxval=high)
     jitters = [_jitter_brightness, _jitter_contrast]
     if channels == 3:  # saturation and hue do not exist for grey images
-        jitters += [_jitter_saturation, _jitter_hue]
+        jitters += [_jitter_saturation, dm_pix.adjust_hue]
     order = jax.random.permutation(order_key, len(jitters))
     branches = [lambda im, j=j, i=i: j(im, factors[i]) for i, j in enumerate(jitters)]
     for position in range(len(jitters)):

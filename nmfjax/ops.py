@@ -82,9 +82,10 @@ def check_nmf_options(
     adjoint_iterations: int | None = None,
 ) -> None:
     """Raises ``TypeError``/``ValueError`` naming a bad static option of :func:`nmf`."""
-    for name, value in (("iterations", iterations), ("adjoint_iterations", adjoint_iterations)):
-        if value is None and name == "adjoint_iterations":
-            continue
+    counts = {"iterations": iterations}
+    if adjoint_iterations is not None:
+        counts["adjoint_iterations"] = adjoint_iterations
+    for name, value in counts.items():
         if isinstance(value, bool) or not isinstance(value, numbers.Integral):
             raise TypeError(f"{name} must be a Python int >= 1, got {value!r} of type {type(value).__name__}.")
         if value < 1:
@@ -151,7 +152,8 @@ def _nmf_approx(x, w, iterations, epsilon):
     return _iterate(x, w, iterations, epsilon)
 
 
-def _nmf_approx_fwd(x, w, iterations, epsilon):
+def _iterate_keeping_residuals(x, w, iterations, epsilon, *_):
+    """Forward pass of both custom VJPs: only ``x``, ``W`` and the final ``h`` are kept."""
     h = _iterate(x, w, iterations, epsilon)
     return h, (x, w, h)
 
@@ -172,17 +174,12 @@ def _nmf_approx_bwd(iterations, epsilon, residuals, g):
     return dx.astype(x.dtype), dw.astype(w.dtype)
 
 
-_nmf_approx.defvjp(_nmf_approx_fwd, _nmf_approx_bwd)
+_nmf_approx.defvjp(_iterate_keeping_residuals, _nmf_approx_bwd)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
 def _nmf_implicit(x, w, iterations, epsilon, adjoint_iterations):
     return _iterate(x, w, iterations, epsilon)
-
-
-def _nmf_implicit_fwd(x, w, iterations, epsilon, adjoint_iterations):
-    h = _iterate(x, w, iterations, epsilon)
-    return h, (x, w, h)
 
 
 def _nmf_implicit_bwd(iterations, epsilon, adjoint_iterations, residuals, g):
@@ -197,7 +194,7 @@ def _nmf_implicit_bwd(iterations, epsilon, adjoint_iterations, residuals, g):
     return vjp_inputs(adjoint)
 
 
-_nmf_implicit.defvjp(_nmf_implicit_fwd, _nmf_implicit_bwd)
+_nmf_implicit.defvjp(_iterate_keeping_residuals, _nmf_implicit_bwd)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))

@@ -150,6 +150,12 @@ def learning_rates(config: ml_collections.ConfigDict, state: TrainState) -> dict
 # --- the trainer ---
 
 
+def data_mesh(devices=None) -> jax.sharding.Mesh:
+    """The 1-D mesh the batch is split over: every visible device (or ``devices``)."""
+    devices = jax.devices() if devices is None else devices
+    return jax.make_mesh((len(devices),), ("data",), axis_types=(jax.sharding.AxisType.Auto,), devices=devices)
+
+
 class Trainer:
     """The jitted train and eval steps of one config, sharded over a mesh of all devices."""
 
@@ -359,8 +365,7 @@ def load_checkpoint(
     workdir = pathlib.Path(workdir)
     config = load_config(workdir)
     spec = network_spec(config)
-    mesh = jax.make_mesh((jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
-    trainer = Trainer(config, spec, mesh)
+    trainer = Trainer(config, spec, data_mesh())
     manager = _checkpoint_manager(workdir, config)
     try:
         if step == "best":
@@ -404,8 +409,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     )
     test = data.load_split(config.dataset, "test", data_dir=config.data_dir, download=config.download)
 
-    mesh = jax.make_mesh((jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
-    trainer = Trainer(config, spec, mesh)
+    trainer = Trainer(config, spec, data_mesh())
     train_images, train_labels = trainer.put_replicated(train.images), trainer.put_replicated(train.labels)
     test_images, test_labels = trainer.put_replicated(test.images), trainer.put_replicated(test.labels)
 

@@ -34,7 +34,7 @@ def test_composite_loss_matches_spec():
 
 def test_each_parameter_group_moves_by_its_own_learning_rate():
     config = tiny_config("cnmf_1x1")
-    trainer = training.Trainer(config, training.validate_config(config), _mesh())
+    trainer = training.Trainer(config, training.validate_config(config), training.data_mesh())
     state = trainer.initial_state
     params = jax.device_get(state.params)
     grads = jax.tree.map(jnp.ones_like, state.params)  # Adam's first step is then exactly -lr
@@ -80,11 +80,6 @@ def test_bad_configs_fail_at_start_up_naming_the_field(overrides, match, tmp_pat
     with pytest.raises(ValueError, match=match):
         training.train_and_evaluate(config, tmp_path)
     assert not (tmp_path / "metrics.jsonl").exists()
-
-
-def _mesh(devices=None):
-    devices = jax.devices() if devices is None else devices
-    return jax.make_mesh((len(devices),), ("data",), axis_types=(jax.sharding.AxisType.Auto,), devices=devices)
 
 
 def _run_train_py(config_file, workdir, *overrides):
@@ -142,7 +137,7 @@ def test_resuming_gives_the_same_parameters_as_one_run(tmp_path):
     for a, b in zip(jax.tree.leaves(state_a), jax.tree.leaves(state_b), strict=True):
         np.testing.assert_array_equal(a, b)
     # The run really trained: parameters moved away from the initialisation.
-    initial = training.Trainer(tiny_config(), training.validate_config(tiny_config()), _mesh()).initial_state
+    initial = training.Trainer(tiny_config(), training.validate_config(tiny_config()), training.data_mesh()).initial_state
     assert not np.allclose(jax.tree.leaves(initial.params)[0], jax.tree.leaves(state_a.params)[0])
 
 
@@ -170,8 +165,7 @@ _DATA_PARALLEL_SCRIPT = textwrap.dedent(
     batch = rng.permutation(40)[:16].astype(np.int32)
     results = []
     for devices in (jax.devices()[:1], jax.devices()):
-        mesh = jax.make_mesh((len(devices),), ("data",), axis_types=(jax.sharding.AxisType.Auto,), devices=devices)
-        trainer = training.Trainer(config, spec, mesh)
+        trainer = training.Trainer(config, spec, training.data_mesh(devices))
         args = (trainer.put_replicated(images), trainer.put_replicated(labels), batch, trainer.step_key(1, 0))
         hlo = trainer.train_step.lower(trainer.initial_state, *args).compile().as_text()
         state, metrics = trainer.train_step(trainer.initial_state, *args)
