@@ -111,11 +111,14 @@ def load_split(
 
 
 def _to_float(images: jax.Array) -> jax.Array:
+    """uint8 pixels to float32 in [0, 1]; float images pass unchanged."""
+    if jnp.issubdtype(images.dtype, jnp.floating):
+        return images
     return images.astype(jnp.float32) / 255.0
 
 
 def center_crop(images: jax.Array, crop_size: int) -> jax.Array:
-    """``(B, H, W, C)`` uint8 -> ``(B, crop, crop, C)`` float32 in [0, 1]."""
+    """``(B, H, W, C)`` uint8 (or float in [0, 1]) -> ``(B, crop, crop, C)`` float32 in [0, 1]."""
     top = (images.shape[1] - crop_size) // 2
     left = (images.shape[2] - crop_size) // 2
     return _to_float(images[:, top : top + crop_size, left : left + crop_size])

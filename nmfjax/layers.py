@@ -196,8 +196,9 @@ class _PatchLayer(nnx.Module):
         self.feature_group_count = groups
         return (*self.kernel_size, in_features // groups, out_features)
 
-    def _normalised_patches(self, x: jax.Array) -> jax.Array:
-        """``(B, H, W, C)`` -> ``(B, H', W', G, kh * kw * C/G)``, each group's patch summing to one."""
+    def grouped_patches(self, x: jax.Array) -> jax.Array:
+        """``(B, H, W, C)`` -> ``(B, H', W', G, kh * kw * C/G)``: each output position's patch
+        split into the groups' parts, not normalised (a linear map of ``x``)."""
         if x.ndim != 4 or x.shape[-1] != self.in_features:
             raise ValueError(
                 f"{type(self).__name__} expects NHWC inputs with in_features={self.in_features} channels, "
@@ -207,7 +208,11 @@ class _PatchLayer(nnx.Module):
         groups = self.feature_group_count
         if groups > 1:  # (..., kh, kw, C) -> (..., G, kh, kw, C/G)
             patches = jnp.moveaxis(patches.reshape(*patches.shape[:-1], groups, -1), -2, -4)
-        return ops.l1_normalize(patches.reshape(*patches.shape[:3], groups, -1))
+        return patches.reshape(*patches.shape[:3], groups, -1)
+
+    def _normalised_patches(self, x: jax.Array) -> jax.Array:
+        """:meth:`grouped_patches` with each group's patch summing to one."""
+        return ops.l1_normalize(self.grouped_patches(x))
 
     def _grouped(self, kernel: jax.Array) -> jax.Array:
         """``(kh, kw, C/G, I)`` -> ``(G, kh * kw * C/G, I/G)``, rows in the patch order ``(dy, dx, c)``."""
@@ -278,6 +283,28 @@ class NMFConv(_PatchLayer, _NMFOptions):
             return self._nmf(patches[..., 0, :], weights[0])
         group_nmf = jax.vmap(self._nmf, in_axes=(-2, 0), out_axes=-2)
         return self._merge_groups(group_nmf(patches, weights))
+
+    def reconstruct(self, x: jax.Array) -> jax.Array:
+        """The input rebuilt from the layer's output: ``R = W h`` at every position.
+
+        Each position's reconstruction (a normalised patch) is scaled back by the
+        L1 norm of its input patch, and overlapping patches are averaged per
+        pixel. Where ``h`` explains the patches exactly, this returns ``x``.
+
+        Args:
+          x: ``(B, H, W, C)`` non-negative input.
+
+        Returns:
+          ``(B, H, W, C)``; pixels no patch covers are 0.
+        """
+        h = self(x)
+        weights = self.nmf_weights()
+        h = h.reshape(*h.shape[:-1], self.feature_group_count, -1)
+        patches, overlap_add = jax.vjp(self.grouped_patches, x)
+        scale = jnp.sum(patches, axis=-1, keepdims=True)
+        (summed,) = overlap_add(jnp.einsum("...gi,gsi->...gs", h, weights) * scale)
+        (coverage,) = overlap_add(jnp.ones_like(patches))
+        return jnp.where(coverage > 0, summed / jnp.maximum(coverage, 1), 0.0)
 
 
 class PatchConv(_PatchLayer):

@@ -10,6 +10,7 @@ mesh over the batch, parameters replicated.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import pathlib
@@ -349,6 +350,31 @@ def load_config(workdir: str | pathlib.Path) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(json.loads(path.read_text()))
 
 
+def config_from_file(path: str | pathlib.Path) -> ml_collections.ConfigDict:
+    """``get_config()`` of a config file such as ``configs/cnmf_1x1.py``."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} does not exist (e.g. configs/cnmf_1x1.py).")
+    module_spec = importlib.util.spec_from_file_location(f"nmfjax_config_{path.stem}", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: dict[str, Any]) -> ml_collections.ConfigDict:
+    """A copy of ``config`` with dotted fields replaced, e.g. ``{"nmf.iterations": 5, "width": 2}``."""
+    config = ml_collections.ConfigDict(config.to_dict())
+    for name, value in overrides.items():
+        *parents, leaf = name.split(".")
+        target = config
+        for parent in parents:
+            target = target[parent]
+        if leaf not in target:
+            raise KeyError(f"config has no field {name!r}.")
+        target[leaf] = value
+    return config
+
+
 def load_checkpoint(
     workdir: str | pathlib.Path, step: int | str | None = None
 ) -> tuple[ml_collections.ConfigDict, models.Network, TrainState, int]:
@@ -356,12 +382,14 @@ def load_checkpoint(
 
     Args:
       workdir: a directory written by :func:`train_and_evaluate`.
-      step: an epoch, ``"best"`` (highest test accuracy) or ``None`` (the latest).
+      step: an epoch, ``"best"`` (highest test accuracy), or ``"latest"`` / ``None``.
 
     Returns:
       ``(config, model, state, epoch)``: the model carries the checkpoint's
       parameters and BatchNorm statistics.
     """
+    if isinstance(step, str) and step not in ("best", "latest"):
+        raise ValueError(f'step must be an epoch, "best", "latest" or None, got {step!r}.')
     workdir = pathlib.Path(workdir)
     config = load_config(workdir)
     spec = network_spec(config)
@@ -373,7 +401,7 @@ def load_checkpoint(
             rows = [row for row in read_metrics(workdir) if row["epoch"] in kept]
             epoch = max(rows, key=lambda row: row["test_accuracy"])["epoch"] if rows else None
         else:
-            epoch = manager.latest_step() if step is None else step
+            epoch = manager.latest_step() if step in (None, "latest") else step
         if epoch is None:
             raise FileNotFoundError(f"no checkpoint in {workdir / 'checkpoints'}.")
         restored = manager.restore(

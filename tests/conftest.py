@@ -17,6 +17,7 @@ def shared_tfds() -> str:
 def tiny_config(model="cnmf_1x1", **overrides):
     """A model config with a small, fast recipe for tests."""
     from configs import default
+    from nmfjax import training
 
     config = default.get_config()
     config.model = model
@@ -25,10 +26,4 @@ def tiny_config(model="cnmf_1x1", **overrides):
     config.nmf.iterations = 3
     config.num_epochs = 1
     config.log_every_steps = 1
-    for name, value in overrides.items():
-        target = config
-        *parents, leaf = name.split(".")
-        for parent in parents:
-            target = target[parent]
-        target[leaf] = value
-    return config
+    return training.apply_overrides(config, overrides)

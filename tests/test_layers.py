@@ -156,3 +156,29 @@ def test_wrong_input_shape_names_the_expected_features():
         NMFDense(4, 2, rngs=nnx.Rngs(0))(jnp.ones((3, 5)))
     with pytest.raises(ValueError, match="NHWC inputs with in_features=3"):
         NMFConv(3, 2, 3, rngs=nnx.Rngs(0))(jnp.ones((5, 5, 3)))
+
+
+@pytest.mark.parametrize(
+    "kernel_size, strides, padding, groups",
+    [(3, 1, "VALID", 1), (3, 1, "SAME", 2), (2, 2, "VALID", 1), (3, 2, "SAME", 2)],
+)
+def test_reconstruct_returns_the_input_where_h_explains_every_patch(kernel_size, strides, padding, groups):
+    # With W the identity (one unit per patch value) one update gives h = the normalised patch, so
+    # W h scaled back by each patch's sum is the patch itself and the overlap average gives x back.
+    channels = 2
+    patch_size = kernel_size * kernel_size * channels // groups
+    identity = np.tile(np.eye(patch_size, dtype=np.float32), (1, groups))  # (S_g, G * S_g)
+    conv = NMFConv(
+        channels, groups * patch_size, kernel_size, strides=strides, padding=padding,
+        feature_group_count=groups, iterations=3, rngs=nnx.Rngs(0),
+    )  # fmt: skip
+    conv.kernel[...] = jnp.asarray(identity.reshape(conv.kernel.shape))
+    x = np.random.default_rng(1).uniform(0.1, 1, (2, 7, 7, channels)).astype(np.float32)
+    rebuilt = np.asarray(conv.reconstruct(jnp.asarray(x)))
+    covered = np.asarray(jax.vjp(conv.grouped_patches, jnp.asarray(x))[1](conv.grouped_patches(jnp.ones_like(x)))[0]) > 0
+    assert covered.any()
+    np.testing.assert_allclose(rebuilt[covered], x[covered], rtol=1e-5)
+    np.testing.assert_array_equal(rebuilt[~covered], 0.0)
+    # A generic weight does not explain the patches: the reconstruction differs.
+    conv.kernel[...] = jax.random.uniform(jax.random.key(0), conv.kernel.shape)
+    assert not np.allclose(np.asarray(conv.reconstruct(jnp.asarray(x)))[covered], x[covered], rtol=1e-2)

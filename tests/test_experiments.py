@@ -1,0 +1,238 @@
+"""The paper's analyses (nmfjax.experiments): their pieces, and every command on tiny trained workdirs."""
+
+import json
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+from flax import nnx
+
+from configs import cnmf_local
+from nmfjax import experiments, models, training
+from tests.conftest import tiny_config
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+MOCK_EXAMPLES = 20
+TINY_OVERRIDES = ["num_epochs=1", "batch_size=10", "eval_batch_size=10", "nmf.iterations=2", "log_every_steps=1"]
+
+
+def _is_png(path: pathlib.Path) -> bool:
+    return path.read_bytes()[:8] == PNG_MAGIC
+
+
+@pytest.fixture(scope="module")
+def workdirs(tmp_path_factory):
+    """One tiny trained workdir per network kind, on tfds's mock data."""
+    root = tmp_path_factory.mktemp("runs")
+    with tfds.testing.mock_data(num_examples=MOCK_EXAMPLES):
+        for model in ("cnn", "cnmf_1x1"):
+            training.train_and_evaluate(tiny_config(model, num_epochs=2), root / model)
+    return root
+
+
+@pytest.fixture
+def mock_data():
+    with tfds.testing.mock_data(num_examples=MOCK_EXAMPLES):
+        yield
+
+
+# --- pieces ---
+
+
+def test_noise_follows_spec_at_the_ends_and_keeps_images_normalised():
+    images = jax.random.uniform(jax.random.key(0), (4, 32, 32, 3))
+    normalised = images / jnp.sum(images, axis=(1, 2, 3), keepdims=True)
+    key = jax.random.key(1)
+    np.testing.assert_allclose(experiments.add_noise(key, images, "uniform", 0.0), normalised, rtol=1e-5)
+    np.testing.assert_allclose(experiments.add_noise(key, images, "holes", 0.0), normalised, rtol=1e-5)
+    assert np.all(np.asarray(experiments.add_noise(key, images, "holes", 1.0)) == 0)
+    pure_noise = experiments.add_noise(key, images, "uniform", 1.0)
+    assert not np.allclose(pure_noise, normalised, rtol=0.1)
+    for kind, eta in (("uniform", 0.3), ("holes", 0.3), ("uniform", 1.0)):
+        np.testing.assert_allclose(jnp.sum(experiments.add_noise(key, images, kind, eta), axis=(1, 2, 3)), 1.0, rtol=1e-5)
+    holes = np.asarray(experiments.add_noise(key, images, "holes", 0.3))
+    removed = holes == 0
+    assert np.all(removed.all(-1) == removed.any(-1)), "holes remove whole pixels (every channel)"
+    assert abs(removed[..., 0].mean() - 0.3) < 0.02
+    with pytest.raises(ValueError, match="noise kind must be one of"):
+        experiments.add_noise(key, images, "salt", 0.1)
+
+
+def test_hoyer_sparsity_is_zero_for_uniform_and_one_for_one_hot():
+    np.testing.assert_allclose(experiments.hoyer_sparsity(jnp.full((3, 8), 0.125)), 0.0, atol=1e-6)
+    np.testing.assert_allclose(experiments.hoyer_sparsity(jnp.eye(8)), 1.0, atol=1e-6)
+
+
+def test_pareto_front_keeps_runs_no_smaller_run_beats():
+    parameters = [10, 20, 30, 40, 50, 50]
+    accuracies = [0.5, 0.4, 0.6, 0.6, 0.7, 0.65]
+    assert experiments.pareto_front(parameters, accuracies) == [0, 2, 4]
+
+
+def test_sweep_grid_applies_groups_where_they_divide_the_channels():
+    variants = experiments.sweep_variants((32, 64, 96, 10), widths=(1, 2), nmf_groups=(1, 4), mix_groups=(16,))
+    assert len(variants) == 4
+    assert variants["width1_nmf4_mix16"] == {"width": 1, "groups": (1, 4, 4, 1), "mix_groups": (16, 16, 16, 1)}
+    assert variants["width2_nmf1_mix16"]["groups"] == (1, 1, 1, 1)
+    assert len(experiments.sweep_variants((32, 64, 96, 10))) == 100  # the paper's 100 variants
+    for overrides in variants.values():  # every variant builds
+        spec = training.network_spec(training.apply_overrides(tiny_config(), overrides))
+        nnx.eval_shape(lambda: models.Network(spec, rngs=nnx.Rngs(0)))
+
+
+def test_with_nmf_options_keeps_the_weights():
+    model = models.Network(models.NetworkSpec(features=(4, 8, 8, 10), iterations=3), rngs=nnx.Rngs(0))
+    images = jax.random.uniform(jax.random.key(0), (4, 28, 28, 3))
+    same = experiments.with_nmf_options(model, gradient="unrolled")
+    np.testing.assert_allclose(same.logits(images), model.logits(images), rtol=1e-5)
+    longer = experiments.with_nmf_options(model, iterations=6)
+    assert longer.blocks[0].module_a.iterations == 6 and model.blocks[0].module_a.iterations == 3
+    assert not np.allclose(longer.logits(images), model.logits(images), rtol=1e-4)
+
+
+def test_gradient_study_compares_each_nmf_layer_with_unrolled():
+    model = models.Network(models.NetworkSpec(features=(4, 8, 8, 10), iterations=2), rngs=nnx.Rngs(0))
+    images = jax.random.uniform(jax.random.key(0), (6, 28, 28, 3))
+    labels = jnp.arange(6) % 10
+    results = experiments.gradient_study(model, images, labels, values=(3,), modes=("approx", "implicit", "unrolled"))
+    layers = {"block 1", "block 2", "block 3", "block 4"}
+    assert {(row["mode"], row["layer"]) for row in results["rows"]} == {
+        (mode, layer) for mode in ("approx", "implicit", "unrolled") for layer in layers
+    }
+    for row in results["rows"]:
+        assert -1 <= row["cosine"] <= 1 + 1e-6 and row["norm_ratio"] > 0
+        if row["mode"] == "unrolled":  # against itself: exact
+            assert row["cosine"] == pytest.approx(1.0) and row["norm_ratio"] == pytest.approx(1.0)
+    # The other modes really differ from unrolled autodiff.
+    for mode in ("approx", "implicit"):
+        assert min(row["cosine"] for row in results["rows"] if row["mode"] == mode) < 0.999
+
+
+def test_local_learning_config_ignores_the_labels_in_the_nmf_weights():
+    config = tiny_config(**{"model": "cnmf", "nmf.learning": cnmf_local.get_config().nmf.learning})
+    assert config.nmf.learning == "local_kl"
+    images = jax.random.uniform(jax.random.key(0), (6, 28, 28, 3))
+    labels = jnp.arange(6) % 10
+    gradients = {}
+    for learning in ("local_kl", "backprop"):
+        spec = training.network_spec(training.apply_overrides(config, {"nmf.learning": learning}))
+        model = models.Network(spec, rngs=nnx.Rngs(0))
+        gradients[learning] = [
+            experiments.module_a_gradients(model, images, y)["block 1"] for y in (labels, (labels + 3) % 10)
+        ]
+    # The local rule only reconstructs the input; backprop depends on the labels.
+    np.testing.assert_allclose(*gradients["local_kl"], rtol=1e-5)
+    assert not np.allclose(*gradients["backprop"], rtol=1e-3)
+
+
+# --- commands on trained workdirs ---
+
+
+def test_evaluation_reproduces_the_training_runs_test_accuracy(workdirs, mock_data):
+    for model in ("cnn", "cnmf_1x1"):
+        run = experiments.load_trained(workdirs / model, "latest")
+        split = experiments.test_split(run.config, None, None)
+        row = training.read_metrics(workdirs / model)[-1]
+        clean = experiments.evaluate(run.model, split, batch_size=run.config.eval_batch_size)
+        assert clean["accuracy"] == row["test_accuracy"]
+        np.testing.assert_allclose(clean["loss"], row["test_loss"], rtol=1e-5)
+        # eta = 0 only rescales each image, which the L1-normalised patches undo.
+        scaled = experiments.evaluate(run.model, split, batch_size=10, noise="uniform", eta=0.0)
+        assert scaled["accuracy"] == clean["accuracy"]
+
+
+def test_noise_command_writes_one_curve_per_workdir(workdirs, mock_data, tmp_path):
+    experiments.main(["noise", str(workdirs / "cnn"), str(workdirs / "cnmf_1x1"), "--levels", "0", "0.5", "1", "--output", str(tmp_path)])
+    results = json.loads((tmp_path / "noise.json").read_text())
+    assert results["levels"] == [0, 0.5, 1] and results["test_images"] == MOCK_EXAMPLES
+    assert sorted(run["model"] for run in results["runs"].values()) == ["cnmf_1x1", "cnn"]
+    for run in results["runs"].values():
+        assert len(run["uniform"]) == len(run["holes"]) == 3
+        assert all(0 <= a <= 1 for a in run["uniform"] + run["holes"])
+    assert _is_png(tmp_path / "noise.png")
+
+
+def test_iterations_command_evaluates_every_n(workdirs, mock_data):
+    experiments.main(["iterations", str(workdirs / "cnmf_1x1"), "--values", "1", "3", "5"])
+    output = workdirs / "cnmf_1x1" / "experiments"
+    results = json.loads((output / "iterations.json").read_text())
+    assert results["iterations"] == [1, 3, 5] and results["trained_iterations"] == 3
+    best_epoch_accuracy = max(row["test_accuracy"] for row in training.read_metrics(workdirs / "cnmf_1x1"))
+    assert results["accuracy"][1] == best_epoch_accuracy  # N = 3 is how it was trained (best checkpoint)
+    assert _is_png(output / "iterations.png")
+
+
+def test_gradients_weights_reconstructions_and_sparsity_commands(workdirs, mock_data, tmp_path):
+    workdir = str(workdirs / "cnmf_1x1")
+    experiments.main(["gradients", workdir, "--values", "2", "--batch", "4", "--output", str(tmp_path)])
+    experiments.main(["weights", workdir, "--output", str(tmp_path)])
+    experiments.main(["reconstructions", workdir, "--count", "3", "--output", str(tmp_path)])
+    experiments.main(["sparsity", workdir, "--batch", "5", "--output", str(tmp_path)])
+    gradients = json.loads((tmp_path / "gradients.json").read_text())
+    assert gradients["images"] == 4 and len(gradients["rows"]) == 2 * 4  # two modes x four NMF layers
+    weights = json.loads((tmp_path / "weights.json").read_text())
+    filters = np.array(weights["filters"])
+    assert filters.shape == (32, 5, 5, 3) and filters.min() >= 0
+    np.testing.assert_allclose(filters.reshape(32, -1).max(1), 1.0)
+    reconstructions = json.loads((tmp_path / "reconstructions.json").read_text())
+    assert len(reconstructions["relative_l1_error"]) == 3 and 0 < reconstructions["mean_relative_l1_error"] < 2
+    sparsity = json.loads((tmp_path / "sparsity.json").read_text())["layers"]
+    assert sparsity["block 1"]["positions"] == 5 * 24 * 24 and sum(sparsity["block 1"]["histogram"]) == 5 * 24 * 24
+    assert set(sparsity) == {"block 1", "block 2", "block 3", "block 4"}
+    for name in ("gradients", "weights", "reconstructions", "sparsity"):
+        assert _is_png(tmp_path / f"{name}.png"), name
+
+
+def test_nmf_pictures_refuse_a_cnn_naming_the_reason(workdirs, mock_data, tmp_path):
+    with pytest.raises(ValueError, match="reconstructions need an NMF first layer"):
+        experiments.main(["reconstructions", str(workdirs / "cnn"), "--output", str(tmp_path)])
+    with pytest.raises(ValueError, match="has no NMF layer"):
+        experiments.main(["sparsity", str(workdirs / "cnn"), "--output", str(tmp_path)])
+    experiments.main(["weights", str(workdirs / "cnn"), "--output", str(tmp_path)])  # CNN filters are pictures too
+    assert _is_png(tmp_path / "weights.png")
+
+
+# --- short trainings ---
+
+
+def _set(*assignments):
+    return [argument for assignment in assignments for argument in ("--set", assignment)]
+
+
+def test_training_commands_train_each_variant_once(mock_data, tmp_path, capsys):
+    config = str(pathlib.Path(__file__).resolve().parents[1] / "configs" / "cnmf_1x1.py")
+    sweep = ["sweep", "--config", config, "--root", str(tmp_path / "sweep"), "--widths", "1", "--nmf_groups", "1", "2", "--mix_groups", "1"]
+    experiments.main([*sweep, *_set(*TINY_OVERRIDES)])
+    summary = json.loads((tmp_path / "sweep" / "sweep.json").read_text())["runs"]
+    plain, grouped = summary["width1_nmf1_mix1"], summary["width1_nmf2_mix1"]
+    assert plain["parameters"] == 167_886 and plain["epochs"] == 1
+    assert grouped["nmf_parameters"] < plain["nmf_parameters"] and grouped["cnn_parameters"] == plain["cnn_parameters"]
+    assert plain["nmf_parameters"] + plain["cnn_parameters"] + plain["batch_norm_parameters"] == plain["parameters"]
+    assert _is_png(tmp_path / "sweep" / "sweep.png")
+    capsys.readouterr()
+    experiments.main([*sweep, *_set(*TINY_OVERRIDES)])
+    assert capsys.readouterr().out.count("skipped") == 2
+
+    experiments.main(
+        ["train-gradients", "--config", config, "--root", str(tmp_path / "modes"), "--modes", "approx", "unrolled", *_set(*TINY_OVERRIDES)]
+    )
+    modes = json.loads((tmp_path / "modes" / "train_gradients.json").read_text())["runs"]
+    assert set(modes) == {"approx", "unrolled"}
+    assert training.load_config(modes["unrolled"]["workdir"]).nmf.gradient == "unrolled"
+    assert _is_png(tmp_path / "modes" / "train_gradients.png")
+
+    experiments.main(
+        ["train-iterations", "--config", config, "--root", str(tmp_path / "n"), "--values", "1", "3", *_set(*TINY_OVERRIDES)]
+    )
+    runs = json.loads((tmp_path / "n" / "train_iterations.json").read_text())["runs"]
+    assert [training.load_config(run["workdir"]).nmf.iterations for run in runs.values()] == [1, 3]
+    assert _is_png(tmp_path / "n" / "train_iterations.png") and _is_png(tmp_path / "n" / "train_iterations_curves.png")
+
+
+def test_set_rejects_unknown_fields(tmp_path):
+    config = str(pathlib.Path(__file__).resolve().parents[1] / "configs" / "cnmf_1x1.py")
+    with pytest.raises(KeyError, match="no field 'nmf.iteration'"):
+        experiments.main(["train-iterations", "--config", config, "--root", str(tmp_path), "--set", "nmf.iteration=3"])
