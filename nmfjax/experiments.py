@@ -48,7 +48,7 @@ from flax import nnx  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from nmfjax import data, models, ops, plots, training  # noqa: E402
-from nmfjax.layers import NMFConv, PatchConv  # noqa: E402
+from nmfjax.layers import NMFConv  # noqa: E402
 
 NOISE_KINDS = ("uniform", "holes")
 NOISE_LEVELS = tuple(round(0.05 * step, 2) for step in range(21))  # SPEC section 5: 0, 0.05, ..., 1.0
@@ -164,9 +164,15 @@ def evaluate(
         batch = slice(start, start + batch_size)
         key = jax.random.fold_in(jax.random.key(seed), index)
         result = _evaluate_batch(
-            state, split.images[batch], split.labels[batch], jnp.float32(eta), key,
-            graphdef=graphdef, crop_size=crop_size, noise=noise,
-        )  # fmt: skip
+            state,
+            split.images[batch],
+            split.labels[batch],
+            jnp.float32(eta),
+            key,
+            graphdef=graphdef,
+            crop_size=crop_size,
+            noise=noise,
+        )
         totals = {name: totals[name] + result[name] for name in totals}
     return {"accuracy": float(totals["correct"]) / len(split), "loss": float(totals["loss"]) / len(split)}
 
@@ -187,7 +193,9 @@ def noise_robustness(
         for kind in kinds:
             accuracies[kind] = []
             for eta in levels:
-                metrics = evaluate(run.model, split, batch_size=run.config.eval_batch_size, noise=kind, eta=eta, seed=seed)
+                metrics = evaluate(
+                    run.model, split, batch_size=run.config.eval_batch_size, noise=kind, eta=eta, seed=seed
+                )
                 accuracies[kind].append(metrics["accuracy"])
                 progress.update()
         results[run.label] = {"workdir": str(run.workdir), "model": run.config.model, "epoch": run.epoch, **accuracies}
@@ -232,11 +240,18 @@ def iterations_at_evaluation(run: Trained, split: data.Split, values: Sequence[i
 def plot_iterations(results: dict[str, Any], output: pathlib.Path) -> pathlib.Path:
     figure, axis = plt.subplots(figsize=(6, 4.2))
     axis.plot(results["iterations"], [100 * a for a in results["accuracy"]], marker="o")
-    axis.axvline(results["trained_iterations"], color="red", linestyle="--", label=f"trained with N = {results['trained_iterations']}")
+    axis.axvline(
+        results["trained_iterations"],
+        color="red",
+        linestyle="--",
+        label=f"trained with N = {results['trained_iterations']}",
+    )
     axis.set(
         title=f"{pathlib.Path(results['workdir']).name}: NMF iterations at evaluation",
-        xlabel="iterations N", ylabel="test accuracy (%)", xscale="log",
-    )  # fmt: skip
+        xlabel="iterations N",
+        ylabel="test accuracy (%)",
+        xscale="log",
+    )
     axis.grid(alpha=0.3)
     axis.legend()
     return _save(figure, output)
@@ -275,6 +290,11 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-300))
 
 
+def _backprop_gradients(model, images, labels, iterations: int, gradient: str) -> dict[str, np.ndarray]:
+    network = with_nmf_options(model, iterations=iterations, gradient=gradient, learning="backprop")
+    return jax.device_get(module_a_gradients(network, images, labels))
+
+
 def gradient_study(
     model: models.Network,
     images: jax.Array,
@@ -292,13 +312,9 @@ def gradient_study(
         raise ValueError(f"the gradient study needs an NMF network (cnmf, cnmf_1x1), got {model.spec.architecture!r}.")
     rows = []
     for iterations in tqdm(values, desc="gradients", unit="N"):
-        def gradients(mode):
-            network = with_nmf_options(model, iterations=iterations, gradient=mode, learning="backprop")
-            return jax.device_get(module_a_gradients(network, images, labels))
-
-        exact = gradients("unrolled")
+        exact = _backprop_gradients(model, images, labels, iterations, "unrolled")
         for mode in modes:
-            for layer, gradient in gradients(mode).items():
+            for layer, gradient in _backprop_gradients(model, images, labels, iterations, mode).items():
                 rows.append(
                     {
                         "iterations": iterations,
@@ -316,12 +332,16 @@ def plot_gradient_study(results: dict[str, Any], output: pathlib.Path, title: st
     rows = results["rows"]
     series = sorted({(row["mode"], row["layer"]) for row in rows})
     for (mode, layer), color in zip(series, itertools.cycle(plt.rcParams["axes.prop_cycle"].by_key()["color"])):
-        selected = sorted((row for row in rows if (row["mode"], row["layer"]) == (mode, layer)), key=lambda r: r["iterations"])
+        selected = sorted(
+            (row for row in rows if (row["mode"], row["layer"]) == (mode, layer)), key=lambda r: r["iterations"]
+        )
         style = "-" if mode == "approx" else "--"
         label = f"{mode}, {layer}"
         iterations = [row["iterations"] for row in selected]
         cosine_axis.plot(iterations, [row["cosine"] for row in selected], style, color=color, marker="o", label=label)
-        ratio_axis.plot(iterations, [row["norm_ratio"] for row in selected], style, color=color, marker="o", label=label)
+        ratio_axis.plot(
+            iterations, [row["norm_ratio"] for row in selected], style, color=color, marker="o", label=label
+        )
     cosine_axis.set(title="cosine similarity with unrolled", xlabel="iterations N", ylabel="cosine", xscale="log")
     ratio_axis.set(title="norm / unrolled norm", xlabel="iterations N", ylabel="norm ratio", xscale="log", yscale="log")
     for axis in (cosine_axis, ratio_axis):
@@ -385,7 +405,9 @@ def first_layer_reconstructions(model: models.Network, images: jax.Array) -> tup
     return np.asarray(reconstructed), np.asarray(errors)
 
 
-def plot_reconstructions(images: np.ndarray, reconstructed: np.ndarray, errors: np.ndarray, output, title) -> pathlib.Path:
+def plot_reconstructions(
+    images: np.ndarray, reconstructed: np.ndarray, errors: np.ndarray, output, title
+) -> pathlib.Path:
     count = len(images)
     figure, axes = plt.subplots(2, count, figsize=(1.6 * count, 3.6), squeeze=False)
     for index in range(count):
@@ -485,13 +507,19 @@ def summarize_run(workdir: pathlib.Path) -> dict[str, Any]:
     }
 
 
+def _groups_where_they_divide(groups: int, inputs: Sequence[int], outputs: Sequence[int]) -> tuple[int, ...]:
+    return tuple(groups if i % groups == 0 and o % groups == 0 else 1 for i, o in zip(inputs, outputs))
+
+
 def sweep_variants(
     features: Sequence[int],
+    channels: int,
     widths: Sequence[int] = SWEEP_WIDTHS,
     nmf_groups: Sequence[int] = SWEEP_GROUPS,
     mix_groups: Sequence[int] = SWEEP_GROUPS,
 ) -> dict[str, dict[str, Any]]:
-    """The paper's section 3.1 grid: width x NMF groups x 1x1 groups.
+    """The paper's section 3.1 grid: width x NMF groups x 1x1 groups, for a network
+    with ``features`` outputs per block on images with ``channels`` channels.
 
     A group count applies to every block whose input and output channel counts
     it divides (blocks whose counts it does not divide, such as the RGB input
@@ -500,15 +528,11 @@ def sweep_variants(
     variants = {}
     for width, nmf_group, mix_group in itertools.product(widths, nmf_groups, mix_groups):
         outputs = [f * width for f in features[:-1]] + [features[-1]]
-        inputs = [3, *outputs[:-1]]
-
-        def per_block(groups, block_inputs):
-            return tuple(groups if i % groups == 0 and o % groups == 0 else 1 for i, o in zip(block_inputs, outputs))
-
+        inputs = [channels, *outputs[:-1]]
         variants[f"width{width}_nmf{nmf_group}_mix{mix_group}"] = {
             "width": width,
-            "groups": per_block(nmf_group, inputs),
-            "mix_groups": per_block(mix_group, outputs),
+            "groups": _groups_where_they_divide(nmf_group, inputs, outputs),
+            "mix_groups": _groups_where_they_divide(mix_group, outputs, outputs),
         }
     return variants
 
@@ -536,10 +560,17 @@ def plot_sweep(summaries: dict[str, dict[str, Any]], output: pathlib.Path) -> pa
     left.plot(parameters[front], accuracy[front], "r-", label="Pareto front")
     left.set(title="accuracy vs parameters", xlabel="parameters", ylabel="test accuracy (%)", xscale="log")
     points = right.scatter(ratio, accuracy, c=np.log10(parameters), cmap="Greens", edgecolors="grey")
-    right.scatter(ratio[front], accuracy[front], facecolors="none", edgecolors="red", linewidths=1.5, label="Pareto front")
+    right.scatter(
+        ratio[front], accuracy[front], facecolors="none", edgecolors="red", linewidths=1.5, label="Pareto front"
+    )
     figure.colorbar(points, ax=right, label="log10 parameters")
     right.axvline(ratio[np.argmax(accuracy)], color="red", linestyle="--", label="best accuracy")
-    right.set(title="accuracy vs CNN/NMF parameter ratio", xlabel="CNN / NMF parameters", ylabel="test accuracy (%)", xscale="log")
+    right.set(
+        title="accuracy vs CNN/NMF parameter ratio",
+        xlabel="CNN / NMF parameters",
+        ylabel="test accuracy (%)",
+        xscale="log",
+    )
     for axis in (left, right):
         axis.grid(alpha=0.3)
         axis.legend(fontsize=8)
@@ -637,16 +668,25 @@ def _command_gradients(args) -> None:
     results.update(workdir=str(run.workdir), epoch=run.epoch)
     output = _output_dir(args)
     title = f"{run.label}: weight gradients vs unrolled ({results['images']} test images)"
-    _report(_write_json(results, output / "gradients.json"), plot_gradient_study(results, output / "gradients.png", title))
+    _report(
+        _write_json(results, output / "gradients.json"), plot_gradient_study(results, output / "gradients.png", title)
+    )
     for row in results["rows"]:
-        print(f"N={row['iterations']:>3} {row['mode']:>8} {row['layer']}: cosine {row['cosine']:.3f}, norm ratio {row['norm_ratio']:.3f}")
+        print(
+            f"N={row['iterations']:>3} {row['mode']:>8} {row['layer']}: cosine {row['cosine']:.3f}, norm ratio {row['norm_ratio']:.3f}"
+        )
 
 
 def _command_weights(args) -> None:
     (run,) = _load_runs(args)
     pictures = first_layer_filters(run.model)
     output = _output_dir(args)
-    payload = {"workdir": str(run.workdir), "epoch": run.epoch, "shape": list(pictures.shape), "filters": pictures.tolist()}
+    payload = {
+        "workdir": str(run.workdir),
+        "epoch": run.epoch,
+        "shape": list(pictures.shape),
+        "filters": pictures.tolist(),
+    }
     _report(
         _write_json(payload, output / "weights.json"),
         plot_filters(pictures, output / "weights.png", f"{run.label}: first-layer weights"),
@@ -659,7 +699,12 @@ def _command_reconstructions(args) -> None:
     images = data.center_crop(split.images, run.model.spec.input_shape[0])
     reconstructed, errors = first_layer_reconstructions(run.model, images)
     output = _output_dir(args)
-    payload = {"workdir": str(run.workdir), "epoch": run.epoch, "relative_l1_error": errors.tolist(), "mean_relative_l1_error": float(errors.mean())}
+    payload = {
+        "workdir": str(run.workdir),
+        "epoch": run.epoch,
+        "relative_l1_error": errors.tolist(),
+        "mean_relative_l1_error": float(errors.mean()),
+    }
     title = f"{run.label}: test images rebuilt from the first layer's h (R = W h)"
     _report(
         _write_json(payload, output / "reconstructions.json"),
@@ -674,12 +719,20 @@ def _command_sparsity(args) -> None:
     images = data.center_crop(split.images[: args.batch], run.model.spec.input_shape[0])
     sparsity = nmf_activation_sparsity(run.model, images)
     summary = {
-        layer: {"positions": int(v.size), "mean": float(v.mean()), "median": float(np.median(v)), "histogram": np.histogram(v, 20, (0, 1))[0].tolist()}
+        layer: {
+            "positions": int(v.size),
+            "mean": float(v.mean()),
+            "median": float(np.median(v)),
+            "histogram": np.histogram(v, 20, (0, 1))[0].tolist(),
+        }
         for layer, v in sparsity.items()
     }
     output = _output_dir(args)
     title = f"{run.label}: sparsity of h over {images.shape[0]} test images"
-    _report(_write_json({"workdir": str(run.workdir), "epoch": run.epoch, "layers": summary}, output / "sparsity.json"), plot_sparsity(sparsity, output / "sparsity.png", title))
+    _report(
+        _write_json({"workdir": str(run.workdir), "epoch": run.epoch, "layers": summary}, output / "sparsity.json"),
+        plot_sparsity(sparsity, output / "sparsity.png", title),
+    )
     for layer, stats in summary.items():
         print(f"{layer}: mean Hoyer sparsity {stats['mean']:.3f} over {stats['positions']} positions")
 
@@ -695,7 +748,9 @@ def _command_train_iterations(args) -> None:
     root = pathlib.Path(args.root)
     _report(
         _write_json({"iterations": args.values, "runs": summaries}, root / "train_iterations.json"),
-        plot_final_accuracy(args.values, list(summaries.values()), root / "train_iterations.png", "iterations N in training"),
+        plot_final_accuracy(
+            args.values, list(summaries.values()), root / "train_iterations.png", "iterations N in training"
+        ),
         plots.plot_learning_curves([s["workdir"] for s in summaries.values()], root / "train_iterations_curves.png"),
     )
 
@@ -715,16 +770,21 @@ def _command_sweep(args) -> None:
     config = training.config_from_file(args.config)
     if config.model != "cnmf_1x1":
         raise SystemExit(f"the sweep varies NMF and 1x1 parameters: use a cnmf_1x1 config, got model {config.model!r}.")
-    variants = sweep_variants(config.features, args.widths, args.nmf_groups, args.mix_groups)
+    channels = data.check_dataset(config.dataset).channels
+    variants = sweep_variants(config.features, channels, args.widths, args.nmf_groups, args.mix_groups)
     summaries = _train_and_summarize(args, variants)
     for name, overrides in variants.items():
         summaries[name].update(width=overrides["width"], groups=overrides["groups"], mix_groups=overrides["mix_groups"])
     root = pathlib.Path(args.root)
     _report(_write_json({"runs": summaries}, root / "sweep.json"), plot_sweep(summaries, root / "sweep.png"))
-    print("| variant | parameters | NMF | CNN (1x1) | CNN/NMF | test accuracy | seconds |\n|---|---|---|---|---|---|---|")
+    print(
+        "| variant | parameters | NMF | CNN (1x1) | CNN/NMF | test accuracy | seconds |\n|---|---|---|---|---|---|---|"
+    )
     for name, s in sorted(summaries.items(), key=lambda item: item[1]["parameters"]):
         ratio = s["cnn_parameters"] / s["nmf_parameters"]
-        print(f"| {name} | {s['parameters']:,} | {s['nmf_parameters']:,} | {s['cnn_parameters']:,} | {ratio:.2f} | {100 * s['final_test_accuracy']:.2f}% | {s['seconds']:.0f} |")
+        print(
+            f"| {name} | {s['parameters']:,} | {s['nmf_parameters']:,} | {s['cnn_parameters']:,} | {ratio:.2f} | {100 * s['final_test_accuracy']:.2f}% | {s['seconds']:.0f} |"
+        )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -735,7 +795,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     def on_workdirs(name, function, help_text, several=False):
         command = commands.add_parser(name, help=help_text, description=help_text)
-        command.add_argument("workdirs", nargs="+" if several else 1, metavar="WORKDIR", help="workdir(s) written by train.py")
+        command.add_argument(
+            "workdirs", nargs="+" if several else 1, metavar="WORKDIR", help="workdir(s) written by train.py"
+        )
         command.add_argument("--output", help="output directory (default: WORKDIR/experiments)")
         command.add_argument("--step", default="best", help='checkpoint: "best" (default), "latest" or an epoch')
         command.add_argument("--data_dir", help="TFDS data directory (default: the workdir's config.data_dir)")
@@ -743,18 +805,24 @@ def build_parser() -> argparse.ArgumentParser:
         command.set_defaults(function=function)
         return command
 
-    noise = on_workdirs("noise", _command_noise, "test accuracy under uniform noise and holes (SPEC section 5)", several=True)
+    noise = on_workdirs(
+        "noise", _command_noise, "test accuracy under uniform noise and holes (SPEC section 5)", several=True
+    )
     noise.add_argument("--kinds", nargs="+", default=list(NOISE_KINDS), choices=NOISE_KINDS)
     noise.add_argument("--levels", nargs="+", type=float, default=list(NOISE_LEVELS), help="noise levels eta")
     noise.add_argument("--seed", type=int, default=0)
     iterations = on_workdirs("iterations", _command_iterations, "test accuracy when evaluated with other N")
     iterations.add_argument("--values", nargs="+", type=int, default=[1, 2, 5, 10, 20, 50, 100])
-    gradients = on_workdirs("gradients", _command_gradients, "approx and implicit weight gradients against unrolled, per layer")
+    gradients = on_workdirs(
+        "gradients", _command_gradients, "approx and implicit weight gradients against unrolled, per layer"
+    )
     gradients.add_argument("--values", nargs="+", type=int, default=[5, 20, 50], help="iterations N")
     gradients.add_argument("--modes", nargs="+", default=["approx", "implicit"], choices=("approx", "implicit"))
     gradients.add_argument("--batch", type=int, default=50, help="test images in the loss (default 50)")
     on_workdirs("weights", _command_weights, "the first layer's weights as a grid of colour patches")
-    reconstructions = on_workdirs("reconstructions", _command_reconstructions, "test images rebuilt from the first NMF layer's h")
+    reconstructions = on_workdirs(
+        "reconstructions", _command_reconstructions, "test images rebuilt from the first NMF layer's h"
+    )
     reconstructions.add_argument("--count", type=int, default=8, help="how many test images (default 8)")
     sparsity = on_workdirs("sparsity", _command_sparsity, "histograms of the Hoyer sparsity of h per NMF layer")
     sparsity.add_argument("--batch", type=int, default=200, help="test images (default 200)")
@@ -763,7 +831,9 @@ def build_parser() -> argparse.ArgumentParser:
         command = commands.add_parser(name, help=help_text, description=help_text)
         command.add_argument("--config", required=True, help="config file, e.g. configs/cnmf_1x1.py")
         command.add_argument("--root", required=True, help="one workdir per variant goes here")
-        command.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="config override, repeatable")
+        command.add_argument(
+            "--set", action="append", default=[], metavar="FIELD=VALUE", help="config override, repeatable"
+        )
         command.set_defaults(function=function)
         return command
 

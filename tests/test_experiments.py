@@ -52,7 +52,9 @@ def test_noise_follows_spec_at_the_ends_and_keeps_images_normalised():
     pure_noise = experiments.add_noise(key, images, "uniform", 1.0)
     assert not np.allclose(pure_noise, normalised, rtol=0.1)
     for kind, eta in (("uniform", 0.3), ("holes", 0.3), ("uniform", 1.0)):
-        np.testing.assert_allclose(jnp.sum(experiments.add_noise(key, images, kind, eta), axis=(1, 2, 3)), 1.0, rtol=1e-5)
+        np.testing.assert_allclose(
+            jnp.sum(experiments.add_noise(key, images, kind, eta), axis=(1, 2, 3)), 1.0, rtol=1e-5
+        )
     holes = np.asarray(experiments.add_noise(key, images, "holes", 0.3))
     removed = holes == 0
     assert np.all(removed.all(-1) == removed.any(-1)), "holes remove whole pixels (every channel)"
@@ -73,14 +75,14 @@ def test_pareto_front_keeps_runs_no_smaller_run_beats():
 
 
 def test_sweep_grid_applies_groups_where_they_divide_the_channels():
-    variants = experiments.sweep_variants((32, 64, 96, 10), widths=(1, 2), nmf_groups=(1, 4), mix_groups=(16,))
+    variants = experiments.sweep_variants((32, 64, 96, 10), 3, widths=(1, 2), nmf_groups=(1, 4), mix_groups=(16,))
     assert len(variants) == 4
     assert variants["width1_nmf4_mix16"] == {"width": 1, "groups": (1, 4, 4, 1), "mix_groups": (16, 16, 16, 1)}
     assert variants["width2_nmf1_mix16"]["groups"] == (1, 1, 1, 1)
-    assert len(experiments.sweep_variants((32, 64, 96, 10))) == 100  # the paper's 100 variants
+    assert len(experiments.sweep_variants((32, 64, 96, 10), 3)) == 100  # the paper's 100 variants
     for overrides in variants.values():  # every variant builds
         spec = training.network_spec(training.apply_overrides(tiny_config(), overrides))
-        nnx.eval_shape(lambda: models.Network(spec, rngs=nnx.Rngs(0)))
+        nnx.eval_shape(lambda spec=spec: models.Network(spec, rngs=nnx.Rngs(0)))
 
 
 def test_with_nmf_options_keeps_the_weights():
@@ -145,7 +147,19 @@ def test_evaluation_reproduces_the_training_runs_test_accuracy(workdirs, mock_da
 
 
 def test_noise_command_writes_one_curve_per_workdir(workdirs, mock_data, tmp_path):
-    experiments.main(["noise", str(workdirs / "cnn"), str(workdirs / "cnmf_1x1"), "--levels", "0", "0.5", "1", "--output", str(tmp_path)])
+    experiments.main(
+        [
+            "noise",
+            str(workdirs / "cnn"),
+            str(workdirs / "cnmf_1x1"),
+            "--levels",
+            "0",
+            "0.5",
+            "1",
+            "--output",
+            str(tmp_path),
+        ]
+    )
     results = json.loads((tmp_path / "noise.json").read_text())
     assert results["levels"] == [0, 0.5, 1] and results["test_images"] == MOCK_EXAMPLES
     assert sorted(run["model"] for run in results["runs"].values()) == ["cnmf_1x1", "cnn"]
@@ -204,7 +218,20 @@ def _set(*assignments):
 
 def test_training_commands_train_each_variant_once(mock_data, tmp_path, capsys):
     config = str(pathlib.Path(__file__).resolve().parents[1] / "configs" / "cnmf_1x1.py")
-    sweep = ["sweep", "--config", config, "--root", str(tmp_path / "sweep"), "--widths", "1", "--nmf_groups", "1", "2", "--mix_groups", "1"]
+    sweep = [
+        "sweep",
+        "--config",
+        config,
+        "--root",
+        str(tmp_path / "sweep"),
+        "--widths",
+        "1",
+        "--nmf_groups",
+        "1",
+        "2",
+        "--mix_groups",
+        "1",
+    ]
     experiments.main([*sweep, *_set(*TINY_OVERRIDES)])
     summary = json.loads((tmp_path / "sweep" / "sweep.json").read_text())["runs"]
     plain, grouped = summary["width1_nmf1_mix1"], summary["width1_nmf2_mix1"]
@@ -217,7 +244,17 @@ def test_training_commands_train_each_variant_once(mock_data, tmp_path, capsys):
     assert capsys.readouterr().out.count("skipped") == 2
 
     experiments.main(
-        ["train-gradients", "--config", config, "--root", str(tmp_path / "modes"), "--modes", "approx", "unrolled", *_set(*TINY_OVERRIDES)]
+        [
+            "train-gradients",
+            "--config",
+            config,
+            "--root",
+            str(tmp_path / "modes"),
+            "--modes",
+            "approx",
+            "unrolled",
+            *_set(*TINY_OVERRIDES),
+        ]
     )
     modes = json.loads((tmp_path / "modes" / "train_gradients.json").read_text())["runs"]
     assert set(modes) == {"approx", "unrolled"}
@@ -225,7 +262,17 @@ def test_training_commands_train_each_variant_once(mock_data, tmp_path, capsys):
     assert _is_png(tmp_path / "modes" / "train_gradients.png")
 
     experiments.main(
-        ["train-iterations", "--config", config, "--root", str(tmp_path / "n"), "--values", "1", "3", *_set(*TINY_OVERRIDES)]
+        [
+            "train-iterations",
+            "--config",
+            config,
+            "--root",
+            str(tmp_path / "n"),
+            "--values",
+            "1",
+            "3",
+            *_set(*TINY_OVERRIDES),
+        ]
     )
     runs = json.loads((tmp_path / "n" / "train_iterations.json").read_text())["runs"]
     assert [training.load_config(run["workdir"]).nmf.iterations for run in runs.values()] == [1, 3]

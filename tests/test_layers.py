@@ -171,7 +171,7 @@ def test_reconstruct_returns_the_input_where_h_explains_every_patch(kernel_size,
     conv = NMFConv(
         channels, groups * patch_size, kernel_size, strides=strides, padding=padding,
         feature_group_count=groups, iterations=3, rngs=nnx.Rngs(0),
-    )  # fmt: skip
+    )
     conv.kernel[...] = jnp.asarray(identity.reshape(conv.kernel.shape))
     x = np.random.default_rng(1).uniform(0.1, 1, (2, 7, 7, channels)).astype(np.float32)
     rebuilt = np.asarray(conv.reconstruct(jnp.asarray(x)))
