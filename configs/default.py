@@ -30,6 +30,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.nmf.epsilon = config_dict.placeholder(float)  # None: the pure update
     config.nmf.gradient = "approx"  # "approx" | "unrolled" | "implicit"
     config.nmf.learning = "backprop"  # "backprop" | "local_kl" | "local_mse"
+    config.nmf.readout_learning = config_dict.placeholder(str)  # the last block's NMF layer; None: as learning
     config.nmf.adjoint_iterations = config_dict.placeholder(int)  # "implicit" only; None: iterations
 
     # Data (SPEC section 4).

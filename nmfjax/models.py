@@ -59,6 +59,7 @@ class NetworkSpec:
     epsilon: float | None = None
     gradient: str = "approx"
     learning: str = "backprop"
+    readout_learning: str | None = None  # the last block's NMF layer; None: as ``learning``
     adjoint_iterations: int | None = None
 
     def __post_init__(self):
@@ -84,9 +85,16 @@ class NetworkSpec:
                 f"got {self.batch_norm_statistics!r}."
             )
         try:
-            ops.check_nmf_options(self.iterations, self.epsilon, self.gradient, self.learning, self.adjoint_iterations)
+            for learning in (self.learning, self.block_learning(-1)):
+                ops.check_nmf_options(self.iterations, self.epsilon, self.gradient, learning, self.adjoint_iterations)
         except (TypeError, ValueError) as error:
             raise type(error)(f"config.nmf: {error}") from None
+
+    def block_learning(self, index: int) -> str:
+        """How block ``index``'s NMF weights learn: ``readout_learning`` for the last block
+        (when set), ``learning`` for the others."""
+        is_readout = index in (-1, len(self.features) - 1)
+        return self.readout_learning if is_readout and self.readout_learning is not None else self.learning
 
     @property
     def block_features(self) -> tuple[int, ...]:
@@ -149,7 +157,7 @@ class Block(nnx.Module):
                 iterations=spec.iterations,
                 epsilon=spec.epsilon,
                 gradient=spec.gradient,
-                learning=spec.learning,
+                learning=spec.block_learning(index),
                 adjoint_iterations=spec.adjoint_iterations,
                 rngs=rngs,
             )

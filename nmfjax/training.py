@@ -59,6 +59,7 @@ def network_spec(config: ml_collections.ConfigDict) -> models.NetworkSpec:
         epsilon=config.nmf.epsilon,
         gradient=config.nmf.gradient,
         learning=config.nmf.learning,
+        readout_learning=config.nmf.get("readout_learning"),  # absent from configs saved before it existed
         adjoint_iterations=config.nmf.adjoint_iterations,
     )
 

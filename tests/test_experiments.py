@@ -113,21 +113,21 @@ def test_gradient_study_compares_each_nmf_layer_with_unrolled():
         assert min(row["cosine"] for row in results["rows"] if row["mode"] == mode) < 0.999
 
 
-def test_local_learning_config_ignores_the_labels_in_the_nmf_weights():
-    config = tiny_config(**{"model": "cnmf", "nmf.learning": cnmf_local.get_config().nmf.learning})
-    assert config.nmf.learning == "local_kl"
+def test_local_learning_config_trains_hidden_nmf_layers_without_the_labels():
+    config = training.apply_overrides(cnmf_local.get_config(), {"nmf.iterations": 3})
     images = jax.random.uniform(jax.random.key(0), (6, 28, 28, 3))
     labels = jnp.arange(6) % 10
-    gradients = {}
-    for learning in ("local_kl", "backprop"):
-        spec = training.network_spec(training.apply_overrides(config, {"nmf.learning": learning}))
-        model = models.Network(spec, rngs=nnx.Rngs(0))
-        gradients[learning] = [
-            experiments.module_a_gradients(model, images, y)["block 1"] for y in (labels, (labels + 3) % 10)
-        ]
-    # The local rule only reconstructs the input; backprop depends on the labels.
-    np.testing.assert_allclose(*gradients["local_kl"], rtol=1e-5)
-    assert not np.allclose(*gradients["backprop"], rtol=1e-3)
+    model = models.Network(training.network_spec(config), rngs=nnx.Rngs(0))
+    local = [experiments.module_a_gradients(model, images, y) for y in (labels, (labels + 3) % 10)]
+    backprop = experiments.with_nmf_options(model, learning="backprop")
+    supervised = [experiments.module_a_gradients(backprop, images, y) for y in (labels, (labels + 3) % 10)]
+    for layer in ("block 1", "block 2", "block 3"):
+        # The local rule only reconstructs the input; backprop depends on the labels.
+        np.testing.assert_allclose(local[0][layer], local[1][layer], rtol=1e-5)
+        assert not np.allclose(supervised[0][layer], supervised[1][layer], rtol=1e-3)
+    # The classifier (block 4) learns by backprop, so the labels reach it.
+    assert not np.allclose(local[0]["block 4"], local[1]["block 4"], rtol=1e-3)
+    np.testing.assert_allclose(local[0]["block 4"], supervised[0]["block 4"], rtol=1e-4, atol=1e-9)
 
 
 # --- commands on trained workdirs ---

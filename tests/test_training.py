@@ -72,6 +72,7 @@ def test_plateau_rule_reduces_after_more_than_patience_bad_epochs():
         ({"dataset": "imagenet"}, "config.dataset must be one of"),
         ({"plateau.metric": "accuracy"}, "config.plateau.metric must be one of"),
         ({"nmf.iterations": 0}, "config.nmf: iterations must be >= 1"),
+        ({"nmf.readout_learning": "hebbian"}, "config.nmf: learning must be one of .* got 'hebbian'"),
         ({"crop_size": 40}, "config.crop_size=40 exceeds"),
     ],
 )
