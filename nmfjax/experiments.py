@@ -37,6 +37,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg")
 import jax  # noqa: E402
@@ -250,8 +251,8 @@ def plot_iterations(results: dict[str, Any], output: pathlib.Path) -> pathlib.Pa
         title=f"{pathlib.Path(results['workdir']).name}: NMF iterations at evaluation",
         xlabel="iterations N",
         ylabel="test accuracy (%)",
-        xscale="log",
     )
+    _log_ticks(axis, results["iterations"])
     axis.grid(alpha=0.3)
     axis.legend()
     return _save(figure, output)
@@ -342,9 +343,10 @@ def plot_gradient_study(results: dict[str, Any], output: pathlib.Path, title: st
         ratio_axis.plot(
             iterations, [row["norm_ratio"] for row in selected], style, color=color, marker="o", label=label
         )
-    cosine_axis.set(title="cosine similarity with unrolled", xlabel="iterations N", ylabel="cosine", xscale="log")
-    ratio_axis.set(title="norm / unrolled norm", xlabel="iterations N", ylabel="norm ratio", xscale="log", yscale="log")
+    cosine_axis.set(title="cosine similarity with unrolled", xlabel="iterations N", ylabel="cosine")
+    ratio_axis.set(title="norm / unrolled norm", xlabel="iterations N", ylabel="norm ratio", yscale="log")
     for axis in (cosine_axis, ratio_axis):
+        _log_ticks(axis, sorted({row["iterations"] for row in rows}))
         axis.grid(alpha=0.3)
         axis.legend(fontsize=7)
     figure.suptitle(title)
@@ -600,6 +602,13 @@ def _save(figure, output: pathlib.Path) -> pathlib.Path:
     return output
 
 
+def _log_ticks(axis, values: Sequence[int]) -> None:
+    """A log x axis labelled with the plain values (1, 2, 5, 20 rather than powers of ten)."""
+    axis.set_xscale("log")
+    axis.set_xticks(values, [str(v) for v in values])
+    axis.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+
+
 def _write_json(payload: Any, output: pathlib.Path) -> pathlib.Path:
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(payload, indent=2) + "\n")
@@ -673,7 +682,7 @@ def _command_gradients(args) -> None:
     )
     for row in results["rows"]:
         print(
-            f"N={row['iterations']:>3} {row['mode']:>8} {row['layer']}: cosine {row['cosine']:.3f}, norm ratio {row['norm_ratio']:.3f}"
+            f"N={row['iterations']:>3} {row['mode']:>8} {row['layer']}: cosine {row['cosine']:.3f}, norm ratio {row['norm_ratio']:.3g}"
         )
 
 
