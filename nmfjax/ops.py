@@ -38,6 +38,26 @@ _NORMALIZE_EPS = 1e-19
 _RECONSTRUCTION_EPS = 1e-20
 
 
+@jax.custom_jvp
+def safe_divide(numerator: jax.Array, denominator: jax.Array) -> jax.Array:
+    """``numerator / denominator`` whose derivative stays finite where the numerator is 0.
+
+    Autodiff of ``x / y`` forms ``x * y**-2`` for the denominator's tangent; with
+    the guards' tiny denominators (an all-zero patch gives ``h = 0`` and
+    ``R = 1e-20``) ``y**-2`` overflows float32 and ``0 * inf`` is NaN. The same
+    derivative written as ``(dx - (x / y) * dy) / y`` is exact and finite there.
+    """
+    return numerator / denominator
+
+
+@safe_divide.defjvp
+def _safe_divide_jvp(primals, tangents):
+    numerator, denominator = primals
+    numerator_tangent, denominator_tangent = tangents
+    quotient = numerator / denominator
+    return quotient, (numerator_tangent - quotient * denominator_tangent) / denominator
+
+
 def l1_normalize(x: jax.Array, axis: int = -1) -> jax.Array:
     """Divides ``x`` by its sum over ``axis`` (plus 1e-19), as SPEC's ``x / (sum(x) + 1e-19)``.
 
@@ -48,7 +68,7 @@ def l1_normalize(x: jax.Array, axis: int = -1) -> jax.Array:
     Returns:
       An array of the shape of ``x``.
     """
-    return x / (jnp.sum(x, axis=axis, keepdims=True) + _NORMALIZE_EPS)
+    return safe_divide(x, jnp.sum(x, axis=axis, keepdims=True) + _NORMALIZE_EPS)
 
 
 def positive_weights(u: jax.Array) -> jax.Array:
@@ -129,7 +149,7 @@ def nmf_update(h: jax.Array, x: jax.Array, w: jax.Array, epsilon: float | None =
       The next ``h``, shape ``(..., I)``, non-negative and summing to one.
     """
     reconstruction = h @ w.T + _RECONSTRUCTION_EPS
-    factor = (x / reconstruction) @ w
+    factor = safe_divide(x, reconstruction) @ w
     h = h * factor if epsilon is None else h * (1 + epsilon * factor)
     return l1_normalize(h)
 

@@ -217,6 +217,25 @@ def test_modes_compose_with_jit_vmap_and_grad(mode):
 
 
 @pytest.mark.parametrize("mode", GRADIENTS)
+def test_all_zero_patches_give_finite_gradients_in_float32(mode):
+    # An all-zero patch (a black image region, or a ReLU-silenced one) gives h = 0 and R = 1e-20;
+    # autodiff of x / R must not form 0 * (1e-20)**-2 = 0 * inf = NaN (it did in training).
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0, 1, (4, 75)).astype(np.float32)
+    x[1] = 0.0
+    u = jnp.asarray(rng.uniform(0, 1, (75, 32)), jnp.float32)
+    target = jnp.asarray(rng.normal(size=(4, 32)), jnp.float32)
+
+    def loss(x, u):
+        h = ops.nmf(ops.l1_normalize(x), ops.positive_weights(u), iterations=20, gradient=mode)
+        return jnp.sum(h * target)
+
+    dx, du = jax.grad(loss, argnums=(0, 1))(jnp.asarray(x), u)
+    assert np.isfinite(dx).all() and np.isfinite(du).all()
+    assert np.abs(du).sum() > 0
+
+
+@pytest.mark.parametrize("mode", GRADIENTS)
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
 def test_gradients_keep_the_dtype(x64, mode, dtype):
     x, w, g = (jnp.asarray(a, dtype) for a in random_problem(12))
