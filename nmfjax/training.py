@@ -478,6 +478,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
             epoch_start = time.perf_counter()
             rates = learning_rates(config, state)
             state, train_metrics = trainer.train_epoch(state, epoch, train_images, train_labels, is_main_process)
+            if not math.isfinite(train_metrics["train_loss"]):
+                raise FloatingPointError(
+                    f"epoch {epoch}: the training loss is {train_metrics['train_loss']}; nothing of this epoch was "
+                    f"saved (the latest checkpoint in {workdir / 'checkpoints'} is still finite). Lower "
+                    "config.learning_rates, or use config.nmf.gradient='approx', and rerun to resume."
+                )
             test_metrics = trainer.evaluate(state, test_images, test_labels)
             state = trainer.update_plateau(state, {**train_metrics, **test_metrics}[config.plateau.metric])
             row = {

@@ -149,6 +149,14 @@ def test_a_finished_run_is_not_trained_again(tmp_path):
     assert len(training.read_metrics(tmp_path)) == 1
 
 
+def test_a_diverging_run_stops_with_a_clear_error_and_saves_nothing_of_that_epoch(tmp_path):
+    config = tiny_config(**{"learning_rates.module_a": float("inf"), "num_epochs": 2})
+    with tfds.testing.mock_data(num_examples=20), pytest.raises(FloatingPointError, match="epoch 1: the training loss is nan"):
+        training.train_and_evaluate(config, tmp_path)
+    assert training.read_metrics(tmp_path) == []
+    assert not list((tmp_path / "checkpoints").glob("[0-9]*"))
+
+
 _DATA_PARALLEL_SCRIPT = textwrap.dedent(
     """
     import os
