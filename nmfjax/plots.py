@@ -16,6 +16,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from nmfjax.training import read_metrics  # noqa: E402
 
@@ -23,23 +24,33 @@ from nmfjax.training import read_metrics  # noqa: E402
 def plot_learning_curves(workdirs: list[str | pathlib.Path], output: str | pathlib.Path) -> pathlib.Path:
     """Loss, accuracy and learning rate against epoch for each workdir; returns the PNG's path."""
     figure, (loss_axis, accuracy_axis, rate_axis) = plt.subplots(1, 3, figsize=(15, 4.2))
-    for workdir in workdirs:
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for index, workdir in enumerate(workdirs):
         workdir = pathlib.Path(workdir)
+        color = colors[index % len(colors)]  # one colour per workdir: train dashed, test solid
         rows = read_metrics(workdir)
         if not rows:
             raise FileNotFoundError(f"{workdir / 'metrics.jsonl'} holds no epochs: train with train.py first.")
         epochs = [row["epoch"] for row in rows]
         label = workdir.name
         for split, style in (("train", "--"), ("test", "-")):
-            loss_axis.plot(epochs, [row[f"{split}_loss"] for row in rows], style, marker=".", label=f"{label} {split}")
-            accuracy_axis.plot(
-                epochs, [100 * row[f"{split}_accuracy"] for row in rows], style, marker=".", label=f"{label} {split}"
+            loss_axis.plot(
+                epochs, [row[f"{split}_loss"] for row in rows], style, color=color, marker=".", label=f"{label} {split}"
             )
-        rate_axis.plot(epochs, [row["learning_rate_module_a"] for row in rows], marker=".", label=label)
+            accuracy_axis.plot(
+                epochs,
+                [100 * row[f"{split}_accuracy"] for row in rows],
+                style,
+                color=color,
+                marker=".",
+                label=f"{label} {split}",
+            )
+        rate_axis.plot(epochs, [row["learning_rate_module_a"] for row in rows], color=color, marker=".", label=label)
     loss_axis.set(title="loss (CE + 0.5 MSE) / 1.5", xlabel="epoch", ylabel="loss")
     accuracy_axis.set(title="accuracy", xlabel="epoch", ylabel="accuracy (%)")
     rate_axis.set(title="learning rate of module a", xlabel="epoch", ylabel="learning rate", yscale="log")
     for axis in (loss_axis, accuracy_axis, rate_axis):
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
         axis.grid(alpha=0.3)
         axis.legend(fontsize=8)
     figure.tight_layout()
