@@ -549,6 +549,12 @@ def pareto_front(parameters: Sequence[float], accuracies: Sequence[float]) -> li
     return front
 
 
+def _plain_log_axis(axis, formatter) -> None:
+    axis.set_xscale("log")
+    axis.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda value, _: formatter(value)))
+    axis.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+
+
 def plot_sweep(summaries: dict[str, dict[str, Any]], output: pathlib.Path) -> pathlib.Path:
     """The paper's Figure 6: accuracy against parameters (Pareto front) and against the CNN/NMF ratio."""
     names = list(summaries)
@@ -556,27 +562,25 @@ def plot_sweep(summaries: dict[str, dict[str, Any]], output: pathlib.Path) -> pa
     accuracy = 100 * np.array([summaries[n]["final_test_accuracy"] for n in names])
     ratio = np.array([summaries[n]["cnn_parameters"] / max(summaries[n]["nmf_parameters"], 1) for n in names])
     front = pareto_front(parameters, accuracy)
+    epochs = sorted({summaries[n]["epochs"] for n in names})
     figure, (left, right) = plt.subplots(1, 2, figsize=(13, 4.8))
-    points = left.scatter(parameters, accuracy, c=np.log2(ratio), cmap="Blues", edgecolors="grey")
-    figure.colorbar(points, ax=left, label="log2 (CNN / NMF parameters)")
-    left.plot(parameters[front], accuracy[front], "r-", label="Pareto front")
-    left.set(title="accuracy vs parameters", xlabel="parameters", ylabel="test accuracy (%)", xscale="log")
-    points = right.scatter(ratio, accuracy, c=np.log10(parameters), cmap="Greens", edgecolors="grey")
+    points = left.scatter(parameters, accuracy, c=ratio, cmap="viridis", norm="log", edgecolors="black", zorder=3)
+    figure.colorbar(points, ax=left, label="CNN / NMF parameters")
+    left.plot(parameters[front], accuracy[front], "r-", label="Pareto front", zorder=2)
+    left.set(title="accuracy vs parameters", xlabel="parameters", ylabel="test accuracy (%)")
+    _plain_log_axis(left, lambda value: f"{value / 1000:g}k")
+    points = right.scatter(ratio, accuracy, c=parameters, cmap="plasma", norm="log", edgecolors="black", zorder=3)
     right.scatter(
-        ratio[front], accuracy[front], facecolors="none", edgecolors="red", linewidths=1.5, label="Pareto front"
+        ratio[front], accuracy[front], s=120, facecolors="none", edgecolors="red", linewidths=1.5, label="Pareto front"
     )
-    figure.colorbar(points, ax=right, label="log10 parameters")
+    figure.colorbar(points, ax=right, label="parameters")
     right.axvline(ratio[np.argmax(accuracy)], color="red", linestyle="--", label="best accuracy")
-    right.set(
-        title="accuracy vs CNN/NMF parameter ratio",
-        xlabel="CNN / NMF parameters",
-        ylabel="test accuracy (%)",
-        xscale="log",
-    )
+    right.set(title="accuracy vs CNN/NMF parameter ratio", xlabel="CNN / NMF parameters", ylabel="test accuracy (%)")
+    _plain_log_axis(right, lambda value: f"{value:g}")
     for axis in (left, right):
         axis.grid(alpha=0.3)
         axis.legend(fontsize=8)
-    figure.suptitle(f"{len(names)} variants")
+    figure.suptitle(f"{len(names)} variants, {'/'.join(map(str, epochs))} epoch(s) each")
     return _save(figure, output)
 
 
