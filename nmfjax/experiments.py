@@ -89,7 +89,8 @@ def with_nmf_options(model: models.Network, **changes) -> models.Network:
     return network
 
 
-def test_split(config: ml_collections.ConfigDict, data_dir: str | None, limit: int | None) -> data.Split:
+def load_test_split(config: ml_collections.ConfigDict, data_dir: str | None, limit: int | None) -> data.Split:
+    """The test split of a run's dataset (from ``data_dir``, else the run's own), first ``limit`` images."""
     return data.load_split(
         config.dataset, "test", data_dir=data_dir or config.data_dir, download=config.download, limit=limit
     )
@@ -652,7 +653,7 @@ def _load_runs(args) -> list[Trained]:
 
 
 def _images(run: Trained, args) -> data.Split:
-    return test_split(run.config, args.data_dir, args.limit)
+    return load_test_split(run.config, args.data_dir, args.limit)
 
 
 def _command_noise(args) -> None:
@@ -708,7 +709,7 @@ def _command_weights(args) -> None:
 
 def _command_reconstructions(args) -> None:
     (run,) = _load_runs(args)
-    split = test_split(run.config, args.data_dir, args.count)
+    split = load_test_split(run.config, args.data_dir, args.count)
     images = data.center_crop(split.images, run.model.spec.input_shape[0])
     reconstructed, errors = first_layer_reconstructions(run.model, images)
     output = _output_dir(args)

@@ -136,7 +136,7 @@ def test_local_learning_config_trains_hidden_nmf_layers_without_the_labels():
 def test_evaluation_reproduces_the_training_runs_test_accuracy(workdirs, mock_data):
     for model in ("cnn", "cnmf_1x1"):
         run = experiments.load_trained(workdirs / model, "latest")
-        split = experiments.test_split(run.config, None, None)
+        split = experiments.load_test_split(run.config, None, None)
         row = training.read_metrics(workdirs / model)[-1]
         clean = experiments.evaluate(run.model, split, batch_size=run.config.eval_batch_size)
         assert clean["accuracy"] == row["test_accuracy"]
