@@ -5,6 +5,7 @@ On trained workdirs (written by ``train.py``)::
     python -m nmfjax.experiments noise runs/cnn runs/cnmf runs/cnmf_1x1 --output experiments/noise
     python -m nmfjax.experiments iterations runs/cnmf_1x1 --values 1 2 5 10 20 50 100
     python -m nmfjax.experiments gradients runs/cnmf_1x1 --values 5 20 50
+    python -m nmfjax.experiments gradients --config configs/cnmf_1x1.py   # the network at its initialisation
     python -m nmfjax.experiments weights runs/cnmf_1x1
     python -m nmfjax.experiments reconstructions runs/cnmf_1x1
     python -m nmfjax.experiments sparsity runs/cnmf_1x1
@@ -72,6 +73,8 @@ class Trained:
 
     @property
     def label(self) -> str:
+        if self.epoch == 0:
+            return f"{self.config.model} at initialisation"
         return f"{self.workdir.name} ({self.config.model}, epoch {self.epoch})"
 
 
@@ -675,7 +678,14 @@ def _command_iterations(args) -> None:
 
 
 def _command_gradients(args) -> None:
-    (run,) = _load_runs(args)
+    if bool(args.workdirs) == bool(args.config):
+        raise SystemExit("gradients takes one WORKDIR, or --config CONFIG for a network at its initialisation.")
+    if args.config:
+        config = training.apply_overrides(training.config_from_file(args.config), _parse_overrides(args.set))
+        network = models.Network(training.network_spec(config), rngs=nnx.Rngs(config.seed))
+        run = Trained(pathlib.Path(args.config), config, network, epoch=0)
+    else:
+        (run,) = _load_runs(args)
     split = _images(run, args)
     images = data.center_crop(split.images[: args.batch], run.model.spec.input_shape[0])
     results = gradient_study(run.model, images, split.labels[: args.batch], args.values, args.modes)
@@ -807,11 +817,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True)
 
-    def on_workdirs(name, function, help_text, several=False):
+    def on_workdirs(name, function, help_text, workdirs=1):
         command = commands.add_parser(name, help=help_text, description=help_text)
-        command.add_argument(
-            "workdirs", nargs="+" if several else 1, metavar="WORKDIR", help="workdir(s) written by train.py"
-        )
+        command.add_argument("workdirs", nargs=workdirs, metavar="WORKDIR", help="workdir(s) written by train.py")
         command.add_argument("--output", help="output directory (default: WORKDIR/experiments)")
         command.add_argument("--step", default="best", help='checkpoint: "best" (default), "latest" or an epoch')
         command.add_argument("--data_dir", help="TFDS data directory (default: the workdir's config.data_dir)")
@@ -819,17 +827,17 @@ def build_parser() -> argparse.ArgumentParser:
         command.set_defaults(function=function)
         return command
 
-    noise = on_workdirs(
-        "noise", _command_noise, "test accuracy under uniform noise and holes (SPEC section 5)", several=True
-    )
+    noise = on_workdirs("noise", _command_noise, "test accuracy under uniform noise and holes (SPEC section 5)", "+")
     noise.add_argument("--kinds", nargs="+", default=list(NOISE_KINDS), choices=NOISE_KINDS)
     noise.add_argument("--levels", nargs="+", type=float, default=list(NOISE_LEVELS), help="noise levels eta")
     noise.add_argument("--seed", type=int, default=0)
     iterations = on_workdirs("iterations", _command_iterations, "test accuracy when evaluated with other N")
     iterations.add_argument("--values", nargs="+", type=int, default=[1, 2, 5, 10, 20, 50, 100])
     gradients = on_workdirs(
-        "gradients", _command_gradients, "approx and implicit weight gradients against unrolled, per layer"
+        "gradients", _command_gradients, "approx and implicit weight gradients against unrolled, per layer", "*"
     )
+    gradients.add_argument("--config", help="instead of WORKDIR: a config file, for the network at its initialisation")
+    gradients.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="override, with --config")
     gradients.add_argument("--values", nargs="+", type=int, default=[5, 20, 50], help="iterations N")
     gradients.add_argument("--modes", nargs="+", default=["approx", "implicit"], choices=("approx", "implicit"))
     gradients.add_argument("--batch", type=int, default=50, help="test images in the loss (default 50)")

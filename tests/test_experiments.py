@@ -200,6 +200,18 @@ def test_gradients_weights_reconstructions_and_sparsity_commands(workdirs, mock_
         assert _is_png(tmp_path / f"{name}.png"), name
 
 
+def test_gradients_command_on_a_network_at_its_initialisation(mock_data, tmp_path):
+    config = str(pathlib.Path(__file__).resolve().parents[1] / "configs" / "cnmf.py")
+    small = ["--set", "features=(4, 8, 8, 10)", "--set", "nmf.iterations=2"]
+    experiments.main(
+        ["gradients", "--config", config, *small, "--values", "3", "--batch", "4", "--output", str(tmp_path)]
+    )
+    results = json.loads((tmp_path / "gradients.json").read_text())
+    assert results["epoch"] == 0 and {row["iterations"] for row in results["rows"]} == {3}
+    with pytest.raises(SystemExit, match="one WORKDIR, or --config"):
+        experiments.main(["gradients", "--values", "3"])
+
+
 def test_nmf_pictures_refuse_a_cnn_naming_the_reason(workdirs, mock_data, tmp_path):
     with pytest.raises(ValueError, match="reconstructions need an NMF first layer"):
         experiments.main(["reconstructions", str(workdirs / "cnn"), "--output", str(tmp_path)])
