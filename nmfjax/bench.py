@@ -100,7 +100,7 @@ def uncounted_loop_flops(spec: models.NetworkSpec, batch_size: int) -> float:
     two ``S x I`` matrix products (``4 S I``), the division and the update
     (``~2 S + 4 I``).
     """
-    if not spec.architecture.startswith("cnmf"):
+    if not spec.uses_nmf:
         return 0.0
     size, _, channels = spec.input_shape
     total = 0.0
@@ -273,9 +273,8 @@ FIGURE1_COLUMNS = [
 
 
 def plot(results: dict, path: pathlib.Path) -> None:
-    import matplotlib
+    from nmfjax.plots import save_figure  # imported first: it selects the Agg backend
 
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(1, 4, figsize=(20, 4.2))
@@ -301,9 +300,7 @@ def plot(results: dict, path: pathlib.Path) -> None:
         axis.grid(alpha=0.3)
     axes[2].legend(fontsize=8)
     axes[3].legend(fontsize=8)
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+    save_figure(figure, path)
 
 
 def run(sizes: Sizes, output: pathlib.Path, peak_gflops: float) -> dict:

@@ -92,6 +92,13 @@ def with_nmf_options(model: models.Network, **changes) -> models.Network:
     return network
 
 
+def _in_evaluation_mode(model: models.Network) -> models.Network:
+    """A copy in evaluation mode (BatchNorm with running statistics uses them); ``model`` is left as it is."""
+    model = nnx.clone(model)
+    model.eval()
+    return model
+
+
 def load_test_split(config: ml_collections.ConfigDict, data_dir: str | None, limit: int | None) -> data.Split:
     """The test split of a run's dataset (from ``data_dir``, else the run's own), first ``limit`` images."""
     return data.load_split(
@@ -137,11 +144,7 @@ def _evaluate_batch(state, images, labels, eta, key, *, graphdef, crop_size, noi
     if noise is not None:
         pixels = add_noise(key, pixels, noise, eta)
     model = nnx.merge(graphdef, state)
-    logits = model.logits(data.center_crop(pixels, crop_size))
-    return {
-        "loss": jnp.sum(training.composite_loss(logits, labels)),
-        "correct": jnp.sum(jnp.argmax(logits, -1) == labels),
-    }
+    return training.summed_metrics(model.logits(data.center_crop(pixels, crop_size)), labels)
 
 
 def evaluate(
@@ -160,11 +163,10 @@ def evaluate(
     batch statistics in BatchNorm the batch size matters). The noise of batch
     ``i`` comes from ``(seed, i)`` alone, so every model sees the same noise.
     """
-    model = nnx.clone(model)
-    model.eval()
+    model = _in_evaluation_mode(model)
     graphdef, state = nnx.split(model)
     crop_size = model.spec.input_shape[0]
-    totals = {"loss": 0.0, "correct": 0}
+    totals = None
     for index, start in enumerate(range(0, len(split), batch_size)):
         batch = slice(start, start + batch_size)
         key = jax.random.fold_in(jax.random.key(seed), index)
@@ -178,8 +180,9 @@ def evaluate(
             crop_size=crop_size,
             noise=noise,
         )
-        totals = {name: totals[name] + result[name] for name in totals}
-    return {"accuracy": float(totals["correct"]) / len(split), "loss": float(totals["loss"]) / len(split)}
+        totals = result if totals is None else jax.tree.map(jnp.add, totals, result)
+    totals = jax.device_get(totals)
+    return {"accuracy": float(totals["correct"] / totals["count"]), "loss": float(totals["loss"] / totals["count"])}
 
 
 def noise_robustness(
@@ -219,7 +222,7 @@ def plot_noise_robustness(results: dict[str, Any], output: pathlib.Path) -> path
         axis.grid(alpha=0.3)
         axis.legend(fontsize=8)
     figure.suptitle(f"Noise robustness ({results['test_images']} test images)")
-    return _save(figure, output)
+    return plots.save_figure(figure, output)
 
 
 # --- iterations at evaluation ---
@@ -259,7 +262,7 @@ def plot_iterations(results: dict[str, Any], output: pathlib.Path) -> pathlib.Pa
     _log_ticks(axis, results["iterations"])
     axis.grid(alpha=0.3)
     axis.legend()
-    return _save(figure, output)
+    return plots.save_figure(figure, output)
 
 
 # --- gradient study (SPEC section 1) ---
@@ -313,7 +316,7 @@ def gradient_study(
     The same weights, images and labels for every mode; NMF layers learn by
     backprop here whatever the model was trained with.
     """
-    if model.spec.architecture not in ("cnmf", "cnmf_1x1"):
+    if not model.spec.uses_nmf:
         raise ValueError(f"the gradient study needs an NMF network (cnmf, cnmf_1x1), got {model.spec.architecture!r}.")
     rows = []
     for iterations in tqdm(values, desc="gradients", unit="N"):
@@ -354,7 +357,7 @@ def plot_gradient_study(results: dict[str, Any], output: pathlib.Path, title: st
         axis.grid(alpha=0.3)
         axis.legend(fontsize=7)
     figure.suptitle(title)
-    return _save(figure, output)
+    return plots.save_figure(figure, output)
 
 
 # --- pictures ---
@@ -397,7 +400,7 @@ def plot_filters(pictures: np.ndarray, output: pathlib.Path, title: str) -> path
             axis.imshow(picture[..., 0] if picture.shape[-1] == 1 else picture, cmap="gray", interpolation="nearest")
             axis.set_title(str(index), fontsize=7)
     figure.suptitle(title, fontsize=9)
-    return _save(figure, output)
+    return plots.save_figure(figure, output)
 
 
 def first_layer_reconstructions(model: models.Network, images: jax.Array) -> tuple[np.ndarray, np.ndarray]:
@@ -426,7 +429,7 @@ def plot_reconstructions(
     axes[0, 0].set_ylabel("input")
     axes[1, 0].set_ylabel("from h")
     figure.suptitle(title, fontsize=9)
-    return _save(figure, output)
+    return plots.save_figure(figure, output)
 
 
 def hoyer_sparsity(h: jax.Array) -> jax.Array:
@@ -438,8 +441,7 @@ def hoyer_sparsity(h: jax.Array) -> jax.Array:
 
 def nmf_activation_sparsity(model: models.Network, images: jax.Array) -> dict[str, np.ndarray]:
     """Hoyer sparsity of ``h`` at every position of every NMF layer (evaluation mode)."""
-    model = nnx.clone(model)
-    model.eval()
+    model = _in_evaluation_mode(model)
     _, intermediates = nnx.capture(model.logits, nnx.Intermediate, method_outputs=nnx.Intermediate)(images)
     sparsity = {}
     for index, block in enumerate(model.blocks):
@@ -459,7 +461,7 @@ def plot_sparsity(sparsity: dict[str, np.ndarray], output: pathlib.Path, title: 
         axis.set(title=f"{layer} ({values.size} positions)", xlabel="Hoyer sparsity of h", ylabel="positions")
         axis.legend(fontsize=8)
     figure.suptitle(title, fontsize=9)
-    return _save(figure, output)
+    return plots.save_figure(figure, output)
 
 
 # --- short trainings of config variants ---
@@ -499,7 +501,6 @@ def summarize_run(workdir: pathlib.Path) -> dict[str, Any]:
     parameters = {"module_a": 0, "mixing": 0, "batch_norm": 0}
     for path, leaf in jax.tree_util.tree_flatten_with_path(nnx.state(network, nnx.Param))[0]:
         parameters[models.parameter_group(path)] += math.prod(leaf.shape)
-    nmf = spec.architecture in ("cnmf", "cnmf_1x1")
     return {
         "workdir": str(workdir),
         "epochs": len(rows),
@@ -507,8 +508,8 @@ def summarize_run(workdir: pathlib.Path) -> dict[str, Any]:
         "best_test_accuracy": max(row["test_accuracy"] for row in rows),
         "seconds": sum(row["epoch_seconds"] for row in rows),
         "parameters": sum(parameters.values()),
-        "nmf_parameters": parameters["module_a"] if nmf else 0,
-        "cnn_parameters": parameters["mixing"] + (0 if nmf else parameters["module_a"]),
+        "nmf_parameters": parameters["module_a"] if spec.uses_nmf else 0,
+        "cnn_parameters": parameters["mixing"] + (0 if spec.uses_nmf else parameters["module_a"]),
         "batch_norm_parameters": parameters["batch_norm"],
     }
 
@@ -585,7 +586,7 @@ def plot_sweep(summaries: dict[str, dict[str, Any]], output: pathlib.Path) -> pa
         axis.grid(alpha=0.3)
         axis.legend(fontsize=8)
     figure.suptitle(f"{len(names)} variants, {'/'.join(map(str, epochs))} epoch(s) each")
-    return _save(figure, output)
+    return plots.save_figure(figure, output)
 
 
 def plot_final_accuracy(values: Sequence[float], summaries: Sequence[dict[str, Any]], output, xlabel) -> pathlib.Path:
@@ -595,19 +596,10 @@ def plot_final_accuracy(values: Sequence[float], summaries: Sequence[dict[str, A
     axis.set(title=f"test accuracy after {summaries[0]['epochs']} epoch(s)", xlabel=xlabel, ylabel="test accuracy (%)")
     axis.grid(alpha=0.3)
     axis.legend()
-    return _save(figure, output)
+    return plots.save_figure(figure, output)
 
 
 # --- command line ---
-
-
-def _save(figure, output: pathlib.Path) -> pathlib.Path:
-    output = pathlib.Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    figure.tight_layout()
-    figure.savefig(output, dpi=120)
-    plt.close(figure)
-    return output
 
 
 def _log_ticks(axis, values: Sequence[int]) -> None:

@@ -97,6 +97,11 @@ class NetworkSpec:
         return self.readout_learning if is_readout and self.readout_learning is not None else self.learning
 
     @property
+    def uses_nmf(self) -> bool:
+        """Whether module a of every block is an NMF layer (cnmf, cnmf_1x1)."""
+        return ARCHITECTURES[self.architecture][0] == "nmf"
+
+    @property
     def block_features(self) -> tuple[int, ...]:
         """Outputs per block after the width multiplier (all blocks but the last)."""
         return tuple(f * self.width for f in self.features[:-1]) + (self.features[-1],)

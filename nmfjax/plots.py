@@ -53,9 +53,14 @@ def plot_learning_curves(workdirs: list[str | pathlib.Path], output: str | pathl
         axis.xaxis.set_major_locator(MaxNLocator(integer=True))
         axis.grid(alpha=0.3)
         axis.legend(fontsize=8)
-    figure.tight_layout()
+    return save_figure(figure, output)
+
+
+def save_figure(figure, output: str | pathlib.Path) -> pathlib.Path:
+    """Lays out ``figure``, writes it as PNG to ``output`` (creating its folder), closes it."""
     output = pathlib.Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
+    figure.tight_layout()
     figure.savefig(output, dpi=120)
     plt.close(figure)
     return output

@@ -120,6 +120,15 @@ def composite_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
     return (_CE_WEIGHT * cross_entropy + _MSE_WEIGHT * squared_error) / (_CE_WEIGHT + _MSE_WEIGHT)
 
 
+def summed_metrics(logits: jax.Array, labels: jax.Array) -> dict[str, jax.Array]:
+    """A batch's summed loss, correct predictions and example count (add batches, then divide)."""
+    return {
+        "loss": jnp.sum(composite_loss(logits, labels)),
+        "correct": jnp.sum(jnp.argmax(logits, -1) == labels),
+        "count": labels.shape[0],
+    }
+
+
 def make_optimizer(config: ml_collections.ConfigDict, params: nnx.State) -> optax.GradientTransformation:
     """Adam (PyTorch defaults) with one learning rate per group (SPEC section 4):
     module-a weights, 1x1 convolutions and BatchNorm; see :func:`models.parameter_group`."""
@@ -220,12 +229,7 @@ class Trainer:
         inputs = data.center_crop(images[batch_indices], self.crop_size)
         targets = labels[batch_indices]
         model = nnx.merge(self.eval_graphdef, state.params, state.batch_stats)
-        logits = model.logits(inputs)
-        return {
-            "loss": jnp.sum(composite_loss(logits, targets)),
-            "correct": jnp.sum(jnp.argmax(logits, -1) == targets),
-            "count": targets.shape[0],
-        }
+        return summed_metrics(model.logits(inputs), targets)
 
     def _plateau_step_impl(self, plateau, value):
         _, plateau = self.plateau_tx.update(updates=(), state=plateau, value=value)
