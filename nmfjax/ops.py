@@ -45,7 +45,7 @@ def safe_divide(numerator: jax.Array, denominator: jax.Array) -> jax.Array:
     Autodiff of ``x / y`` forms ``x * y**-2`` for the denominator's tangent; with
     the guards' tiny denominators (an all-zero patch gives ``h = 0`` and
     ``R = 1e-20``) ``y**-2`` overflows float32 and ``0 * inf`` is NaN. The same
-    derivative written as ``(dx - (x / y) * dy) / y`` is exact and finite there.
+    derivative written as ``(dx - x * (dy / y)) / y`` is exact and finite there.
     """
     return numerator / denominator
 
@@ -54,8 +54,9 @@ def safe_divide(numerator: jax.Array, denominator: jax.Array) -> jax.Array:
 def _safe_divide_jvp(primals, tangents):
     numerator, denominator = primals
     numerator_tangent, denominator_tangent = tangents
-    quotient = numerator / denominator
-    return quotient, (numerator_tangent - quotient * denominator_tangent) / denominator
+    # Written with the numerator rather than the quotient: the residuals are then those of a plain
+    # division (the quotient as a residual costs ~10 MB more in the CNMF+1x1 train step).
+    return numerator / denominator, (numerator_tangent - numerator * (denominator_tangent / denominator)) / denominator
 
 
 def l1_normalize(x: jax.Array, axis: int = -1) -> jax.Array:
