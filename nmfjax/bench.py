@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import pathlib
 import platform
 import statistics
@@ -214,6 +215,11 @@ def measure_backward(model: str, gradient: str, iterations: int, batch_size: int
     }
 
 
+def _ratio(value: float, reference: float) -> float:
+    # The backward time is a difference of two timings: at tiny sizes the CNN's can come out as 0.
+    return value / reference if reference > 0 else math.nan
+
+
 def figure1(sizes: Sizes) -> list[dict]:
     rows = []
     for iterations in sizes.figure1_iterations:
@@ -222,8 +228,8 @@ def figure1(sizes: Sizes) -> list[dict]:
         for gradient in ("unrolled", "approx", "implicit"):
             rows.append(measure_backward("cnmf", gradient, iterations, sizes.figure1_batch, sizes.repeats))
         for row in rows[-4:]:
-            row["backward_time_vs_cnn"] = row["backward_ms"] / cnn["backward_ms"]
-            row["backward_memory_vs_cnn"] = row["backward_temp_memory_mb"] / cnn["backward_temp_memory_mb"]
+            row["backward_time_vs_cnn"] = _ratio(row["backward_ms"], cnn["backward_ms"])
+            row["backward_memory_vs_cnn"] = _ratio(row["backward_temp_memory_mb"], cnn["backward_temp_memory_mb"])
     return rows
 
 
