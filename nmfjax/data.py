@@ -11,14 +11,21 @@ input.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import socket
+from collections.abc import Iterator
 
 import dm_pix
 import jax
 import jax.numpy as jnp
 import numpy as np
+import requests
 import tensorflow_datasets as tfds
+from absl import logging as absl_logging
 from tqdm.auto import tqdm
+
+from nmfjax.errors import ConfigError, DatasetUnavailableError, describe
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,10 +43,6 @@ DATASETS = {
 }
 
 
-class DatasetUnavailableError(RuntimeError):
-    """The dataset is not in the data directory and could not be prepared."""
-
-
 @dataclasses.dataclass(frozen=True)
 class Split:
     images: np.ndarray  # (N, H, W, C) uint8
@@ -51,32 +54,104 @@ class Split:
 
 def check_dataset(name: str) -> DatasetInfo:
     if name not in DATASETS:
-        raise ValueError(f"config.dataset must be one of {tuple(DATASETS)}, got {name!r}.")
+        raise ConfigError(f"config.dataset must be one of {tuple(DATASETS)}, got {name!r}.")
     return DATASETS[name]
 
 
-def _open_source(name: str, split: str, data_dir: str | None, download: bool):
-    """``tfds.data_source`` for the split, downloading and preparing it first if allowed."""
-    where = data_dir or "tfds's default data directory"
+# What tfds's downloader raises when the server cannot be reached at all.
+_NO_NETWORK = (
+    ConnectionError,
+    TimeoutError,
+    socket.gaierror,
+    requests.exceptions.ConnectionError,
+    requests.exceptions.Timeout,
+)
+
+
+def _causes(error: BaseException):
+    """``error`` and the exceptions it was raised from, outermost first."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        yield error
+        error = error.__cause__ or error.__context__
+
+
+def _download_failure(name: str, where: str, error: Exception) -> DatasetUnavailableError:
+    """The error for a failed download and preparation, naming its real cause."""
+    offline = f"offline, set --config.data_dir to a TFDS data directory that already holds {name}"
+    if name == "cifar10":
+        offline += " (the CIFAR-10 subset beside this repository: --config.data_dir=../shared/tfds)"
+    for cause in _causes(error):
+        if isinstance(cause, ModuleNotFoundError):
+            return DatasetUnavailableError(
+                f"downloading and preparing {name!r} into {where} needs the Python module {cause.name!r}, "
+                "which is not installed: install the download extra (pip install -e '.[download]' in a clone, "
+                f"or pip install 'nmfjax[download]'), or {offline}."
+            )
+        if isinstance(cause, _NO_NETWORK):
+            return DatasetUnavailableError(
+                f"{name!r} is not in {where} and downloading it failed: no network ({describe(cause)}). "
+                f"Connect to the internet and rerun, or {offline}."
+            )
+        if isinstance(cause, tfds.download.DownloadError):
+            return DatasetUnavailableError(
+                f"{name!r} is not in {where} and the server refused the download ({describe(cause)}). "
+                f"Rerun later, or {offline}."
+            )
+    return DatasetUnavailableError(
+        f"{name!r} is not in {where} and preparing it there failed ({describe(error)}). "
+        f"Rerun to try again (tfds keeps what it downloaded), or {offline}."
+    )
+
+
+@contextlib.contextmanager
+def _absl_errors_only() -> Iterator[None]:
+    verbosity = absl_logging.get_verbosity()
+    absl_logging.set_verbosity(absl_logging.ERROR)
     try:
-        return tfds.data_source(name, split=split, data_dir=data_dir, download=False)
-    except Exception as missing:  # tfds signals a missing dataset with several exception types
+        yield
+    finally:
+        absl_logging.set_verbosity(verbosity)
+
+
+def _not_array_record(name: str, where, error: Exception) -> DatasetUnavailableError:
+    return DatasetUnavailableError(
+        f"{name!r} in {where} cannot be read as array_record ({describe(error)}); datasets prepared for tfds.load "
+        "are often tfrecord, which has no random access. Prepare it into another data directory "
+        "(--config.data_dir=NEW_DIR with --config.download=True), or point --config.data_dir at an array_record copy."
+    )
+
+
+def _open_source(name: str, split: str, data_dir: str | None, download: bool):
+    """The split as a random-access ``tfds`` data source (array_record), downloading and preparing
+    the dataset first when it is missing and ``download`` allows it."""
+    # array_record explicitly: tfds.data_source only picks it when no data_dir is given, and
+    # a dataset prepared as tfrecord offers no random access.
+    try:
+        with _absl_errors_only():  # tfds warns "Variant folder ... has no dataset_info.json" for each missing dataset
+            builder = tfds.builder(name, data_dir=data_dir, file_format=tfds.core.FileFormat.ARRAY_RECORD)
+            prepared = builder.is_prepared()
+    except ValueError as error:  # e.g. "File format is already set to FileFormat.TFRECORD"
+        raise _not_array_record(name, data_dir or "tfds's default data directory", error) from error
+    where = builder.data_dir_root
+    if not prepared:
         if not download:
             raise DatasetUnavailableError(
                 f"dataset {name!r} (split {split!r}) is not prepared in {where} and config.download is False. "
                 f"Set --config.data_dir to a TFDS data directory that holds {name} "
                 f"(for the bundled CIFAR-10 subset: --config.data_dir=../shared/tfds), "
                 "or allow the download with --config.download=True."
-            ) from missing
+            )
+        try:
+            # try_download_gcs=False: tfds's prepared copies on GCS are tfrecord, which cannot be used here.
+            builder.download_and_prepare(download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+        except Exception as error:  # the causes are many (network, modules, archives); _download_failure names them
+            raise _download_failure(name, where, error) from error
     try:
-        return tfds.data_source(name, split=split, data_dir=data_dir, download=True)
-    except Exception as error:
-        raise DatasetUnavailableError(
-            f"dataset {name!r} is not prepared in {where} and downloading it failed "
-            f"({type(error).__name__}: {error}). Downloading needs network access and TensorFlow "
-            f"(pip install -e '.[download]'); offline, set --config.data_dir to a TFDS data directory "
-            f"that already holds {name} (for the bundled CIFAR-10 subset: --config.data_dir=../shared/tfds)."
-        ) from error
+        return builder.as_data_source(split=split)
+    except Exception as error:  # tfds raises several types for data it cannot read
+        raise _not_array_record(name, builder.data_dir, error) from error
 
 
 def load_split(

@@ -1,10 +1,27 @@
-"""Shared fixtures: the real CIFAR-10 subset beside the checkout, and tiny configs."""
+"""Shared fixtures: the real CIFAR-10 subset beside the checkout, tiny configs, and train.py subprocesses."""
 
+import atexit
+import contextlib
+import os
 import pathlib
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import textwrap
 
 import pytest
 
-SHARED_TFDS = pathlib.Path(__file__).resolve().parents[2] / "shared" / "tfds"
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+SHARED_TFDS = ROOT.parent / "shared" / "tfds"
+
+# One persistent XLA compilation cache per test process, inherited by the train.py processes it starts:
+# the same tiny networks are compiled again and again, and loading them is faster than compiling.
+# Set before jax is imported; the cache changes no result.
+_COMPILATION_CACHE = tempfile.mkdtemp(prefix="nmfjax-test-xla-cache-")
+atexit.register(shutil.rmtree, _COMPILATION_CACHE, ignore_errors=True)
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _COMPILATION_CACHE)
 
 
 @pytest.fixture
@@ -27,3 +44,86 @@ def tiny_config(model="cnmf_1x1", **overrides):
     config.num_epochs = 1
     config.log_every_steps = 1
     return training.apply_overrides(config, overrides)
+
+
+# --- train.py and other commands as real processes ---
+
+MOCK_DATA = """
+import tensorflow_datasets as tfds
+MOCKED_DATA = tfds.testing.mock_data(num_examples={examples})  # referenced: the patches last while it lives
+MOCKED_DATA.__enter__()
+"""
+
+
+def script_command(script: pathlib.Path | str, *args: str, prelude: str = "") -> list[str]:
+    """A command that runs ``script`` (a path, or ``-m module``) as ``__main__`` with ``args``,
+    after ``prelude``: Python that installs a test double (mock data, a local download, a signal)."""
+    if isinstance(script, str) and script.startswith("-m "):
+        run = f"runpy.run_module({script[3:]!r}, run_name='__main__', alter_sys=True)"
+        argv0 = script[3:]
+    else:
+        run = f"runpy.run_path({str(script)!r}, run_name='__main__')"
+        argv0 = str(script)
+    code = f"{textwrap.dedent(prelude)}\nimport runpy, sys\nsys.argv = [{argv0!r}, *sys.argv[1:]]\n{run}\n"
+    return [sys.executable, "-c", code, *args]
+
+
+def train_command(*args: str, prelude: str = "") -> list[str]:
+    return script_command(ROOT / "train.py", *args, prelude=prelude)
+
+
+class Child:
+    """A process started in its own process group, its output in files under ``directory``."""
+
+    def __init__(self, command: list[str], directory: pathlib.Path, env: dict[str, str] | None = None):
+        directory.mkdir(parents=True, exist_ok=True)
+        self.stdout_path, self.stderr_path = directory / "stdout.txt", directory / "stderr.txt"
+        with open(self.stdout_path, "w") as stdout, open(self.stderr_path, "w") as stderr:
+            self.process = subprocess.Popen(
+                command,
+                cwd=ROOT,
+                env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
+                stdout=stdout,
+                stderr=stderr,
+                start_new_session=True,
+            )
+
+    @property
+    def stdout(self) -> str:
+        return self.stdout_path.read_text()
+
+    @property
+    def stderr(self) -> str:
+        return self.stderr_path.read_text()
+
+    def wait(self, timeout: float) -> int:
+        """The exit status (negative: killed by that signal); fails the test after ``timeout`` seconds."""
+        try:
+            return self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            pytest.fail(f"{self.process.args[:2]} ran over {timeout} s; stderr:\n{self.stderr[-3000:]}")
+
+    def kill(self) -> None:
+        """SIGKILL to the whole process group (the child and anything it started)."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait()
+
+
+@contextlib.contextmanager
+def child_process(command, directory, env=None):
+    """A :class:`Child` that is always killed on the way out, whatever the test did."""
+    child = Child(command, directory, env)
+    try:
+        yield child
+    finally:
+        if child.process.poll() is None:
+            child.kill()
+
+
+def run_process(command, directory, *, env=None, timeout=300) -> Child:
+    """Runs a command to its end (bounded by ``timeout``) and returns it, finished."""
+    with child_process(command, directory, env) as child:
+        child.wait(timeout)
+    return child
