@@ -10,11 +10,19 @@ mesh over the batch, parameters replicated.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import math
+import os
 import pathlib
+import shutil
+import signal
+import sys
+import tempfile
+import threading
 import time
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import flax
@@ -31,6 +39,14 @@ from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
 from nmfjax import data, models
+from nmfjax.errors import (
+    ConfigError,
+    MissingFileError,
+    TrainingDiverged,
+    TrainingInterrupted,
+    WorkdirError,
+    describe,
+)
 
 PLATEAU_METRICS = ("train_loss", "test_loss")
 LEARNING_RATE_GROUPS = ("module_a", "mixing", "batch_norm")
@@ -41,60 +57,113 @@ _CE_WEIGHT, _MSE_WEIGHT = 1.0, 0.5
 
 
 def network_spec(config: ml_collections.ConfigDict) -> models.NetworkSpec:
-    """The model part of a config as a validated :class:`~nmfjax.models.NetworkSpec`."""
+    """The model part of a config as a validated :class:`~nmfjax.models.NetworkSpec`.
+
+    Raises:
+      ConfigError: naming the field that is wrong.
+    """
     info = data.check_dataset(config.dataset)
     crop = config.crop_size or info.crop_size
-    return models.NetworkSpec(
-        architecture=config.model,
-        input_shape=(crop, crop, info.channels),
-        kernel_sizes=tuple(config.kernel_sizes),
-        features=tuple(config.features),
-        pooling=tuple(config.pooling),
-        batch_norm=tuple(config.batch_norm),
-        groups=tuple(config.groups),
-        mix_groups=tuple(config.mix_groups),
-        width=config.width,
-        batch_norm_statistics=config.batch_norm_statistics,
-        iterations=config.nmf.iterations,
-        epsilon=config.nmf.epsilon,
-        gradient=config.nmf.gradient,
-        learning=config.nmf.learning,
-        readout_learning=config.nmf.get("readout_learning"),  # absent from configs saved before it existed
-        adjoint_iterations=config.nmf.adjoint_iterations,
-    )
+    try:
+        return models.NetworkSpec(
+            architecture=config.model,
+            input_shape=(crop, crop, info.channels),
+            kernel_sizes=tuple(config.kernel_sizes),
+            features=tuple(config.features),
+            pooling=tuple(config.pooling),
+            batch_norm=tuple(config.batch_norm),
+            groups=tuple(config.groups),
+            mix_groups=tuple(config.mix_groups),
+            width=config.width,
+            batch_norm_statistics=config.batch_norm_statistics,
+            iterations=config.nmf.iterations,
+            epsilon=config.nmf.epsilon,
+            gradient=config.nmf.gradient,
+            learning=config.nmf.learning,
+            readout_learning=config.nmf.get("readout_learning"),  # absent from configs saved before it existed
+            adjoint_iterations=config.nmf.adjoint_iterations,
+        )
+    except (TypeError, ValueError) as error:
+        raise ConfigError(str(error)) from None
 
 
-def _check_positive(name: str, value, kind=(int,)) -> None:
-    if isinstance(value, bool) or not isinstance(value, kind) or not value > 0:
-        raise ValueError(f"config.{name} must be positive, got {value!r}.")
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+# Field -> (what it must be, test). The model fields are checked by models.NetworkSpec.
+_FIELD_RULES = {
+    "batch_size": ("a positive int", lambda v: _is_int(v) and v > 0),
+    "eval_batch_size": ("a positive int", lambda v: _is_int(v) and v > 0),
+    "num_epochs": ("a positive int", lambda v: _is_int(v) and v > 0),
+    "log_every_steps": ("a positive int", lambda v: _is_int(v) and v > 0),
+    "checkpoints_to_keep": ("a positive int", lambda v: _is_int(v) and v > 0),
+    "num_train_examples": ("a positive int or None (all)", lambda v: v is None or (_is_int(v) and v > 0)),
+    "crop_size": ("a positive int or None (the dataset's default)", lambda v: v is None or (_is_int(v) and v > 0)),
+    "seed": ("an int", _is_int),
+    "data_dir": ("a path or None (tfds's default)", lambda v: v is None or isinstance(v, str)),
+    "download": ("True or False", lambda v: isinstance(v, bool)),
+    "distributed": ("True or False", lambda v: isinstance(v, bool)),
+    "pooling": ("a tuple of True/False", lambda v: all(isinstance(entry, bool) for entry in v)),
+    "batch_norm": ("a tuple of True/False", lambda v: all(isinstance(entry, bool) for entry in v)),
+    "augment.flip": ("True or False", lambda v: isinstance(v, bool)),
+    "augment.brightness": ("a number >= 0", lambda v: _is_number(v) and v >= 0),
+    "augment.contrast": ("a number >= 0", lambda v: _is_number(v) and v >= 0),
+    "augment.saturation": ("a number >= 0", lambda v: _is_number(v) and v >= 0),
+    "augment.hue": ("a number in [0, 0.5]", lambda v: _is_number(v) and 0 <= v <= 0.5),
+    **{
+        f"learning_rates.{group}": ("a positive number", lambda v: _is_number(v) and v > 0)
+        for group in LEARNING_RATE_GROUPS
+    },
+    "min_learning_rate": ("a positive number", lambda v: _is_number(v) and v > 0),
+    "plateau.metric": (f"one of {PLATEAU_METRICS}", lambda v: v in PLATEAU_METRICS),
+    "plateau.factor": ("a number in (0, 1)", lambda v: _is_number(v) and 0 < v < 1),
+    "plateau.patience": ("a positive int", lambda v: _is_int(v) and v > 0),
+    "plateau.rtol": ("a number >= 0", lambda v: _is_number(v) and v >= 0),
+}
+
+
+def _field(config: ml_collections.ConfigDict, name: str):
+    value = config
+    for part in name.split("."):
+        if part not in value:
+            raise ConfigError(f"the config has no field {name!r}: start from configs/default.py.")
+        value = value[part]
+    return value
 
 
 def validate_config(config: ml_collections.ConfigDict) -> models.NetworkSpec:
-    """Checks every field before any work starts; errors name the field.
+    """Checks the type and range of every field, and that the network can be built,
+    before any work starts.
 
     Returns:
       The network spec of the config.
+
+    Raises:
+      ConfigError: naming the field, its value and what it must be.
     """
     spec = network_spec(config)
+    for name, (expected, is_valid) in _FIELD_RULES.items():
+        value = _field(config, name)
+        if not is_valid(value):
+            raise ConfigError(f"config.{name} must be {expected}, got {value!r}.")
     info = data.DATASETS[config.dataset]
     if spec.input_shape[0] > info.image_size:
-        raise ValueError(f"config.crop_size={spec.input_shape[0]} exceeds the {info.image_size}px images of {config.dataset}.")
-    for name in ("batch_size", "eval_batch_size", "num_epochs", "log_every_steps", "checkpoints_to_keep"):
-        _check_positive(name, config[name])
-    if config.num_train_examples is not None:
-        _check_positive("num_train_examples", config.num_train_examples)
-    for group in LEARNING_RATE_GROUPS:
-        _check_positive(f"learning_rates.{group}", config.learning_rates[group], (int, float))
-    _check_positive("min_learning_rate", config.min_learning_rate, (int, float))
-    if config.plateau.metric not in PLATEAU_METRICS:
-        raise ValueError(f"config.plateau.metric must be one of {PLATEAU_METRICS}, got {config.plateau.metric!r}.")
-    if not 0 < config.plateau.factor < 1:
-        raise ValueError(f"config.plateau.factor must lie in (0, 1), got {config.plateau.factor}.")
-    _check_positive("plateau.patience", config.plateau.patience)
+        raise ConfigError(
+            f"config.crop_size={spec.input_shape[0]} exceeds the {info.image_size}px images of {config.dataset}."
+        )
+    try:  # the shapes only: kernel sizes that do not fit the map, groups that do not divide
+        nnx.eval_shape(lambda: models.Network(spec, rngs=nnx.Rngs(0)))
+    except (TypeError, ValueError) as error:
+        raise ConfigError(str(error)) from None
     devices = jax.device_count()
     for name in ("batch_size", "eval_batch_size"):
         if config[name] % devices:
-            raise ValueError(
+            raise ConfigError(
                 f"config.{name}={config[name]} must be divisible by the {devices} devices the batch is split over."
             )
     return spec
@@ -256,7 +325,10 @@ class Trainer:
         self.eval_step.lower(state, test_images, test_labels, eval_batch).compile()
         return time.perf_counter() - start
 
-    def train_epoch(self, state, epoch, images, labels, progress: bool) -> tuple[TrainState, dict[str, float]]:
+    def train_epoch(
+        self, state, epoch, images, labels, progress: bool, check_stop: Callable[[], None] = lambda: None
+    ) -> tuple[TrainState, dict[str, float]]:
+        """One epoch of train steps; ``check_stop`` runs after each step and may raise to end it early."""
         permutation = self.epoch_permutation(epoch, labels.shape[0])
         totals = None
         bar = tqdm(range(len(permutation)), desc=f"epoch {epoch}", unit="step", leave=False, disable=not progress)
@@ -264,6 +336,7 @@ class Trainer:
         for step in bar:
             state, metrics = self.train_step(state, images, labels, permutation[step], self.step_key(epoch, step))
             totals = metrics if totals is None else jax.tree.map(jnp.add, totals, metrics)
+            check_stop()
             if progress and (step + 1) % self.config.log_every_steps == 0:
                 seen = jax.device_get(totals)
                 bar.set_postfix(
@@ -281,7 +354,8 @@ class Trainer:
             "train_images_per_second": float(totals["count"] / seconds),
         }
 
-    def evaluate(self, state, images, labels) -> dict[str, float]:
+    def evaluate(self, state, images, labels, check_stop: Callable[[], None] = lambda: None) -> dict[str, float]:
+        """Test loss and accuracy over all ``images``; ``check_stop`` runs after each batch."""
         num_examples = labels.shape[0]
         indices = np.arange(num_examples, dtype=np.int32)
         size = self.config.eval_batch_size
@@ -291,6 +365,7 @@ class Trainer:
         for batch in batches:
             metrics = self.eval_step(state, images, labels, batch)
             totals = metrics if totals is None else jax.tree.map(jnp.add, totals, metrics)
+            check_stop()
         totals = jax.device_get(totals)
         seconds = time.perf_counter() - start
         return {
@@ -301,39 +376,256 @@ class Trainer:
         }
 
 
-# --- workdir: checkpoints, metrics, TensorBoard ---
+# --- workdir: config, checkpoints, metrics, TensorBoard ---
+
+# Fields a rerun may change: how long and from where the run goes, not what its checkpoints mean.
+# Every other field (model, shapes, NMF options, learning rates, dataset, batch sizes, seed, ...)
+# must equal the workdir's config.json.
+RESUMABLE_FIELDS = (
+    "num_epochs",
+    "min_learning_rate",
+    "data_dir",
+    "download",
+    "log_every_steps",
+    "checkpoints_to_keep",
+    "distributed",
+)
+DAMAGED_CHECKPOINTS = "damaged_checkpoints"  # where checkpoints that cannot be restored are moved
+_COMMIT_MARKER = "commit_success.txt"  # orbax writes it last, on every file system
+
+
+def _write_atomically(path: pathlib.Path, text: str) -> None:
+    """Replaces ``path`` in one rename, so a crash leaves the old or the new file, never half of one."""
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_text(text)
+    os.replace(partial, path)
+
+
+def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = tuple(value) if isinstance(value, list) else value
+    return flat
+
+
+def config_differences(saved: Mapping[str, Any], config: ml_collections.ConfigDict) -> list[tuple[str, Any, Any]]:
+    """The fields, other than :data:`RESUMABLE_FIELDS`, in which ``config`` differs from a saved one.
+
+    Args:
+      saved: a workdir's ``config.json``, as loaded by ``json``.
+      config: the config of the new run.
+
+    Returns:
+      ``(field, saved value, new value)`` per differing field, by field name; a
+      field missing on one side has the value ``"(absent)"`` there.
+    """
+    absent = "(absent)"
+    old, new = _flatten(saved), _flatten(json.loads(config.to_json_best_effort()))
+    return [
+        (name, old.get(name, absent), new.get(name, absent))
+        for name in sorted(old.keys() | new.keys())
+        if name not in RESUMABLE_FIELDS and old.get(name, absent) != new.get(name, absent)
+    ]
+
+
+def _replaced_name(workdir: pathlib.Path) -> pathlib.Path:
+    return workdir.with_name(f"{workdir.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
+
+
+def _start_over(workdir: pathlib.Path) -> None:
+    """Moves a previous run in ``workdir`` aside, so that the new one starts from scratch."""
+    if workdir.is_dir() and any(workdir.iterdir()):
+        aside = _replaced_name(workdir)
+        workdir.rename(aside)
+        print(f"Moved the previous run in {workdir} to {aside}; starting from scratch.", flush=True)
+
+
+def _check_same_run(workdir: pathlib.Path, config: ml_collections.ConfigDict) -> None:
+    """Raises :class:`WorkdirError` unless ``workdir`` is new or holds a run of the same config."""
+    start_over = (
+        f"Train into another workdir (--workdir), or pass --start_over to move this run aside "
+        f"(to {_replaced_name(workdir).name}) and start again"
+    )
+    path = workdir / "config.json"
+    if not path.exists():
+        if (workdir / "checkpoints").is_dir() and any((workdir / "checkpoints").iterdir()):
+            raise WorkdirError(f"{workdir} holds checkpoints but no config.json to check them against. {start_over}.")
+        return
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise WorkdirError(f"{path} cannot be read ({describe(error)}). {start_over}.") from None
+    differences = config_differences(saved, config)
+    if differences:
+        listed = "; ".join(f"{name}: {old!r} -> {new!r}" for name, old, new in differences)
+        raise WorkdirError(
+            f"{workdir} holds a run with another config ({listed}). {start_over}. "
+            f"A rerun may change only {', '.join(RESUMABLE_FIELDS)}."
+        )
+
+
+def _test_accuracy(metrics: Mapping[str, Any]) -> float:
+    return metrics["test_accuracy"]
 
 
 def _checkpoint_manager(workdir: pathlib.Path, config) -> ocp.CheckpointManager:
+    """Orbax checkpoints of ``workdir``: the latest ``config.checkpoints_to_keep`` and the best by test accuracy.
+
+    Each checkpoint stores its epoch's metrics row next to the state (``best_fn``
+    makes orbax write it to disk): the best one is still known after a restart,
+    and a row lost in a crash can be recovered.
+    """
     policies = ocp.checkpoint_managers.preservation_policy
     keep = policies.AnyPreservationPolicy(
         [
             policies.LatestN(n=config.checkpoints_to_keep),
-            policies.BestN(get_metric_fn=lambda metrics: metrics["test_accuracy"], reverse=False, n=1),
+            policies.BestN(get_metric_fn=_test_accuracy, n=1, keep_checkpoints_without_metrics=False),
         ]
     )
-    return ocp.CheckpointManager(
-        (workdir / "checkpoints").absolute(),
-        options=ocp.CheckpointManagerOptions(preservation_policy=keep, create=True),
+    options = ocp.CheckpointManagerOptions(
+        preservation_policy=keep,
+        best_fn=_test_accuracy,
+        best_mode="max",
+        create=True,
     )
+    return ocp.CheckpointManager((workdir / "checkpoints").absolute(), options=options)
 
 
 def _abstract(tree):
     return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
 
 
+def _restore_args(state: TrainState, seed: int) -> ocp.args.StandardRestore:
+    return ocp.args.StandardRestore(_abstract({"state": state, "epoch": 0, "seed": seed}))
+
+
+def _unfinished(step_directory: pathlib.Path) -> str | None:
+    """Why a checkpoint directory is certainly incomplete, or None."""
+    if not any(step_directory.iterdir()):
+        return "its directory is empty"
+    if not (step_directory / _COMMIT_MARKER).exists():
+        return f"it has no commit marker ({_COMMIT_MARKER}): its save, or a copy of it, did not finish"
+    return None
+
+
+@contextlib.contextmanager
+def _quiet_restore() -> Iterator[None]:
+    """Silences what a failed restore leaves behind: tensorstore's reader threads report dozens of
+    "Event loop is closed" errors, to file descriptor 2 and to ``sys.unraisablehook``, for a moment after
+    the exception. Both go to a sink while a checkpoint is tried; the exception itself is reported."""
+    sys.stderr.flush()
+    saved_descriptor, saved_hook = os.dup(2), sys.unraisablehook
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 2)
+        sys.unraisablehook = lambda unraisable: None
+        try:
+            yield
+        except Exception:
+            # Wait until the reader threads are quiet (the sink stops growing), at most a few seconds.
+            size, deadline = -1, time.monotonic() + 5
+            while os.fstat(sink.fileno()).st_size != size and time.monotonic() < deadline:
+                size = os.fstat(sink.fileno()).st_size
+                time.sleep(0.2)
+            raise
+        finally:
+            sys.stderr.flush()
+            sys.unraisablehook = saved_hook
+            os.dup2(saved_descriptor, 2)
+            os.close(saved_descriptor)
+
+
+def _set_aside(step_directory: pathlib.Path, workdir: pathlib.Path) -> pathlib.Path:
+    """Moves a checkpoint that cannot be restored out of ``checkpoints/``, keeping it for inspection."""
+    target_parent = workdir / DAMAGED_CHECKPOINTS
+    target_parent.mkdir(exist_ok=True)
+    target = target_parent / step_directory.name
+    suffix = 1
+    while target.exists():
+        suffix += 1
+        target = target_parent / f"{step_directory.name}.{suffix}"
+    step_directory.rename(target)
+    return target
+
+
+def _restore_newest(
+    manager: ocp.CheckpointManager, workdir: pathlib.Path, state: TrainState, seed: int, move: bool
+) -> tuple[dict[str, Any] | None, list[pathlib.Path]]:
+    """Restores the newest checkpoint that can be restored.
+
+    A checkpoint that cannot (an empty or unfinished step directory, a missing
+    or truncated file) is reported in one line and moved to
+    ``WORKDIR/damaged_checkpoints/`` (by the process that ``move``s), and the
+    one before it is tried.
+
+    Returns:
+      ``(restored, set_aside)``: the restored tree (None if no checkpoint could
+      be restored) and the directories moved aside.
+    """
+    set_aside = []
+    restored = None
+    if move:  # a save cut short leaves "<epoch>.orbax-checkpoint-tmp*", which can never be restored
+        for unfinished in pathlib.Path(manager.directory).glob("*.orbax-checkpoint-tmp*"):
+            shutil.rmtree(unfinished, ignore_errors=True)
+    for step in sorted(manager.all_steps(), reverse=True):
+        step_directory = pathlib.Path(manager.directory) / str(step)
+        problem = _unfinished(step_directory)
+        if problem is None:
+            try:
+                with _quiet_restore():
+                    restored = manager.restore(step, args=_restore_args(state, seed))
+                break
+            except Exception as error:  # orbax and tensorstore raise many types for unreadable data
+                problem = describe(error)
+        if move:
+            moved = _set_aside(step_directory, workdir)
+            set_aside.append(moved)
+            print(
+                f"warning: the checkpoint of epoch {step} in {manager.directory} cannot be restored ({problem}); "
+                f"moved it to {moved}.",
+                file=sys.stderr,
+                flush=True,
+            )
+    if set_aside:
+        manager.reload()
+    return restored, set_aside
+
+
 def read_metrics(workdir: str | pathlib.Path) -> list[dict[str, Any]]:
-    """The rows of a workdir's ``metrics.jsonl``, one per epoch."""
+    """The rows of a workdir's ``metrics.jsonl``, one per epoch (a line cut short by a crash is skipped)."""
     path = pathlib.Path(workdir) / "metrics.jsonl"
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            print(f"warning: {path} line {number} is not valid JSON; skipped it.", file=sys.stderr)
+    return rows
 
 
-def _keep_metrics_until(workdir: pathlib.Path, epoch: int) -> None:
-    """Drops rows written after the checkpoint a run resumes from."""
+def _metrics_until(workdir: pathlib.Path, epoch: int, checkpoint_row: Mapping[str, Any] | None) -> None:
+    """Makes ``metrics.jsonl`` end at the checkpoint a run resumes from: drops later rows, and adds
+    the checkpoint's own row if a crash came between saving it and writing the file."""
     rows = [row for row in read_metrics(workdir) if row["epoch"] <= epoch]
-    (workdir / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    if epoch and (not rows or rows[-1]["epoch"] < epoch) and checkpoint_row and "epoch" in checkpoint_row:
+        rows.append(dict(checkpoint_row))
+    _write_atomically(workdir / "metrics.jsonl", "".join(json.dumps(row) + "\n" for row in rows))
+
+
+def _checkpoint_row(manager: ocp.CheckpointManager, epoch: int) -> Mapping[str, Any] | None:
+    """The metrics row saved with a checkpoint (None for epoch 0 or when it cannot be read)."""
+    if not epoch:
+        return None
+    try:
+        return manager.metrics(epoch)
+    except Exception:  # a damaged metadata file only costs the row's recovery
+        return None
 
 
 def _format_epoch(row: dict[str, Any], num_epochs: int) -> str:
@@ -347,19 +639,52 @@ def _format_epoch(row: dict[str, Any], num_epochs: int) -> str:
     )
 
 
+class _StopSignals:
+    """Turns the first SIGINT or SIGTERM into a request to stop at the next step, so that no save
+    is cut short; a second signal acts as usual (KeyboardInterrupt, termination)."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _StopSignals:
+        if threading.current_thread() is threading.main_thread():  # Python allows handlers there only
+            self._previous = {number: signal.signal(number, self._handle) for number in self.SIGNALS}
+        return self
+
+    def _handle(self, number, frame) -> None:
+        self.received = number
+        for previous_number, handler in self._previous.items():
+            signal.signal(previous_number, handler)
+        print(
+            f"\n{signal.Signals(number).name}: stopping at the next step (a second one stops at once).",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    def __exit__(self, *exc_info) -> None:
+        for number, handler in self._previous.items():
+            signal.signal(number, handler)
+
+
 def load_config(workdir: str | pathlib.Path) -> ml_collections.ConfigDict:
     """The config a workdir was trained with (its ``config.json``)."""
     path = pathlib.Path(workdir) / "config.json"
     if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist: is {workdir} a workdir written by train.py?")
-    return ml_collections.ConfigDict(json.loads(path.read_text()))
+        raise MissingFileError(f"{path} does not exist: is {workdir} a workdir written by train.py?")
+    try:
+        return ml_collections.ConfigDict(json.loads(path.read_text()))
+    except ValueError as error:
+        raise WorkdirError(f"{path} cannot be read ({describe(error)}).") from None
 
 
 def config_from_file(path: str | pathlib.Path) -> ml_collections.ConfigDict:
     """``get_config()`` of a config file such as ``configs/cnmf_1x1.py``."""
     path = pathlib.Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"config file {path} does not exist (e.g. configs/cnmf_1x1.py).")
+        raise MissingFileError(f"config file {path} does not exist (e.g. configs/cnmf_1x1.py).")
     module_spec = importlib.util.spec_from_file_location(f"nmfjax_config_{path.stem}", path)
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
@@ -373,9 +698,11 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: dict[str, Any]
         *parents, leaf = name.split(".")
         target = config
         for parent in parents:
-            target = target[parent]
-        if leaf not in target:
-            raise KeyError(f"config has no field {name!r}.")
+            target = target[parent] if parent in target else None
+            if not isinstance(target, ml_collections.ConfigDict):
+                break
+        if not isinstance(target, ml_collections.ConfigDict) or leaf not in target:
+            raise ConfigError(f"the config has no field {name!r}.")
         target[leaf] = value
     return config
 
@@ -394,25 +721,33 @@ def load_checkpoint(
       parameters and BatchNorm statistics.
     """
     if isinstance(step, str) and step not in ("best", "latest"):
-        raise ValueError(f'step must be an epoch, "best", "latest" or None, got {step!r}.')
+        raise ConfigError(f'step must be an epoch, "best" or "latest", got {step!r}.')
     workdir = pathlib.Path(workdir)
     config = load_config(workdir)
     spec = network_spec(config)
     trainer = Trainer(config, spec, data_mesh())
     manager = _checkpoint_manager(workdir, config)
     try:
+        kept = sorted(manager.all_steps())
         if step == "best":
-            kept = set(manager.all_steps())
             rows = [row for row in read_metrics(workdir) if row["epoch"] in kept]
             epoch = max(rows, key=lambda row: row["test_accuracy"])["epoch"] if rows else None
         else:
             epoch = manager.latest_step() if step in (None, "latest") else step
-        if epoch is None:
-            raise FileNotFoundError(f"no checkpoint in {workdir / 'checkpoints'}.")
-        restored = manager.restore(
-            epoch,
-            args=ocp.args.StandardRestore(_abstract({"state": trainer.initial_state, "epoch": 0, "seed": 0})),
-        )
+        if epoch is None or epoch not in kept:
+            raise MissingFileError(
+                f"no checkpoint of epoch {epoch} in {workdir / 'checkpoints'} (it holds epochs {kept})."
+                if epoch is not None
+                else f"no checkpoint in {workdir / 'checkpoints'}: train with train.py first."
+            )
+        try:
+            with _quiet_restore():
+                restored = manager.restore(epoch, args=_restore_args(trainer.initial_state, 0))
+        except Exception as error:  # orbax and tensorstore raise many types for unreadable data
+            raise WorkdirError(
+                f"the checkpoint of epoch {epoch} in {workdir / 'checkpoints'} cannot be restored ({describe(error)}); "
+                "pick another with --step, or rerun train.py on the workdir, which moves damaged checkpoints aside."
+            ) from None
     finally:
         manager.close()
     state = restored["state"]
@@ -420,51 +755,106 @@ def load_checkpoint(
     return config, model, state, int(epoch)
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[str, Any]:
-    """Trains ``config``'s network, resuming from the workdir's latest checkpoint.
+def train_and_evaluate(
+    config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *, start_over: bool = False
+) -> dict[str, Any]:
+    """Trains ``config``'s network, resuming from the workdir's newest checkpoint.
 
     Writes to ``workdir``: ``config.json``, ``checkpoints/`` (orbax, every epoch:
     the latest ``config.checkpoints_to_keep`` and the best by test accuracy),
     ``metrics.jsonl`` (one JSON object per epoch) and ``tensorboard/``.
 
+    A rerun must use the same config but for :data:`RESUMABLE_FIELDS`.
+    Checkpoints that cannot be restored are moved to
+    ``WORKDIR/damaged_checkpoints/`` and the one before them is used. The first
+    SIGINT or SIGTERM stops training at the next step, after any save in
+    progress has finished, and raises :class:`~nmfjax.errors.TrainingInterrupted`.
+
+    Args:
+      config: a config as ``configs/default.py`` builds it.
+      workdir: where the run is written.
+      start_over: move a previous run in ``workdir`` to ``WORKDIR.replaced-TIME``
+        and train from scratch.
+
     Returns:
       The last epoch's metrics row (empty if no epoch was left to run).
+
+    Raises:
+      ConfigError: a bad config field.
+      WorkdirError: ``workdir`` holds a run of another config, or epochs
+        without a checkpoint that can be restored.
+      DatasetUnavailableError: the data is missing and cannot be prepared.
+      TrainingInterrupted: SIGINT or SIGTERM; the latest complete checkpoint is intact.
     """
     spec = validate_config(config)
     workdir = pathlib.Path(workdir)
     is_main_process = jax.process_index() == 0
+    with _StopSignals() as signals:
+        if start_over and is_main_process:
+            _start_over(workdir)
+        _check_same_run(workdir, config)
+        if is_main_process:
+            workdir.mkdir(parents=True, exist_ok=True)
+            _write_atomically(workdir / "config.json", config.to_json_best_effort(indent=2) + "\n")
+
+        trainer = Trainer(config, spec, data_mesh())
+        manager = _checkpoint_manager(workdir, config)
+        try:
+            return _train(config, workdir, trainer, manager, signals, is_main_process)
+        finally:
+            manager.wait_until_finished()  # a save in progress completes before the process ends
+            manager.close()
+
+
+def _train(config, workdir, trainer, manager, signals, is_main_process) -> dict[str, Any]:
+    restored, set_aside = _restore_newest(manager, workdir, trainer.initial_state, config.seed, is_main_process)
+    state, completed = trainer.initial_state, 0
+    if restored is not None:
+        state, completed = restored["state"], int(restored["epoch"])
+    rows = read_metrics(workdir)
+    recorded = max((row["epoch"] for row in rows), default=0)
+    damaged = workdir / DAMAGED_CHECKPOINTS
+    if restored is None and (set_aside or recorded > 1):
+        # (A crash while the first epoch was saved leaves its row and no checkpoint: that run starts again.)
+        raise WorkdirError(
+            f"no checkpoint in {workdir / 'checkpoints'} can be restored, but metrics.jsonl records epochs up to "
+            f"{recorded}" + (f" (the damaged ones are in {damaged})" if damaged.is_dir() else "") + ". "
+            f"Put intact checkpoints into {workdir / 'checkpoints'}, train into another workdir (--workdir), "
+            "or pass --start_over to move this run aside and train from scratch."
+        )
     if is_main_process:
-        workdir.mkdir(parents=True, exist_ok=True)
-        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+        _metrics_until(workdir, completed, _checkpoint_row(manager, completed))
+        if completed:
+            print(f"Resumed from {workdir / 'checkpoints'} after epoch {completed}.", flush=True)
+    if completed >= config.num_epochs:
+        if is_main_process:
+            print(f"{workdir} is trained for {completed} epochs already (config.num_epochs={config.num_epochs}).")
+        return {}
+
+    def check_stop() -> None:
+        if signals.received is not None:
+            done = f"the checkpoint of epoch {completed} is complete" if completed else "no epoch was complete yet"
+            raise TrainingInterrupted(
+                f"interrupted by {signal.Signals(signals.received).name} during epoch {completed + 1}: {done} "
+                f"in {workdir / 'checkpoints'}; rerun the same command to resume.",
+                signals.received,
+            )
 
     train = data.load_split(
         config.dataset, "train", data_dir=config.data_dir, download=config.download, limit=config.num_train_examples
     )
     test = data.load_split(config.dataset, "test", data_dir=config.data_dir, download=config.download)
-
-    trainer = Trainer(config, spec, data_mesh())
+    check_stop()
     train_images, train_labels = trainer.put_replicated(train.images), trainer.put_replicated(train.labels)
     test_images, test_labels = trainer.put_replicated(test.images), trainer.put_replicated(test.labels)
-
-    manager = _checkpoint_manager(workdir, config)
-    state, first_epoch = trainer.initial_state, 1
-    if manager.latest_step() is not None:
-        restored = manager.restore(
-            manager.latest_step(),
-            args=ocp.args.StandardRestore(_abstract({"state": state, "epoch": 0, "seed": config.seed})),
-        )
-        state, first_epoch = restored["state"], int(restored["epoch"]) + 1
-        if is_main_process:
-            _keep_metrics_until(workdir, first_epoch - 1)
-            print(f"Resumed from {workdir / 'checkpoints'} after epoch {first_epoch - 1}.")
-
     compile_seconds = trainer.compile(state, train_images, train_labels, test_images, test_labels)
     if is_main_process:
         parameters = sum(leaf.size for leaf in jax.tree.leaves(state.params))
         print(
             f"{config.model}: {parameters:,} parameters, "
             f"{len(train)} train / {len(test)} test images, {jax.device_count()} device(s), "
-            f"compiled in {compile_seconds:.1f} s."
+            f"compiled in {compile_seconds:.1f} s.",
+            flush=True,
         )
 
     writer = None
@@ -475,20 +865,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     row: dict[str, Any] = {}
     max_rate = max(config.learning_rates[group] for group in LEARNING_RATE_GROUPS)
     try:
-        for epoch in range(first_epoch, config.num_epochs + 1):
+        for epoch in range(completed + 1, config.num_epochs + 1):
+            check_stop()
             if max_rate * float(state.plateau.scale) < config.min_learning_rate:
                 print(f"Every learning rate is below {config.min_learning_rate}: stopping.")
                 break
             epoch_start = time.perf_counter()
             rates = learning_rates(config, state)
-            state, train_metrics = trainer.train_epoch(state, epoch, train_images, train_labels, is_main_process)
+            state, train_metrics = trainer.train_epoch(
+                state, epoch, train_images, train_labels, is_main_process, check_stop
+            )
             if not math.isfinite(train_metrics["train_loss"]):
-                raise FloatingPointError(
+                raise TrainingDiverged(
                     f"epoch {epoch}: the training loss is {train_metrics['train_loss']}; nothing of this epoch was "
                     f"saved (the latest checkpoint in {workdir / 'checkpoints'} is still finite). Lower "
                     "config.learning_rates, or use config.nmf.gradient='approx', and rerun to resume."
                 )
-            test_metrics = trainer.evaluate(state, test_images, test_labels)
+            test_metrics = trainer.evaluate(state, test_images, test_labels, check_stop)
             state = trainer.update_plateau(state, {**train_metrics, **test_metrics}[config.plateau.metric])
             row = {
                 "epoch": epoch,
@@ -498,11 +891,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
                 "compile_seconds": compile_seconds,
                 "epoch_seconds": time.perf_counter() - epoch_start,
             }
+            # The row goes into the checkpoint too, so that a crash between the two writes loses nothing.
             manager.save(
-                epoch,
-                args=ocp.args.StandardSave({"state": state, "epoch": epoch, "seed": config.seed}),
-                metrics={"test_accuracy": row["test_accuracy"]},
+                epoch, args=ocp.args.StandardSave({"state": state, "epoch": epoch, "seed": config.seed}), metrics=row
             )
+            completed = epoch
             if is_main_process:
                 with open(workdir / "metrics.jsonl", "a") as metrics_file:
                     metrics_file.write(json.dumps(row) + "\n")
@@ -512,8 +905,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
                 writer.flush()
                 print(_format_epoch(row, config.num_epochs), flush=True)
     finally:
-        manager.wait_until_finished()
-        manager.close()
         if writer is not None:
             writer.close()
     return row

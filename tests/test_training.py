@@ -1,5 +1,6 @@
 """The training recipe: loss, optimiser groups, plateau rule, end-to-end runs, resume, data parallelism."""
 
+import functools
 import json
 import os
 import pathlib
@@ -10,6 +11,7 @@ from unittest import mock
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
@@ -17,7 +19,7 @@ from absl import flags
 from absl.testing import flagsaver
 from flax import nnx
 
-from nmfjax import plots, training
+from nmfjax import errors, plots, training
 from tests.conftest import tiny_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -65,21 +67,38 @@ def test_plateau_rule_reduces_after_more_than_patience_bad_epochs():
     [
         ({"model": "resnet"}, "config.model must be one of"),
         ({"pooling": (True, True, False)}, "config.pooling has 3 entries but config.features has 4"),
-        ({"learning_rates.mixing": 0.0}, "config.learning_rates.mixing must be positive"),
-        ({"learning_rates.module_a": -0.1}, "config.learning_rates.module_a must be positive"),
-        ({"batch_size": 0}, "config.batch_size must be positive"),
-        ({"eval_batch_size": -5}, "config.eval_batch_size must be positive"),
+        ({"pooling": (1, 1, 0, 0)}, r"config.pooling must be a tuple of True/False, got \(1, 1, 0, 0\)"),
+        ({"learning_rates.mixing": 0.0}, "config.learning_rates.mixing must be a positive number, got 0.0"),
+        ({"learning_rates.module_a": -0.1}, "config.learning_rates.module_a must be a positive number"),
+        ({"batch_size": 0}, "config.batch_size must be a positive int, got 0"),
+        ({"eval_batch_size": -5}, "config.eval_batch_size must be a positive int"),
+        ({"num_epochs": 2.5}, "config.num_epochs must be a positive int, got 2.5"),
+        ({"seed": "0"}, "config.seed must be an int, got '0'"),
+        ({"download": "false"}, "config.download must be True or False, got 'false'"),
+        ({"distributed": 1}, "config.distributed must be True or False, got 1"),
+        ({"data_dir": 3}, "config.data_dir must be a path or None"),
+        ({"augment.flip": "yes"}, "config.augment.flip must be True or False, got 'yes'"),
+        ({"augment.brightness": -0.5}, r"config.augment.brightness must be a number >= 0, got -0.5"),
+        ({"augment.hue": 0.9}, r"config.augment.hue must be a number in \[0, 0.5\], got 0.9"),
         ({"dataset": "imagenet"}, "config.dataset must be one of"),
         ({"plateau.metric": "accuracy"}, "config.plateau.metric must be one of"),
+        ({"plateau.factor": 1.5}, r"config.plateau.factor must be a number in \(0, 1\)"),
         ({"nmf.iterations": 0}, "config.nmf: iterations must be >= 1"),
         ({"nmf.readout_learning": "hebbian"}, "config.nmf: learning must be one of .* got 'hebbian'"),
         ({"crop_size": 40}, "config.crop_size=40 exceeds"),
+        ({"kernel_sizes": (5, 13, 0, 1)}, r"config.kernel_sizes\[1\]=13 is larger than the 12x12 map"),
+        ({"mix_groups": (1, 5, 1, 1)}, r"config.mix_groups\[1\]=5 must divide the 64 outputs"),
     ],
 )
 def test_bad_configs_fail_at_start_up_naming_the_field(overrides, match, tmp_path):
-    config = tiny_config(**overrides)
-    with pytest.raises(ValueError, match=match):
-        training.train_and_evaluate(config, tmp_path)
+    # As a config file may write them: plain values, whatever the default's type (ConfigDict checks overrides only).
+    values = tiny_config().to_dict()
+    for name, value in overrides.items():
+        *parents, leaf = name.split(".")
+        functools.reduce(dict.__getitem__, parents, values)[leaf] = value
+    no_data = mock.patch.object(training.data, "load_split", side_effect=AssertionError("the data was loaded"))
+    with no_data, pytest.raises(errors.ConfigError, match=match):
+        training.train_and_evaluate(ml_collections.ConfigDict(values), tmp_path)
     assert not (tmp_path / "metrics.jsonl").exists()
 
 
@@ -150,9 +169,10 @@ def test_a_finished_run_is_not_trained_again(tmp_path):
 
 
 def test_a_diverging_run_stops_with_a_clear_error_and_saves_nothing_of_that_epoch(tmp_path):
-    config = tiny_config(**{"learning_rates.module_a": float("inf"), "num_epochs": 2})
-    with tfds.testing.mock_data(num_examples=20), pytest.raises(FloatingPointError, match="epoch 1: the training loss is nan"):
-        training.train_and_evaluate(config, tmp_path)
+    nan_loss = mock.patch.object(training, "composite_loss", lambda logits, labels: logits[:, 0] * jnp.nan)
+    with tfds.testing.mock_data(num_examples=20), nan_loss:
+        with pytest.raises(errors.TrainingDiverged, match="epoch 1: the training loss is nan"):
+            training.train_and_evaluate(tiny_config(num_epochs=2), tmp_path)
     assert training.read_metrics(tmp_path) == []
     assert not list((tmp_path / "checkpoints").glob("[0-9]*"))
 
