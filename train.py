@@ -3,21 +3,39 @@
     python train.py --config configs/cnmf_1x1.py --workdir runs/cnmf_1x1 \
         --config.data_dir=../shared/tfds --config.num_epochs=3
 
-Rerunning the same command resumes from the workdir's latest checkpoint.
+Rerunning the same command resumes from the workdir's newest checkpoint;
+``--start_over`` moves a previous run aside and starts from scratch. Ctrl-C
+(or SIGTERM) stops at the next step, after any save in progress.
 """
+
+import pathlib
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from nmfjax import cli
+
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).", lock_config=True)
 flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and plots go (default: runs/<model>).")
-flags.mark_flags_as_required(["config"])
+flags.DEFINE_bool("start_over", False, "Move a previous run in the workdir to WORKDIR.replaced-TIME, then train.")
+
+
+def parse_flags(argv):
+    """absl's flag parsing, with every mistake reported as one line (cli.fail)."""
+    remaining = cli.parse_flags(FLAGS, argv)
+    if FLAGS.config is None:
+        cli.fail("--config is required, e.g. python train.py --config configs/cnmf_1x1.py")
+    return remaining
 
 
 def main(argv):
     if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+        cli.fail(f"unexpected arguments {argv[1:]}: fields are set as --config.FIELD=VALUE.")
+    config_file = pathlib.Path(config_flags.get_config_filename(FLAGS["config"]))
+    if not config_file.is_file():
+        cli.fail(f"config file {config_file} does not exist; the configs are in configs/, e.g. configs/cnmf_1x1.py.")
     logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint step at INFO
     import jax
 
@@ -25,8 +43,11 @@ def main(argv):
         jax.distributed.initialize()
     from nmfjax import training
 
-    training.train_and_evaluate(FLAGS.config, FLAGS.workdir or f"runs/{FLAGS.config.model}")
+    with cli.exit_on_errors():
+        training.train_and_evaluate(
+            FLAGS.config, FLAGS.workdir or f"runs/{FLAGS.config.model}", start_over=FLAGS.start_over
+        )
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags, argv=sys.argv)

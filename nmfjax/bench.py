@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from nmfjax import models, training
+from nmfjax import cli, models, training
 
 # Two AVX2 cores with two FMA units each at ~3 GHz: 2 x 2 x 8 lanes x 2 flops x 3e9.
 DEFAULT_PEAK_GFLOPS = 190.0
@@ -338,16 +338,23 @@ def run(sizes: Sizes, output: pathlib.Path, peak_gflops: float) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.ArgumentParser(
+        prog="python -m nmfjax.bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--output", default="bench", help="folder for bench.json and bench.png")
     parser.add_argument("--tiny", action="store_true", help="tiny sizes (a smoke test, not a measurement)")
-    parser.add_argument("--repeats", type=int, help="timed calls per figure (default 5; tiny: 2)")
-    parser.add_argument("--peak-gflops", type=float, default=DEFAULT_PEAK_GFLOPS, help="the machine's peak GFLOP/s")
+    parser.add_argument("--repeats", type=cli.positive_int, help="timed calls per figure (default 5; tiny: 2)")
+    parser.add_argument(
+        "--peak-gflops", type=cli.positive_float, default=DEFAULT_PEAK_GFLOPS, help="the machine's peak GFLOP/s"
+    )
     args = parser.parse_args(argv)
+    output = pathlib.Path(args.output)
+    if output.exists() and not output.is_dir():
+        cli.fail(f"--output {output} is a file; give a folder for bench.json and bench.png.")
     sizes = TINY if args.tiny else FULL
     if args.repeats:
         sizes = dataclasses.replace(sizes, repeats=args.repeats)
-    run(sizes, pathlib.Path(args.output), args.peak_gflops)
+    run(sizes, output, args.peak_gflops)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,6 @@ and ``--limit`` (the first test images only).
 from __future__ import annotations
 
 import argparse
-import ast
 import dataclasses
 import functools
 import itertools
@@ -49,7 +48,8 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
-from nmfjax import data, models, ops, plots, training  # noqa: E402
+from nmfjax import cli, data, models, ops, plots, training  # noqa: E402
+from nmfjax.errors import ConfigError  # noqa: E402
 from nmfjax.layers import NMFConv  # noqa: E402
 
 NOISE_KINDS = ("uniform", "holes")
@@ -135,7 +135,7 @@ def add_noise(key: jax.Array, images: jax.Array, kind: str, eta: float | jax.Arr
     if kind == "holes":
         keep = jax.random.bernoulli(key, 1 - eta, (*images.shape[:3], 1))
         return _l1_normalize_images(jnp.where(keep, images, 0.0))
-    raise ValueError(f"noise kind must be one of {NOISE_KINDS}, got {kind!r}.")
+    raise ConfigError(f"noise kind must be one of {NOISE_KINDS}, got {kind!r}.")
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "crop_size", "noise"))
@@ -317,7 +317,7 @@ def gradient_study(
     backprop here whatever the model was trained with.
     """
     if not model.spec.uses_nmf:
-        raise ValueError(f"the gradient study needs an NMF network (cnmf, cnmf_1x1), got {model.spec.architecture!r}.")
+        raise ConfigError(f"the gradient study needs an NMF network (cnmf, cnmf_1x1), got {model.spec.architecture!r}.")
     rows = []
     for iterations in tqdm(values, desc="gradients", unit="N"):
         exact = _backprop_gradients(model, images, labels, iterations, "unrolled")
@@ -371,7 +371,7 @@ def first_layer_filters(model: models.Network) -> np.ndarray:
     """
     layer = model.blocks[0].module_a
     if layer.feature_group_count != 1:
-        raise ValueError(
+        raise ConfigError(
             f"the first layer has feature_group_count={layer.feature_group_count}: "
             "its weights are pictures only with one group."
         )
@@ -408,7 +408,7 @@ def first_layer_reconstructions(model: models.Network, images: jax.Array) -> tup
     relative L1 error of each, over the pixels the layer's patches cover."""
     layer = model.blocks[0].module_a
     if not isinstance(layer, NMFConv):
-        raise ValueError(f"reconstructions need an NMF first layer; {model.spec.architecture!r} has a convolution.")
+        raise ConfigError(f"reconstructions need an NMF first layer; {model.spec.architecture!r} has a convolution.")
     reconstructed = jax.jit(lambda x: layer.reconstruct(nnx.relu(x)))(images)
     errors = jnp.sum(jnp.abs(reconstructed - images), axis=(1, 2, 3)) / jnp.sum(images, axis=(1, 2, 3))
     return np.asarray(reconstructed), np.asarray(errors)
@@ -449,7 +449,7 @@ def nmf_activation_sparsity(model: models.Network, images: jax.Array) -> dict[st
             (h,) = intermediates["blocks"][index]["module_a"]["__call__"]
             sparsity[f"block {index + 1}"] = np.asarray(hoyer_sparsity(h)).ravel()
     if not sparsity:
-        raise ValueError(f"{model.spec.architecture!r} has no NMF layer: use cnmf or cnmf_1x1 workdirs.")
+        raise ConfigError(f"{model.spec.architecture!r} has no NMF layer: use cnmf or cnmf_1x1 workdirs.")
     return sparsity
 
 
@@ -468,12 +468,17 @@ def plot_sparsity(sparsity: dict[str, np.ndarray], output: pathlib.Path, title: 
 
 
 def train_variants(
-    config: ml_collections.ConfigDict, variants: dict[str, dict[str, Any]], root: str | pathlib.Path
+    config: ml_collections.ConfigDict,
+    variants: dict[str, dict[str, Any]],
+    root: str | pathlib.Path,
+    *,
+    start_over: bool = False,
 ) -> dict[str, pathlib.Path]:
     """Trains ``config`` with each variant's overrides into ``root/<name>``.
 
     Variants whose workdir already holds ``num_epochs`` epochs are skipped;
-    unfinished ones resume from their latest checkpoint.
+    unfinished ones resume from their latest checkpoint. With ``start_over``,
+    every variant's previous run is moved aside and trained again.
 
     Returns:
       ``{name: workdir}``.
@@ -484,11 +489,11 @@ def train_variants(
         variant = training.apply_overrides(config, overrides)
         workdir = workdirs[name] = root / name
         done = len(training.read_metrics(workdir))
-        if done >= variant.num_epochs:
+        if done >= variant.num_epochs and not start_over:
             print(f"[{position}/{len(variants)}] {name}: finished ({done} epochs), skipped.")
             continue
         print(f"[{position}/{len(variants)}] {name}: training {overrides}", flush=True)
-        training.train_and_evaluate(variant, workdir)
+        training.train_and_evaluate(variant, workdir, start_over=start_over)
     return workdirs
 
 
@@ -615,21 +620,14 @@ def _write_json(payload: Any, output: pathlib.Path) -> pathlib.Path:
     return output
 
 
-def _parse_overrides(assignments: Sequence[str]) -> dict[str, Any]:
-    overrides = {}
-    for assignment in assignments:
-        name, separator, text = assignment.partition("=")
-        if not separator:
-            raise SystemExit(f"--set expects FIELD=VALUE (e.g. --set num_epochs=2), got {assignment!r}.")
-        try:
-            overrides[name] = ast.literal_eval(text)
-        except (ValueError, SyntaxError):
-            overrides[name] = text  # a bare string such as --set data_dir=../shared/tfds
-    return overrides
-
-
 def _step(text: str) -> int | str:
-    return int(text) if text.isdigit() else text
+    """An ``argparse`` type: ``best``, ``latest`` or an epoch."""
+    if text in ("best", "latest"):
+        return text
+    try:
+        return cli.positive_int(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f'expected "best", "latest" or an epoch, got {text!r}') from None
 
 
 def _output_dir(args) -> pathlib.Path:
@@ -644,7 +642,7 @@ def _report(*paths: pathlib.Path) -> None:
 
 
 def _load_runs(args) -> list[Trained]:
-    return [load_trained(workdir, _step(args.step)) for workdir in args.workdirs]
+    return [load_trained(workdir, args.step) for workdir in args.workdirs]
 
 
 def _images(run: Trained, args) -> data.Split:
@@ -671,9 +669,9 @@ def _command_iterations(args) -> None:
 
 def _command_gradients(args) -> None:
     if bool(args.workdirs) == bool(args.config):
-        raise SystemExit("gradients takes one WORKDIR, or --config CONFIG for a network at its initialisation.")
+        cli.fail("gradients takes one WORKDIR, or --config CONFIG for a network at its initialisation.")
     if args.config:
-        config = training.apply_overrides(training.config_from_file(args.config), _parse_overrides(args.set))
+        config = cli.override_config(training.config_from_file(args.config), args.set)
         network = models.Network(training.network_spec(config), rngs=nnx.Rngs(config.seed))
         run = Trained(pathlib.Path(args.config), config, network, epoch=0)
     else:
@@ -754,8 +752,8 @@ def _command_sparsity(args) -> None:
 
 
 def _train_and_summarize(args, variants) -> dict[str, dict[str, Any]]:
-    config = training.apply_overrides(training.config_from_file(args.config), _parse_overrides(args.set))
-    workdirs = train_variants(config, variants, args.root)
+    config = cli.override_config(training.config_from_file(args.config), args.set)
+    workdirs = train_variants(config, variants, args.root, start_over=args.start_over)
     return {name: summarize_run(workdir) for name, workdir in workdirs.items()}
 
 
@@ -785,7 +783,7 @@ def _command_train_gradients(args) -> None:
 def _command_sweep(args) -> None:
     config = training.config_from_file(args.config)
     if config.model != "cnmf_1x1":
-        raise SystemExit(f"the sweep varies NMF and 1x1 parameters: use a cnmf_1x1 config, got model {config.model!r}.")
+        raise ConfigError(f"the sweep varies NMF and 1x1 parameters: use a cnmf_1x1 config, got model {config.model!r}.")
     channels = data.check_dataset(config.dataset).channels
     variants = sweep_variants(config.features, channels, args.widths, args.nmf_groups, args.mix_groups)
     summaries = _train_and_summarize(args, variants)
@@ -804,7 +802,7 @@ def _command_sweep(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = cli.ArgumentParser(
         prog="python -m nmfjax.experiments", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     commands = parser.add_subparsers(dest="command", required=True)
@@ -813,9 +811,9 @@ def build_parser() -> argparse.ArgumentParser:
         command = commands.add_parser(name, help=help_text, description=help_text)
         command.add_argument("workdirs", nargs=workdirs, metavar="WORKDIR", help="workdir(s) written by train.py")
         command.add_argument("--output", help="output directory (default: WORKDIR/experiments)")
-        command.add_argument("--step", default="best", help='checkpoint: "best" (default), "latest" or an epoch')
+        command.add_argument("--step", default="best", type=_step, help='checkpoint: "best" (default), "latest" or an epoch')
         command.add_argument("--data_dir", help="TFDS data directory (default: the workdir's config.data_dir)")
-        command.add_argument("--limit", type=int, help="use only the first LIMIT test images")
+        command.add_argument("--limit", type=cli.positive_int, help="use only the first LIMIT test images")
         command.set_defaults(function=function)
         return command
 
@@ -824,22 +822,22 @@ def build_parser() -> argparse.ArgumentParser:
     noise.add_argument("--levels", nargs="+", type=float, default=list(NOISE_LEVELS), help="noise levels eta")
     noise.add_argument("--seed", type=int, default=0)
     iterations = on_workdirs("iterations", _command_iterations, "test accuracy when evaluated with other N")
-    iterations.add_argument("--values", nargs="+", type=int, default=[1, 2, 5, 10, 20, 50, 100])
+    iterations.add_argument("--values", nargs="+", type=cli.positive_int, default=[1, 2, 5, 10, 20, 50, 100])
     gradients = on_workdirs(
         "gradients", _command_gradients, "approx and implicit weight gradients against unrolled, per layer", "*"
     )
     gradients.add_argument("--config", help="instead of WORKDIR: a config file, for the network at its initialisation")
     gradients.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="override, with --config")
-    gradients.add_argument("--values", nargs="+", type=int, default=[5, 20, 50], help="iterations N")
+    gradients.add_argument("--values", nargs="+", type=cli.positive_int, default=[5, 20, 50], help="iterations N")
     gradients.add_argument("--modes", nargs="+", default=["approx", "implicit"], choices=("approx", "implicit"))
-    gradients.add_argument("--batch", type=int, default=50, help="test images in the loss (default 50)")
+    gradients.add_argument("--batch", type=cli.positive_int, default=50, help="test images in the loss (default 50)")
     on_workdirs("weights", _command_weights, "the first layer's weights as a grid of colour patches")
     reconstructions = on_workdirs(
         "reconstructions", _command_reconstructions, "test images rebuilt from the first NMF layer's h"
     )
-    reconstructions.add_argument("--count", type=int, default=8, help="how many test images (default 8)")
+    reconstructions.add_argument("--count", type=cli.positive_int, default=8, help="how many test images (default 8)")
     sparsity = on_workdirs("sparsity", _command_sparsity, "histograms of the Hoyer sparsity of h per NMF layer")
-    sparsity.add_argument("--batch", type=int, default=200, help="test images (default 200)")
+    sparsity.add_argument("--batch", type=cli.positive_int, default=200, help="test images (default 200)")
 
     def trainings(name, function, help_text):
         command = commands.add_parser(name, help=help_text, description=help_text)
@@ -848,23 +846,27 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument(
             "--set", action="append", default=[], metavar="FIELD=VALUE", help="config override, repeatable"
         )
+        command.add_argument(
+            "--start_over", action="store_true", help="move each variant's previous run aside and train it again"
+        )
         command.set_defaults(function=function)
         return command
 
     train_iterations = trainings("train-iterations", _command_train_iterations, "short trainings at several N")
-    train_iterations.add_argument("--values", nargs="+", type=int, default=[5, 10, 20, 50])
+    train_iterations.add_argument("--values", nargs="+", type=cli.positive_int, default=[5, 10, 20, 50])
     train_gradients = trainings("train-gradients", _command_train_gradients, "short trainings with each gradient mode")
     train_gradients.add_argument("--modes", nargs="+", default=list(GRADIENT_MODES), choices=GRADIENT_MODES)
     sweep = trainings("sweep", _command_sweep, "width x groups sweep with the paper's Figure 6")
-    sweep.add_argument("--widths", nargs="+", type=int, default=list(SWEEP_WIDTHS))
-    sweep.add_argument("--nmf_groups", nargs="+", type=int, default=list(SWEEP_GROUPS))
-    sweep.add_argument("--mix_groups", nargs="+", type=int, default=list(SWEEP_GROUPS))
+    sweep.add_argument("--widths", nargs="+", type=cli.positive_int, default=list(SWEEP_WIDTHS))
+    sweep.add_argument("--nmf_groups", nargs="+", type=cli.positive_int, default=list(SWEEP_GROUPS))
+    sweep.add_argument("--mix_groups", nargs="+", type=cli.positive_int, default=list(SWEEP_GROUPS))
     return parser
 
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    args.function(args)
+    with cli.exit_on_errors():
+        args.function(args)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
+from nmfjax import cli  # noqa: E402
+from nmfjax.errors import MissingFileError  # noqa: E402
 from nmfjax.training import read_metrics  # noqa: E402
 
 
@@ -30,7 +32,7 @@ def plot_learning_curves(workdirs: list[str | pathlib.Path], output: str | pathl
         color = colors[index % len(colors)]  # one colour per workdir: train dashed, test solid
         rows = read_metrics(workdir)
         if not rows:
-            raise FileNotFoundError(f"{workdir / 'metrics.jsonl'} holds no epochs: train with train.py first.")
+            raise MissingFileError(f"{workdir / 'metrics.jsonl'} holds no epochs: train with train.py first.")
         epochs = [row["epoch"] for row in rows]
         label = workdir.name
         for split, style in (("train", "--"), ("test", "-")):
@@ -67,14 +69,17 @@ def save_figure(figure, output: str | pathlib.Path) -> pathlib.Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.ArgumentParser(
+        prog="python -m nmfjax.plots", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("workdirs", nargs="+", help="workdirs written by train.py")
     parser.add_argument("--output", help="PNG path (default: see above)")
     args = parser.parse_args(argv)
     output = args.output or (
         pathlib.Path(args.workdirs[0]) / "learning_curves.png" if len(args.workdirs) == 1 else "learning_curves.png"
     )
-    print(f"wrote {plot_learning_curves(args.workdirs, output)}")
+    with cli.exit_on_errors():
+        print(f"wrote {plot_learning_curves(args.workdirs, output)}")
 
 
 if __name__ == "__main__":

@@ -200,7 +200,18 @@ def test_gradients_weights_reconstructions_and_sparsity_commands(workdirs, mock_
         assert _is_png(tmp_path / f"{name}.png"), name
 
 
-def test_gradients_command_on_a_network_at_its_initialisation(mock_data, tmp_path):
+def _assert_user_error(capsys, expected, main, argv):
+    """``main(argv)`` ends with exit status 2 and one line, ``error: ...``, containing ``expected``."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as raised:
+        main(argv)
+    assert raised.value.code == 2
+    err = capsys.readouterr().err
+    line = err.strip().splitlines()[-1]  # after any progress bars
+    assert line.startswith("error: ") and expected in line and "Traceback" not in err, err
+
+
+def test_gradients_command_on_a_network_at_its_initialisation(mock_data, tmp_path, capsys):
     config = str(pathlib.Path(__file__).resolve().parents[1] / "configs" / "cnmf.py")
     small = ["--set", "features=(4, 8, 8, 10)", "--set", "nmf.iterations=2"]
     experiments.main(
@@ -208,15 +219,14 @@ def test_gradients_command_on_a_network_at_its_initialisation(mock_data, tmp_pat
     )
     results = json.loads((tmp_path / "gradients.json").read_text())
     assert results["epoch"] == 0 and {row["iterations"] for row in results["rows"]} == {3}
-    with pytest.raises(SystemExit, match="one WORKDIR, or --config"):
-        experiments.main(["gradients", "--values", "3"])
+    _assert_user_error(capsys, "one WORKDIR, or --config", experiments.main, ["gradients", "--values", "3"])
 
 
-def test_nmf_pictures_refuse_a_cnn_naming_the_reason(workdirs, mock_data, tmp_path):
-    with pytest.raises(ValueError, match="reconstructions need an NMF first layer"):
-        experiments.main(["reconstructions", str(workdirs / "cnn"), "--output", str(tmp_path)])
-    with pytest.raises(ValueError, match="has no NMF layer"):
-        experiments.main(["sparsity", str(workdirs / "cnn"), "--output", str(tmp_path)])
+def test_nmf_pictures_refuse_a_cnn_naming_the_reason(workdirs, mock_data, tmp_path, capsys):
+    cnn = str(workdirs / "cnn")
+    main = experiments.main
+    _assert_user_error(capsys, "reconstructions need an NMF first layer", main, ["reconstructions", cnn])
+    _assert_user_error(capsys, "has no NMF layer", main, ["sparsity", cnn, "--output", str(tmp_path)])
     experiments.main(["weights", str(workdirs / "cnn"), "--output", str(tmp_path)])  # CNN filters are pictures too
     assert _is_png(tmp_path / "weights.png")
 
@@ -291,7 +301,29 @@ def test_training_commands_train_each_variant_once(mock_data, tmp_path, capsys):
     assert _is_png(tmp_path / "n" / "train_iterations.png") and _is_png(tmp_path / "n" / "train_iterations_curves.png")
 
 
-def test_set_rejects_unknown_fields(tmp_path):
+@pytest.mark.parametrize(
+    "assignment, expected",
+    [
+        ("nmf.iteration=3", "nmf.iteration: the config has no field 'iteration'; did you mean \"iterations\""),
+        ("download=maybe", "download=maybe: ('Non-boolean argument to boolean flag', 'maybe')"),
+        ("num_epochs=two", "num_epochs=two: invalid literal for int()"),
+        ("num_epochs", "expected FIELD=VALUE (e.g. num_epochs=2), got 'num_epochs'"),
+    ],
+)
+def test_set_is_parsed_and_checked_as_train_py_config_flags(assignment, expected, tmp_path, capsys):
     config = str(pathlib.Path(__file__).resolve().parents[1] / "configs" / "cnmf_1x1.py")
-    with pytest.raises(KeyError, match="no field 'nmf.iteration'"):
-        experiments.main(["train-iterations", "--config", config, "--root", str(tmp_path), "--set", "nmf.iteration=3"])
+    argv = ["train-iterations", "--config", config, "--root", str(tmp_path), "--set", assignment]
+    _assert_user_error(capsys, expected, experiments.main, argv)
+    assert not any(tmp_path.iterdir())
+
+
+def test_set_gives_fields_their_types_as_train_py_does():
+    from nmfjax import cli
+
+    config = training.config_from_file(pathlib.Path(__file__).resolve().parents[1] / "configs" / "cnmf_1x1.py")
+    changed = cli.override_config(
+        config, ["download=false", "data_dir=../shared/tfds", "groups=(1,2,2,1)", "nmf.epsilon=1e-3", "width=2"]
+    )
+    assert changed.download is False and changed.data_dir == "../shared/tfds" and changed.groups == (1, 2, 2, 1)
+    assert changed.nmf.epsilon == 1e-3 and changed.width == 2
+    assert config.download is True and config.width == 1  # the original is left as it was
