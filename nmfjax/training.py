@@ -449,6 +449,8 @@ def _check_same_run(workdir: pathlib.Path, config: ml_collections.ConfigDict) ->
         f"Train into another workdir (--workdir), or pass --start_over to move this run aside "
         f"(to {_replaced_name(workdir).name}) and start again"
     )
+    if workdir.exists() and not workdir.is_dir():
+        raise WorkdirError(f"the workdir {workdir} is a file; give a directory (--workdir).")
     path = workdir / "config.json"
     if not path.exists():
         if (workdir / "checkpoints").is_dir() and any((workdir / "checkpoints").iterdir()):

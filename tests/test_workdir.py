@@ -144,6 +144,12 @@ def test_the_best_checkpoint_is_still_known_after_a_restart(workdir, mock_data):
     assert 5 in kept and len(kept - {5}) <= 1 and kept & best and kept <= best | {5}, (kept, accuracies)
 
 
+def test_a_workdir_that_is_a_file_is_refused(tmp_path):
+    (tmp_path / "notes.txt").write_text("")
+    with _no_data_loading(), pytest.raises(errors.WorkdirError, match="notes.txt is a file; give a directory"):
+        training.train_and_evaluate(_config(), tmp_path / "notes.txt")
+
+
 def test_start_over_moves_the_previous_run_aside(workdir, mock_data):
     training.train_and_evaluate(_config(num_epochs=1, width=2), workdir, start_over=True)
     (aside,) = workdir.parent.glob("run.replaced-*")
