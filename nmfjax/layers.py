@@ -1,7 +1,7 @@
 """Flax NNX layers built on the NMF op: dense and patch-wise convolutional NMF.
 
 Both layers L1-normalise their input (per position, per patch) and own the raw
-weight ``u`` of SPEC section 1 as ``kernel``, a :class:`NMFWeight` variable.
+weight ``U`` of the paper's eq. 20 as ``kernel``, a :class:`NMFWeight` variable.
 ``NMFWeight`` subclasses ``nnx.Param``, so ordinary optimisers train it, and an
 optimiser can still single it out (``nnx.OfType(NMFWeight)``) to give it its
 own learning rate.
@@ -17,6 +17,7 @@ from flax import nnx
 from jax import lax
 
 from nmfjax import ops
+from nmfjax.validation import check_positive_int
 
 PaddingLike = str | int | Sequence[int] | Sequence[tuple[int, int]]
 
@@ -25,9 +26,8 @@ class NMFWeight(nnx.Param):
     """The unconstrained NMF weight ``u``; the op uses ``positive_weights(u)``."""
 
 
-def _check_positive_int(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}.")
+class PatchConvWeight(nnx.Param):
+    """The kernel of a :class:`PatchConv`, the CNNs' counterpart of :class:`NMFWeight`."""
 
 
 class L1Normalize(nnx.Module):
@@ -37,30 +37,7 @@ class L1Normalize(nnx.Module):
         return ops.l1_normalize(x)
 
 
-class _NMFOptions:
-    """Validates and stores the op's static options shared by both layers."""
-
-    def _set_nmf_options(self, iterations, epsilon, gradient, learning, adjoint_iterations):
-        ops.check_nmf_options(iterations, epsilon, gradient, learning, adjoint_iterations)
-        self.iterations = iterations
-        self.epsilon = epsilon
-        self.gradient = gradient
-        self.learning = learning
-        self.adjoint_iterations = adjoint_iterations
-
-    def _nmf(self, x: jax.Array, w: jax.Array) -> jax.Array:
-        return ops.nmf(
-            x,
-            w,
-            iterations=self.iterations,
-            epsilon=self.epsilon,
-            gradient=self.gradient,
-            learning=self.learning,
-            adjoint_iterations=self.adjoint_iterations,
-        )
-
-
-class NMFDense(nnx.Module, _NMFOptions):
+class NMFDense(nnx.Module):
     """Dense NMF layer: ``h = nmf(x / sum(x), positive_weights(kernel))``.
 
     Input ``(..., in_features)``, non-negative; output ``(..., out_features)``,
@@ -69,11 +46,12 @@ class NMFDense(nnx.Module, _NMFOptions):
     Args:
       in_features: ``S``, size of the input's last axis.
       out_features: ``I``, number of hidden units.
-      iterations, epsilon, gradient, learning, adjoint_iterations: options of
-        :func:`nmfjax.ops.nmf`.
-      kernel_init: initialiser of ``u`` (default Uniform(0, 1), SPEC section 1).
+      options: the op's :class:`~nmfjax.ops.NMFOptions` (default: ``NMFOptions()``).
+      kernel_init: initialiser of ``u`` (default Uniform(0, 1)).
       param_dtype: dtype of ``u``.
       rngs: ``nnx.Rngs`` with a ``params`` stream.
+      **option_fields: fields of :class:`~nmfjax.ops.NMFOptions` replacing those
+        of ``options``, e.g. ``NMFDense(8, 4, iterations=50, rngs=rngs)``.
     """
 
     def __init__(
@@ -81,18 +59,15 @@ class NMFDense(nnx.Module, _NMFOptions):
         in_features: int,
         out_features: int,
         *,
-        iterations: int = 20,
-        epsilon: float | None = None,
-        gradient: str = "approx",
-        learning: str = "backprop",
-        adjoint_iterations: int | None = None,
+        options: ops.NMFOptions | None = None,
         kernel_init: nnx.Initializer = nnx.initializers.uniform(scale=1.0),
         param_dtype=jnp.float32,
         rngs: nnx.Rngs,
+        **option_fields,
     ):
-        _check_positive_int("in_features", in_features)
-        _check_positive_int("out_features", out_features)
-        self._set_nmf_options(iterations, epsilon, gradient, learning, adjoint_iterations)
+        check_positive_int("in_features", in_features)
+        check_positive_int("out_features", out_features)
+        self.options = (options or ops.NMFOptions()).replace(**option_fields)
         self.in_features = in_features
         self.out_features = out_features
         self.kernel = NMFWeight(kernel_init(rngs.params(), (in_features, out_features), param_dtype))
@@ -107,7 +82,7 @@ class NMFDense(nnx.Module, _NMFOptions):
                 f"NMFDense expects inputs with in_features={self.in_features} on the last axis, "
                 f"got shape {x.shape}."
             )
-        return self._nmf(ops.l1_normalize(x), self.nmf_weights())
+        return ops.nmf(ops.l1_normalize(x), self.nmf_weights(), self.options)
 
 
 def _pair(name: str, value: int | Sequence[int]) -> tuple[int, int]:
@@ -115,7 +90,7 @@ def _pair(name: str, value: int | Sequence[int]) -> tuple[int, int]:
     if len(pair) != 2:
         raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}.")
     for entry in pair:
-        _check_positive_int(name, entry)
+        check_positive_int(name, entry)
     return pair
 
 
@@ -179,9 +154,9 @@ class _PatchLayer(nnx.Module):
     convolution layout ``(kh, kw, C / G, I)``."""
 
     def _init_patches(self, in_features, out_features, kernel_size, strides, padding, kernel_dilation, groups):
-        _check_positive_int("in_features", in_features)
-        _check_positive_int("out_features", out_features)
-        _check_positive_int("feature_group_count", groups)
+        check_positive_int("in_features", in_features)
+        check_positive_int("out_features", out_features)
+        check_positive_int("feature_group_count", groups)
         if in_features % groups or out_features % groups:
             raise ValueError(
                 f"feature_group_count={groups} must divide in_features={in_features} "
@@ -224,25 +199,26 @@ class _PatchLayer(nnx.Module):
         return y.reshape(*y.shape[:-2], self.out_features)
 
 
-class NMFConv(_PatchLayer, _NMFOptions):
-    """Patch-wise convolutional NMF (SPEC section 2), NHWC.
+class NMFConv(_PatchLayer):
+    """Patch-wise convolutional NMF, NHWC (the CNMF module of the paper, section 2.4.1).
 
     Every output position runs the NMF op on its L1-normalised patch; positions
     are independent NMF problems sharing the weight (the overlapping patches are
     not reconstructed jointly). With ``feature_group_count = G`` each group is
-    an NMF unit of its own (with ``G = 1``, exactly SPEC section 2; in the pure
-    mode ``h`` does not depend on how the patch is scaled).
+    an NMF unit of its own (in the pure mode ``h`` does not depend on how the
+    patch is scaled).
 
     Args:
       in_features: input channels ``C``.
       out_features: output channels ``I``.
       kernel_size: ``k`` or ``(kh, kw)``.
       strides, padding, kernel_dilation, feature_group_count: as ``nnx.Conv``.
-      iterations, epsilon, gradient, learning, adjoint_iterations: options of
-        :func:`nmfjax.ops.nmf`.
+      options: the op's :class:`~nmfjax.ops.NMFOptions` (default: ``NMFOptions()``).
       kernel_init: initialiser of ``u`` (default Uniform(0, 1)).
       param_dtype: dtype of ``u``.
       rngs: ``nnx.Rngs`` with a ``params`` stream.
+      **option_fields: fields of :class:`~nmfjax.ops.NMFOptions` replacing those
+        of ``options``, e.g. ``iterations=50, gradient="implicit"``.
     """
 
     def __init__(
@@ -255,19 +231,16 @@ class NMFConv(_PatchLayer, _NMFOptions):
         padding: PaddingLike = "VALID",
         kernel_dilation: int | Sequence[int] = 1,
         feature_group_count: int = 1,
-        iterations: int = 20,
-        epsilon: float | None = None,
-        gradient: str = "approx",
-        learning: str = "backprop",
-        adjoint_iterations: int | None = None,
+        options: ops.NMFOptions | None = None,
         kernel_init: nnx.Initializer = nnx.initializers.uniform(scale=1.0),
         param_dtype=jnp.float32,
         rngs: nnx.Rngs,
+        **option_fields,
     ):
         kernel_shape = self._init_patches(
             in_features, out_features, kernel_size, strides, padding, kernel_dilation, feature_group_count
         )
-        self._set_nmf_options(iterations, epsilon, gradient, learning, adjoint_iterations)
+        self.options = (options or ops.NMFOptions()).replace(**option_fields)
         self.kernel = NMFWeight(kernel_init(rngs.params(), kernel_shape, param_dtype))
 
     def nmf_weights(self) -> jax.Array:
@@ -280,8 +253,8 @@ class NMFConv(_PatchLayer, _NMFOptions):
     def __call__(self, x: jax.Array) -> jax.Array:
         patches, weights = self._normalised_patches(x), self.nmf_weights()
         if self.feature_group_count == 1:  # vmap over one group would only add transposes
-            return self._nmf(patches[..., 0, :], weights[0])
-        group_nmf = jax.vmap(self._nmf, in_axes=(-2, 0), out_axes=-2)
+            return ops.nmf(patches[..., 0, :], weights[0], self.options)
+        group_nmf = jax.vmap(lambda p, w: ops.nmf(p, w, self.options), in_axes=(-2, 0), out_axes=-2)
         return self._merge_groups(group_nmf(patches, weights))
 
     def reconstruct(self, x: jax.Array) -> jax.Array:
@@ -309,7 +282,7 @@ class NMFConv(_PatchLayer, _NMFOptions):
 
 class PatchConv(_PatchLayer):
     """Convolution without bias over L1-normalised patches: the CNN counterpart of
-    :class:`NMFConv` (SPEC section 3, module a of the CNN models).
+    :class:`NMFConv` (module a of the paper's CNN models, Figure 4b).
 
     Args are those of :class:`NMFConv` without the NMF options; ``kernel_init``
     defaults to PyTorch's convolution initialisation, Uniform(+-1/sqrt(fan_in)).
@@ -332,7 +305,7 @@ class PatchConv(_PatchLayer):
         kernel_shape = self._init_patches(
             in_features, out_features, kernel_size, strides, padding, kernel_dilation, feature_group_count
         )
-        self.kernel = nnx.Param(kernel_init(rngs.params(), kernel_shape, param_dtype))
+        self.kernel = PatchConvWeight(kernel_init(rngs.params(), kernel_shape, param_dtype))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         patches = self._normalised_patches(x)

@@ -1,4 +1,4 @@
-"""The NMF op of deep NMF networks as pure JAX functions (SPEC section 1).
+"""The NMF op of deep NMF networks as pure JAX functions (arXiv 2503.20398, section 2.3).
 
 Notation: ``S`` input features of an NMF unit, ``I`` hidden units, ``N``
 iterations. Leading batch dimensions of ``x`` are independent NMF problems
@@ -23,12 +23,15 @@ The forward pass iterates the multiplicative update
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import numbers
 
 import jax
 import jax.numpy as jnp
 from jax import lax
+
+from nmfjax.validation import check_positive_int
 
 GRADIENTS = ("approx", "unrolled", "implicit")
 LEARNING_RULES = ("backprop", "local_kl", "local_mse")
@@ -60,7 +63,7 @@ def _safe_divide_jvp(primals, tangents):
 
 
 def l1_normalize(x: jax.Array, axis: int = -1) -> jax.Array:
-    """Divides ``x`` by its sum over ``axis`` (plus 1e-19), as SPEC's ``x / (sum(x) + 1e-19)``.
+    """Divides ``x`` by its sum over ``axis`` (plus 1e-19, the guard of the authors' code).
 
     Args:
       x: non-negative array of any shape.
@@ -73,7 +76,7 @@ def l1_normalize(x: jax.Array, axis: int = -1) -> jax.Array:
 
 
 def positive_weights(u: jax.Array) -> jax.Array:
-    """Maps the unconstrained weight ``u`` to the NMF weight ``W`` (SPEC section 1).
+    """Maps the unconstrained weight ``u`` to the NMF weight ``W`` (paper eq. 20).
 
     ``W[s, i] = |u[s, i]| / (sum_s |u[s, i]| + 1e-19)``: every column of ``W``
     is non-negative and sums to one. Gradients reach ``u`` by autodiff.
@@ -95,34 +98,54 @@ def positive_weights(u: jax.Array) -> jax.Array:
     return magnitude / (column_sums + _NORMALIZE_EPS)
 
 
-def check_nmf_options(
-    iterations: int,
-    epsilon: float | None,
-    gradient: str,
-    learning: str,
-    adjoint_iterations: int | None = None,
-) -> None:
-    """Raises ``TypeError``/``ValueError`` naming a bad static option of :func:`nmf`."""
-    counts = {"iterations": iterations}
-    if adjoint_iterations is not None:
-        counts["adjoint_iterations"] = adjoint_iterations
-    for name, value in counts.items():
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-            raise TypeError(f"{name} must be a Python int >= 1, got {value!r} of type {type(value).__name__}.")
-        if value < 1:
-            raise ValueError(f"{name} must be >= 1, got {value}.")
-    if epsilon is not None:
-        if isinstance(epsilon, bool) or not isinstance(epsilon, numbers.Real):
-            raise TypeError(
-                f"epsilon must be None (pure update) or a positive float, got {epsilon!r} "
-                f"of type {type(epsilon).__name__}."
-            )
-        if not epsilon > 0:
-            raise ValueError(f"epsilon must be > 0 (or None for the pure update), got {epsilon}.")
-    if gradient not in GRADIENTS:
-        raise ValueError(f"gradient must be one of {GRADIENTS}, got {gradient!r}.")
-    if learning not in LEARNING_RULES:
-        raise ValueError(f"learning must be one of {LEARNING_RULES}, got {learning!r}.")
+@dataclasses.dataclass(frozen=True)
+class NMFOptions:
+    """The static options of :func:`nmf`, validated on construction.
+
+    One value carries them through the op's callers, the layers, the networks
+    and the config (``config.model.nmf``).
+
+    Attributes:
+      iterations: ``N``, how often the update runs (paper eq. 6), an int >= 1.
+      epsilon: ``None`` for the pure update (paper eq. 3), else the step size
+        ``epsilon`` of eq. 6, a float > 0.
+      gradient: the backward pass: ``"approx"`` (the one-step formula of paper
+        eq. 17-19, default), ``"unrolled"`` (autodiff through every iteration)
+        or ``"implicit"`` (the fixed point's adjoint).
+      learning: the gradient handed to ``w``: ``"backprop"``, or a local NMF
+        rule, ``"local_kl"`` (the KL update of paper eq. 4) or ``"local_mse"``;
+        the input gradient then still follows ``gradient``.
+      adjoint_iterations: iterations of the adjoint solve of ``"implicit"``
+        (``None``: ``iterations``).
+    """
+
+    iterations: int = 20
+    epsilon: float | None = None
+    gradient: str = "approx"
+    learning: str = "backprop"
+    adjoint_iterations: int | None = None
+
+    def __post_init__(self):
+        check_positive_int("iterations", self.iterations)
+        if self.adjoint_iterations is not None:
+            check_positive_int("adjoint_iterations", self.adjoint_iterations)
+        if self.epsilon is not None:
+            if isinstance(self.epsilon, bool) or not isinstance(self.epsilon, numbers.Real):
+                raise TypeError(
+                    f"epsilon must be None (pure update) or a positive float, got {self.epsilon!r} "
+                    f"of type {type(self.epsilon).__name__}."
+                )
+            if not self.epsilon > 0:
+                raise ValueError(f"epsilon must be > 0 (or None for the pure update), got {self.epsilon}.")
+            object.__setattr__(self, "epsilon", float(self.epsilon))
+        if self.gradient not in GRADIENTS:
+            raise ValueError(f"gradient must be one of {GRADIENTS}, got {self.gradient!r}.")
+        if self.learning not in LEARNING_RULES:
+            raise ValueError(f"learning must be one of {LEARNING_RULES}, got {self.learning!r}.")
+
+    def replace(self, **changes) -> NMFOptions:
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
 
 
 def _check_shapes(x: jax.Array, w: jax.Array) -> None:
@@ -138,7 +161,7 @@ def _check_shapes(x: jax.Array, w: jax.Array) -> None:
 
 
 def nmf_update(h: jax.Array, x: jax.Array, w: jax.Array, epsilon: float | None = None) -> jax.Array:
-    """One normalised multiplicative update of ``h`` (SPEC section 1, paper eq. 3/6).
+    """One normalised multiplicative update of ``h`` (paper eq. 3, or eq. 6 with ``epsilon``).
 
     Args:
       h: current activations, shape ``(..., I)``.
@@ -180,7 +203,7 @@ def _iterate_keeping_residuals(x, w, iterations, epsilon, *_):
 
 
 def _nmf_approx_bwd(iterations, epsilon, residuals, g):
-    """SPEC's one-step VJP at the returned ``h`` (paper eq. 18, 19):
+    """The paper's one-step VJP at the returned ``h`` (eq. 17-19):
 
     ``dx[s] = sum_i W[s,i] h[i] g[i] / R[s]`` and
     ``dW[s,i] = sum_positions h[i] x[s] / R[s] * (g[i] - dx[s])``.
@@ -228,7 +251,7 @@ def _local_fwd(h, x, w, rule):
 
 
 def _local_bwd(rule, residuals, g):
-    """Passes ``g`` through to ``h`` and hands ``w`` the local rule of SPEC section 1:
+    """Passes ``g`` through to ``h`` and hands ``w`` a local NMF rule (the KL update of paper eq. 4, or MSE):
     ``local_kl: -h x / R``, ``local_mse: -2 h (x - R)``, summed over positions."""
     x, w, h = residuals
     reconstruction = h @ w.T
@@ -242,17 +265,8 @@ def _local_bwd(rule, residuals, g):
 _with_local_weight_gradient.defvjp(_local_fwd, _local_bwd)
 
 
-def nmf(
-    x: jax.Array,
-    w: jax.Array,
-    *,
-    iterations: int = 20,
-    epsilon: float | None = None,
-    gradient: str = "approx",
-    learning: str = "backprop",
-    adjoint_iterations: int | None = None,
-) -> jax.Array:
-    """Runs ``iterations`` NMF updates of ``h`` for input ``x`` and weight ``w`` (SPEC section 1).
+def nmf(x: jax.Array, w: jax.Array, options: NMFOptions | None = None, **fields) -> jax.Array:
+    """Runs ``N`` NMF updates of ``h`` for input ``x`` and weight ``w`` (paper eq. 6, or eq. 3 when pure).
 
     ``x`` is used as given (the layers L1-normalise it first); in the pure mode
     ``h`` does not change when ``x`` is rescaled.
@@ -262,42 +276,33 @@ def nmf(
         positions sharing ``w``.
       w: positive weight of shape ``(S, I)``, columns summing to one (see
         :func:`positive_weights`).
-      iterations: number ``N`` of updates, a Python int >= 1.
-      epsilon: ``None`` for the pure update (paper eq. 3), else the step size of
-        eq. 6, a float > 0.
-      gradient: backward pass: ``"approx"`` (paper eq. 18/19, default),
-        ``"unrolled"`` (autodiff through every iteration) or ``"implicit"``
-        (fixed-point adjoint).
-      learning: gradient handed to ``w``: ``"backprop"`` (from ``gradient``), or
-        the local rules ``"local_kl"`` / ``"local_mse"`` (the input gradient then
-        still comes from ``gradient``).
-      adjoint_iterations: iterations of the adjoint solve in ``"implicit"`` mode
-        (default: ``iterations``).
+      options: an :class:`NMFOptions` (default: ``NMFOptions()``).
+      **fields: fields of :class:`NMFOptions` that replace those of ``options``,
+        e.g. ``nmf(x, w, iterations=50, gradient="implicit")``.
 
     Returns:
       ``h`` of shape ``(..., I)``: non-negative, summing to one over the last axis.
     """
-    check_nmf_options(iterations, epsilon, gradient, learning, adjoint_iterations)
+    options = dataclasses.replace(options or NMFOptions(), **fields) if fields else options or NMFOptions()
     x = jnp.asarray(x)
     w = jnp.asarray(w)
     _check_shapes(x, w)
-    epsilon = None if epsilon is None else float(epsilon)
-
     # All positions as the rows of one matrix, so that every product is a plain GEMM.
-    h = _nmf(x.reshape(-1, x.shape[-1]), w, iterations, epsilon, gradient, learning, adjoint_iterations or iterations)
+    h = _nmf(x.reshape(-1, x.shape[-1]), w, options)
     return h.reshape(*x.shape[:-1], w.shape[1])
 
 
 # Jitted so that eager calls run as one compiled program; inside a caller's jit it is inlined.
-@functools.partial(jax.jit, static_argnums=(2, 3, 4, 5, 6))
-def _nmf(x, w, iterations, epsilon, gradient, learning, adjoint_iterations):
-    core_w = w if learning == "backprop" else lax.stop_gradient(w)
-    if gradient == "approx":
+@functools.partial(jax.jit, static_argnums=2)
+def _nmf(x, w, options: NMFOptions):
+    iterations, epsilon = options.iterations, options.epsilon
+    core_w = w if options.learning == "backprop" else lax.stop_gradient(w)
+    if options.gradient == "approx":
         h = _nmf_approx(x, core_w, iterations, epsilon)
-    elif gradient == "unrolled":
+    elif options.gradient == "unrolled":
         h = _iterate(x, core_w, iterations, epsilon)
     else:
-        h = _nmf_implicit(x, core_w, iterations, epsilon, adjoint_iterations)
-    if learning != "backprop":
-        h = _with_local_weight_gradient(h, x, w, learning)
+        h = _nmf_implicit(x, core_w, iterations, epsilon, options.adjoint_iterations or iterations)
+    if options.learning != "backprop":
+        h = _with_local_weight_gradient(h, x, w, options.learning)
     return h

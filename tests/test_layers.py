@@ -139,7 +139,7 @@ def test_l1_normalize_sums_the_last_axis_to_one():
     [
         (lambda: NMFDense(0, 3, rngs=nnx.Rngs(0)), "in_features must be a positive int, got 0"),
         (lambda: NMFDense(4, 3, gradient="exact", rngs=nnx.Rngs(0)), "gradient must be one of"),
-        (lambda: NMFDense(4, 3, iterations=0, rngs=nnx.Rngs(0)), "iterations must be >= 1"),
+        (lambda: NMFDense(4, 3, iterations=0, rngs=nnx.Rngs(0)), "iterations must be a positive int, got 0"),
         (lambda: NMFConv(6, 4, 3, feature_group_count=4, rngs=nnx.Rngs(0)), "feature_group_count=4 must divide"),
         (lambda: NMFConv(6, 4, (3, 3, 3), rngs=nnx.Rngs(0)), "kernel_size must be an int or a pair"),
         (lambda: NMFConv(6, 4, 3, padding="FULL", rngs=nnx.Rngs(0)), "padding must be 'SAME', 'VALID'"),

@@ -289,9 +289,9 @@ def test_shape_mismatch_raises(x_shape, w_shape, match):
 @pytest.mark.parametrize(
     "options, error, match",
     [
-        ({"iterations": 0}, ValueError, "iterations must be >= 1, got 0"),
-        ({"iterations": 2.5}, TypeError, "iterations must be a Python int"),
-        ({"adjoint_iterations": -1, "gradient": "implicit"}, ValueError, "adjoint_iterations must be >= 1"),
+        ({"iterations": 0}, ValueError, "iterations must be a positive int, got 0"),
+        ({"iterations": 2.5}, TypeError, "iterations must be a positive int, got 2.5"),
+        ({"adjoint_iterations": -1, "gradient": "implicit"}, ValueError, "adjoint_iterations must be a positive int, got -1"),
         ({"epsilon": 0.0}, ValueError, "epsilon must be > 0.*got 0.0"),
         ({"epsilon": -1.0}, ValueError, "epsilon must be > 0"),
         ({"epsilon": "big"}, TypeError, "epsilon must be None.*'big'"),
