@@ -1,110 +1,52 @@
-"""The paper's four networks (SPEC section 3): CNN, CNMF, CNN+1x1 and CNMF+1x1.
+"""The paper's four networks (arXiv 2503.20398, section 2.5, Figure 4): CNN, CNMF, CNN+1x1 and CNMF+1x1.
 
 Each network is a stack of blocks. Block ``b``:
 
 1. ReLU, then module a over ``k_b x k_b`` patches that are L1-normalised:
    NMF (:class:`~nmfjax.layers.NMFConv`) or a bias-free convolution
    (:class:`~nmfjax.layers.PatchConv`);
-2. BatchNorm where the block has one (SPEC: while the map is larger than 1x1);
-3. in the "+1x1" networks, module b: ReLU, L1-normalise over channels, a 1x1
-   convolution with bias initialised to the identity plus Uniform(+-0.5e-4)
-   noise, and BatchNorm again where the block has one;
+2. BatchNorm where the block has one (while the map is larger than 1x1);
+3. in the "+1x1" networks, module b (:class:`MixingConv`): ReLU, L1-normalise
+   over channels, a 1x1 convolution with bias initialised to the identity plus
+   Uniform(+-0.5e-4) noise, and BatchNorm again where the block has one;
 4. 2x2 average pooling where the block has it.
 
-After the last block, a softmax over the channels of the 1x1 map.
+After the last block, a softmax over the channels of the 1x1 map. An
+architecture is a choice of module a and of module b (:data:`ARCHITECTURES`);
+every field of :class:`NetworkSpec` is a field of ``config.model``
+(:func:`model_config`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
-from collections.abc import Sequence
+import types
+import typing
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 from flax import nnx
+from ml_collections import config_dict
 
 from nmfjax import ops
-from nmfjax.layers import NMFConv, PatchConv
+from nmfjax.layers import NMFConv, NMFWeight, PatchConv, PatchConvWeight
+from nmfjax.validation import is_positive_int
 
-# name -> (module a, with the 1x1 mixing module)
-ARCHITECTURES = {
-    "cnn": ("conv", False),
-    "cnmf": ("nmf", False),
-    "cnn_1x1": ("conv", True),
-    "cnmf_1x1": ("nmf", True),
-}
 BATCH_NORM_STATISTICS = ("batch", "running")
 _MIXING_INIT_NOISE = 0.5e-4
+ModuleDef = Callable[..., nnx.Module]
 
 
-@dataclasses.dataclass(frozen=True)
-class NetworkSpec:
-    """Everything that decides a network's structure; built from a config by :func:`network_spec`.
+class MixingParam(nnx.Param):
+    """A weight or bias of a 1x1 mixing convolution (module b)."""
 
-    ``kernel_sizes`` entries of 0 mean "the whole remaining map" (block 3 of SPEC).
-    """
 
-    architecture: str = "cnmf_1x1"
-    input_shape: tuple[int, int, int] = (28, 28, 3)
-    kernel_sizes: tuple[int, ...] = (5, 5, 0, 1)
-    features: tuple[int, ...] = (32, 64, 96, 10)
-    pooling: tuple[bool, ...] = (True, True, False, False)
-    batch_norm: tuple[bool, ...] = (True, True, False, False)
-    groups: tuple[int, ...] = (1, 1, 1, 1)
-    mix_groups: tuple[int, ...] = (1, 1, 1, 1)
-    width: int = 1
-    batch_norm_statistics: str = "batch"
-    iterations: int = 20
-    epsilon: float | None = None
-    gradient: str = "approx"
-    learning: str = "backprop"
-    readout_learning: str | None = None  # the last block's NMF layer; None: as ``learning``
-    adjoint_iterations: int | None = None
-
-    def __post_init__(self):
-        if self.architecture not in ARCHITECTURES:
-            raise ValueError(f"config.model must be one of {tuple(ARCHITECTURES)}, got {self.architecture!r}.")
-        blocks = len(self.features)
-        for name in ("kernel_sizes", "pooling", "batch_norm", "groups", "mix_groups"):
-            if len(getattr(self, name)) != blocks:
-                raise ValueError(
-                    f"config.{name} has {len(getattr(self, name))} entries but config.features has {blocks}: "
-                    "give one entry per block."
-                )
-        for name in ("features", "groups", "mix_groups"):
-            if any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in getattr(self, name)):
-                raise ValueError(f"config.{name} must hold positive ints, got {getattr(self, name)}.")
-        if any(not isinstance(k, int) or k < 0 for k in self.kernel_sizes):
-            raise ValueError(f"config.kernel_sizes must hold ints >= 0 (0: whole map), got {self.kernel_sizes}.")
-        if isinstance(self.width, bool) or not isinstance(self.width, int) or self.width < 1:
-            raise ValueError(f"config.width must be a positive int, got {self.width!r}.")
-        if self.batch_norm_statistics not in BATCH_NORM_STATISTICS:
-            raise ValueError(
-                f"config.batch_norm_statistics must be one of {BATCH_NORM_STATISTICS}, "
-                f"got {self.batch_norm_statistics!r}."
-            )
-        try:
-            for learning in (self.learning, self.block_learning(-1)):
-                ops.check_nmf_options(self.iterations, self.epsilon, self.gradient, learning, self.adjoint_iterations)
-        except (TypeError, ValueError) as error:
-            raise type(error)(f"config.nmf: {error}") from None
-
-    def block_learning(self, index: int) -> str:
-        """How block ``index``'s NMF weights learn: ``readout_learning`` for the last block
-        (when set), ``learning`` for the others."""
-        is_readout = index in (-1, len(self.features) - 1)
-        return self.readout_learning if is_readout and self.readout_learning is not None else self.learning
-
-    @property
-    def uses_nmf(self) -> bool:
-        """Whether module a of every block is an NMF layer (cnmf, cnmf_1x1)."""
-        return ARCHITECTURES[self.architecture][0] == "nmf"
-
-    @property
-    def block_features(self) -> tuple[int, ...]:
-        """Outputs per block after the width multiplier (all blocks but the last)."""
-        return tuple(f * self.width for f in self.features[:-1]) + (self.features[-1],)
+class BatchNormParam(nnx.Param):
+    """The scale or shift of a BatchNorm layer."""
 
 
 class BatchNorm(nnx.BatchNorm):
@@ -114,6 +56,7 @@ class BatchNorm(nnx.BatchNorm):
 
     def __init__(self, num_features: int, *, statistics: str, rngs: nnx.Rngs):
         super().__init__(num_features, momentum=0.9, epsilon=1e-5, rngs=rngs)
+        self.scale, self.bias = BatchNormParam(self.scale[...]), BatchNormParam(self.bias[...])
         self.statistics = statistics
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -137,59 +80,230 @@ def _small_noise(key, shape, dtype=jnp.float32):
     return jax.random.uniform(key, shape, dtype, -_MIXING_INIT_NOISE, _MIXING_INIT_NOISE)
 
 
+class MixingConv(nnx.Conv):
+    """Module b: a 1x1 convolution over ``features`` channels that starts as the identity
+    plus Uniform(+-0.5e-4) noise (weights and bias), so it can remix, and inhibit, the
+    positive outputs of module a (paper section 2.4.2). Its kernel and bias are
+    :class:`MixingParam` variables."""
+
+    def __init__(self, features: int, *, feature_group_count: int = 1, rngs: nnx.Rngs):
+        super().__init__(
+            features,
+            features,
+            (1, 1),
+            feature_group_count=feature_group_count,
+            kernel_init=_identity_plus_noise(features, feature_group_count),
+            bias_init=_small_noise,
+            rngs=rngs,
+        )
+        self.kernel, self.bias = MixingParam(self.kernel[...]), MixingParam(self.bias[...])
+
+
+def nmf_module(options: ops.NMFOptions) -> ModuleDef:
+    """Module a of the NMF networks: :class:`~nmfjax.layers.NMFConv` with the block's options."""
+    return functools.partial(NMFConv, options=options)
+
+
+def conv_module(options: ops.NMFOptions) -> ModuleDef:
+    """Module a of the CNNs: :class:`~nmfjax.layers.PatchConv` (the NMF options do not apply)."""
+    del options
+    return PatchConv
+
+
+@dataclasses.dataclass(frozen=True)
+class Architecture:
+    """A network of the paper as the modules its blocks are made of.
+
+    Attributes:
+      module_a: given a block's NMF options, the module-a constructor
+        ``(in_features, out_features, kernel_size, *, feature_group_count, rngs)``.
+      mixing: the module-b constructor ``(features, *, feature_group_count, rngs)``,
+        or None for no module b.
+    """
+
+    module_a: Callable[[ops.NMFOptions], ModuleDef]
+    mixing: ModuleDef | None = None
+
+
+ARCHITECTURES = {
+    "cnn": Architecture(conv_module),
+    "cnmf": Architecture(nmf_module),
+    "cnn_1x1": Architecture(conv_module, MixingConv),
+    "cnmf_1x1": Architecture(nmf_module, MixingConv),
+}
+
+# Learning-rate groups by variable type (paper section 2.6; the authors' code): module a, module b, BatchNorm.
+PARAMETER_GROUPS = {
+    "module_a": (NMFWeight, PatchConvWeight),
+    "mixing": (MixingParam,),
+    "batch_norm": (BatchNormParam,),
+}
+
+
+def parameter_group(variable: nnx.Variable) -> str:
+    """The learning-rate group of a parameter, by its variable type (see :data:`PARAMETER_GROUPS`).
+
+    Raises:
+      TypeError: for a parameter of no group, so that no parameter silently
+        takes another group's learning rate.
+    """
+    for group, variable_types in PARAMETER_GROUPS.items():
+        if isinstance(variable, variable_types):
+            return group
+    raise TypeError(
+        f"a parameter of type {type(variable).__name__} belongs to no learning-rate group; "
+        f"add its type to nmfjax.models.PARAMETER_GROUPS."
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class NetworkSpec:
+    """Everything that decides a network's structure: ``config.model`` plus the input shape.
+
+    Attributes:
+      architecture: a key of :data:`ARCHITECTURES`.
+      input_shape: ``(height, width, channels)`` of the (cropped) images.
+      kernel_sizes: module a's kernel per block; 0 is "the whole remaining map"
+        (block 3 of the paper's networks).
+      features: outputs per block (paper: 32, 64, 96, 10).
+      pooling: 2x2 average pooling after the block.
+      batch_norm: BatchNorm in the block (only while the map is larger than 1x1).
+      groups: groups of module a (paper section 3.1).
+      mix_groups: groups of module b.
+      width: multiplies the outputs of every block but the last (paper's sweep: 1, 2, 4, 8).
+      batch_norm_statistics: ``"batch"`` (the authors': also in evaluation) or ``"running"``.
+      nmf: options of the NMF op in module a.
+      readout_learning: how the last block's NMF weights learn; None: as ``nmf.learning``.
+    """
+
+    architecture: str = "cnmf_1x1"
+    input_shape: tuple[int, int, int] = (28, 28, 3)
+    kernel_sizes: tuple[int, ...] = (5, 5, 0, 1)
+    features: tuple[int, ...] = (32, 64, 96, 10)
+    pooling: tuple[bool, ...] = (True, True, False, False)
+    batch_norm: tuple[bool, ...] = (True, True, False, False)
+    groups: tuple[int, ...] = (1, 1, 1, 1)
+    mix_groups: tuple[int, ...] = (1, 1, 1, 1)
+    width: int = 1
+    batch_norm_statistics: str = "batch"
+    nmf: ops.NMFOptions = ops.NMFOptions()
+    readout_learning: str | None = None
+
+    def __post_init__(self):
+        if self.architecture not in ARCHITECTURES:
+            raise ValueError(f"config.model.architecture must be one of {tuple(ARCHITECTURES)}, got {self.architecture!r}.")
+        blocks = len(self.features)
+        for name in ("kernel_sizes", "pooling", "batch_norm", "groups", "mix_groups"):
+            if len(getattr(self, name)) != blocks:
+                raise ValueError(
+                    f"config.model.{name} has {len(getattr(self, name))} entries but config.model.features has "
+                    f"{blocks}: give one entry per block."
+                )
+        for name in ("features", "groups", "mix_groups"):
+            if not all(is_positive_int(v) for v in getattr(self, name)):
+                raise ValueError(f"config.model.{name} must hold positive ints, got {getattr(self, name)}.")
+        if any(not isinstance(k, int) or k < 0 for k in self.kernel_sizes):
+            raise ValueError(f"config.model.kernel_sizes must hold ints >= 0 (0: whole map), got {self.kernel_sizes}.")
+        if not is_positive_int(self.width):
+            raise ValueError(f"config.model.width must be a positive int, got {self.width!r}.")
+        if self.batch_norm_statistics not in BATCH_NORM_STATISTICS:
+            raise ValueError(
+                f"config.model.batch_norm_statistics must be one of {BATCH_NORM_STATISTICS}, "
+                f"got {self.batch_norm_statistics!r}."
+            )
+        try:
+            self.block_nmf(-1)
+        except (TypeError, ValueError) as error:
+            raise type(error)(f"config.model.readout_learning: {error}") from None
+
+    @classmethod
+    def from_config(cls, model: ml_collections.ConfigDict, input_shape: tuple[int, int, int]) -> NetworkSpec:
+        """The spec of ``config.model`` for inputs of ``input_shape``."""
+        fields = model.to_dict()
+        try:
+            nmf = ops.NMFOptions(**fields.pop("nmf"))
+        except (TypeError, ValueError) as error:
+            raise type(error)(f"config.model.nmf: {error}") from None
+        fields = {name: tuple(value) if isinstance(value, list) else value for name, value in fields.items()}
+        return cls(input_shape=tuple(input_shape), nmf=nmf, **fields)
+
+    def block_nmf(self, index: int) -> ops.NMFOptions:
+        """Block ``index``'s NMF options: ``readout_learning`` replaces the learning rule of
+        the last block (when set)."""
+        is_readout = index in (-1, len(self.features) - 1)
+        if is_readout and self.readout_learning is not None:
+            return self.nmf.replace(learning=self.readout_learning)
+        return self.nmf
+
+    @property
+    def uses_nmf(self) -> bool:
+        """Whether module a of every block is an NMF layer (cnmf, cnmf_1x1)."""
+        return ARCHITECTURES[self.architecture].module_a is nmf_module
+
+    @property
+    def block_features(self) -> tuple[int, ...]:
+        """Outputs per block after the width multiplier (all blocks but the last)."""
+        return tuple(f * self.width for f in self.features[:-1]) + (self.features[-1],)
+
+
+def _placeholder_type(annotation) -> type | None:
+    """``X | None`` -> ``X``, for the typed placeholders of ConfigDict."""
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        (kind,) = [arg for arg in typing.get_args(annotation) if arg is not type(None)]
+        return kind
+    return None
+
+
+def _as_config(instance) -> ml_collections.ConfigDict:
+    """A frozen dataclass's fields as a ConfigDict: nested dataclasses nest, ``X | None`` fields
+    become typed placeholders (so ``--config.model.readout_learning=local_kl`` parses)."""
+    hints = typing.get_type_hints(type(instance))
+    config = ml_collections.ConfigDict()
+    for field in dataclasses.fields(instance):
+        value = getattr(instance, field.name)
+        if dataclasses.is_dataclass(value):
+            config[field.name] = _as_config(value)
+        elif value is None:
+            config[field.name] = config_dict.placeholder(_placeholder_type(hints[field.name]))
+        else:
+            config[field.name] = value
+    return config
+
+
+def model_config(**changes) -> ml_collections.ConfigDict:
+    """``config.model``: the fields of :class:`NetworkSpec` but ``input_shape``, with their defaults
+    (the paper's CNMF+1x1), ``nmf`` nested; ``changes`` replace defaults, e.g. ``architecture="cnn"``."""
+    config = _as_config(NetworkSpec(**changes))
+    del config["input_shape"]  # from the dataset and the crop
+    return config
+
+
 class Block(nnx.Module):
-    """One block: module a, BatchNorm, optional 1x1 mixing module, optional pooling."""
+    """One block: module a, BatchNorm, optional module b (mixing) with its BatchNorm, optional pooling."""
 
     def __init__(
         self,
-        spec: NetworkSpec,
-        index: int,
         in_features: int,
+        out_features: int,
         kernel_size: int,
         *,
+        module_a: ModuleDef,
+        mixing: ModuleDef | None,
+        groups: int,
+        mix_groups: int,
+        batch_norm: bool,
+        statistics: str,
+        pooling: bool,
         rngs: nnx.Rngs,
     ):
-        module, mixing = ARCHITECTURES[spec.architecture]
-        features = spec.block_features[index]
-        groups = spec.groups[index]
-        self.pooling = spec.pooling[index]
-        if module == "nmf":
-            self.module_a = NMFConv(
-                in_features,
-                features,
-                kernel_size,
-                feature_group_count=groups,
-                iterations=spec.iterations,
-                epsilon=spec.epsilon,
-                gradient=spec.gradient,
-                learning=spec.block_learning(index),
-                adjoint_iterations=spec.adjoint_iterations,
-                rngs=rngs,
-            )
-        else:
-            self.module_a = PatchConv(in_features, features, kernel_size, feature_group_count=groups, rngs=rngs)
-        use_norm = spec.batch_norm[index]
-        statistics = spec.batch_norm_statistics
-        self.norm_a = BatchNorm(features, statistics=statistics, rngs=rngs) if use_norm else None
+        self.pooling = pooling
+        self.module_a = module_a(in_features, out_features, kernel_size, feature_group_count=groups, rngs=rngs)
+        self.norm_a = BatchNorm(out_features, statistics=statistics, rngs=rngs) if batch_norm else None
         mixing_module = mixing_norm = None
-        if mixing:
-            mix_groups = spec.mix_groups[index]
-            if features % mix_groups:
-                raise ValueError(
-                    f"config.mix_groups[{index}]={mix_groups} must divide the {features} outputs of block {index + 1}."
-                )
-            mixing_module = nnx.Conv(
-                features,
-                features,
-                (1, 1),
-                feature_group_count=mix_groups,
-                kernel_init=_identity_plus_noise(features, mix_groups),
-                bias_init=_small_noise,
-                rngs=rngs,
-            )
-            mixing_norm = BatchNorm(features, statistics=statistics, rngs=rngs) if use_norm else None
-        self.mixing = mixing_module
-        self.norm_b = mixing_norm
+        if mixing is not None:
+            mixing_module = mixing(out_features, feature_group_count=mix_groups, rngs=rngs)
+            mixing_norm = BatchNorm(out_features, statistics=statistics, rngs=rngs) if batch_norm else None
+        self.mixing, self.norm_b = mixing_module, mixing_norm
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x = self.module_a(nnx.relu(x))
@@ -205,33 +319,53 @@ class Block(nnx.Module):
 
 
 class Network(nnx.Module):
-    """One of the four networks of SPEC section 3, from a :class:`NetworkSpec`.
+    """One of the paper's four networks, from a :class:`NetworkSpec`.
 
     ``logits(x)`` returns the last block's ``(batch, classes)`` output and
-    ``__call__`` the softmax probabilities of SPEC. Inputs are NHWC images in
+    ``__call__`` the softmax probabilities. Inputs are NHWC images in
     ``[0, 1]`` of shape ``spec.input_shape``.
     """
 
     def __init__(self, spec: NetworkSpec, *, rngs: nnx.Rngs):
         self.spec = spec
+        architecture = ARCHITECTURES[spec.architecture]
         size, _, channels = spec.input_shape
         blocks = []
         for index, kernel_size in enumerate(spec.kernel_sizes):
             kernel_size = kernel_size or size
             if kernel_size > size:
                 raise ValueError(
-                    f"config.kernel_sizes[{index}]={kernel_size} is larger than the {size}x{size} map "
+                    f"config.model.kernel_sizes[{index}]={kernel_size} is larger than the {size}x{size} map "
                     f"that block {index + 1} receives; use 0 for the whole map."
                 )
-            blocks.append(Block(spec, index, channels, kernel_size, rngs=rngs))
+            features = spec.block_features[index]
+            if architecture.mixing is not None and features % spec.mix_groups[index]:
+                raise ValueError(
+                    f"config.model.mix_groups[{index}]={spec.mix_groups[index]} must divide the {features} "
+                    f"outputs of block {index + 1}."
+                )
+            block = Block(
+                channels,
+                features,
+                kernel_size,
+                module_a=architecture.module_a(spec.block_nmf(index)),
+                mixing=architecture.mixing,
+                groups=spec.groups[index],
+                mix_groups=spec.mix_groups[index],
+                batch_norm=spec.batch_norm[index],
+                statistics=spec.batch_norm_statistics,
+                pooling=spec.pooling[index],
+                rngs=rngs,
+            )
+            blocks.append(block)
             size = size - kernel_size + 1
             if spec.pooling[index]:
                 size //= 2
-            channels = spec.block_features[index]
+            channels = features
         if size != 1:
             raise ValueError(
-                f"the last block leaves a {size}x{size} map; config.kernel_sizes={spec.kernel_sizes} and "
-                f"config.pooling={spec.pooling} must reduce the {spec.input_shape[0]}x{spec.input_shape[0]} "
+                f"the last block leaves a {size}x{size} map; config.model.kernel_sizes={spec.kernel_sizes} and "
+                f"config.model.pooling={spec.pooling} must reduce the {spec.input_shape[0]}x{spec.input_shape[0]} "
                 "input to 1x1 (a kernel size of 0 covers the whole map)."
             )
         self.blocks = nnx.List(blocks)
@@ -250,10 +384,10 @@ def count_parameters(model: nnx.Module, filter_=nnx.Param) -> int:
     return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(nnx.state(model, filter_)))
 
 
-def parameter_group(path: Sequence) -> str:
-    """The learning-rate group of a parameter path: ``"module_a"``, ``"mixing"`` or ``"batch_norm"``."""
-    names = [str(getattr(entry, "key", entry)) for entry in path]
-    for group in ("module_a", "mixing"):
-        if group in names:
-            return group
-    return "batch_norm"
+def parameters_by_group(model: nnx.Module) -> dict[str, int]:
+    """How many trainable values each learning-rate group holds (see :data:`PARAMETER_GROUPS`)."""
+    counts = dict.fromkeys(PARAMETER_GROUPS, 0)
+    for variable in jax.tree.leaves(nnx.state(model, nnx.Param), is_leaf=lambda v: isinstance(v, nnx.Variable)):
+        counts[parameter_group(variable)] += math.prod(variable.shape)
+    return counts
+

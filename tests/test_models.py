@@ -1,4 +1,4 @@
-"""The four networks of SPEC section 3."""
+"""The paper's four networks (section 2.5)."""
 
 import jax
 import jax.numpy as jnp
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from nmfjax import models
+from nmfjax import models, ops
 from nmfjax.layers import NMFConv, PatchConv
 from tests.test_layers import hand_patches
 
@@ -22,7 +22,7 @@ def test_default_parameter_counts_equal_spec(architecture, parameters):
 
 @pytest.mark.parametrize("architecture", list(models.ARCHITECTURES))
 def test_network_outputs_probabilities(architecture):
-    model = models.Network(models.NetworkSpec(architecture=architecture, iterations=3), rngs=nnx.Rngs(0))
+    model = models.Network(models.NetworkSpec(architecture=architecture, nmf=ops.NMFOptions(iterations=3)), rngs=nnx.Rngs(0))
     images = jax.random.uniform(jax.random.key(0), (4, 28, 28, 3))
     probabilities = model(images)
     assert probabilities.shape == (4, 10)
@@ -78,24 +78,31 @@ def test_patch_conv_is_a_linear_map_of_normalised_patches():
 
 def test_parameter_groups_cover_module_a_mixing_and_batch_norm():
     model = models.Network(models.NetworkSpec(), rngs=nnx.Rngs(0))
-    groups = {}
-    for path, value in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-        groups.setdefault(models.parameter_group(path), 0)
-        groups[models.parameter_group(path)] += value.size
+    groups = models.parameters_by_group(model)
     assert groups == {"module_a": 2400 + 51200 + 98304 + 960, "mixing": 14638, "batch_norm": 384}
+    assert models.parameters_by_group(models.Network(models.NetworkSpec(architecture="cnn"), rngs=nnx.Rngs(0))) == {
+        "module_a": 2400 + 51200 + 98304 + 960,
+        "mixing": 0,
+        "batch_norm": 192,
+    }
+
+
+def test_a_parameter_of_no_group_is_an_error_not_a_silent_default():
+    with pytest.raises(TypeError, match="a parameter of type Param belongs to no learning-rate group"):
+        models.parameter_group(nnx.Param(jnp.zeros(3)))
 
 
 @pytest.mark.parametrize(
     "spec, match",
     [
-        (dict(architecture="resnet"), "config.model must be one of"),
-        (dict(kernel_sizes=(5, 5, 0)), "config.kernel_sizes has 3 entries but config.features has 4"),
-        (dict(pooling=(True,)), "config.pooling has 1 entries"),
+        (dict(architecture="resnet"), "config.model.architecture must be one of"),
+        (dict(kernel_sizes=(5, 5, 0)), "config.model.kernel_sizes has 3 entries but config.model.features has 4"),
+        (dict(pooling=(True,)), "config.model.pooling has 1 entries"),
         (dict(kernel_sizes=(5, 5, 3, 1)), "leaves a 2x2 map"),
-        (dict(kernel_sizes=(5, 5, 9, 1)), r"config.kernel_sizes\[2\]=9 is larger than the 4x4 map"),
-        (dict(batch_norm_statistics="none"), "config.batch_norm_statistics must be one of"),
+        (dict(kernel_sizes=(5, 5, 9, 1)), r"config.model.kernel_sizes\[2\]=9 is larger than the 4x4 map"),
+        (dict(batch_norm_statistics="none"), "config.model.batch_norm_statistics must be one of"),
         (dict(groups=(1, 3, 1, 1)), "feature_group_count=3 must divide"),
-        (dict(gradient="exact"), "config.nmf: gradient must be one of"),
+        (dict(readout_learning="hebb"), "config.model.readout_learning: learning must be one of"),
     ],
 )
 def test_bad_specs_name_the_config_field(spec, match):
