@@ -45,7 +45,7 @@ def main(argv):
 
     with cli.exit_on_errors():
         training.train_and_evaluate(
-            FLAGS.config, FLAGS.workdir or f"runs/{FLAGS.config.model}", start_over=FLAGS.start_over
+            FLAGS.config, FLAGS.workdir or f"runs/{FLAGS.config.model.architecture}", start_over=FLAGS.start_over
         )
 
 

@@ -3,10 +3,10 @@
     python train.py --config configs/cnmf.py --workdir runs/cnmf
 """
 
-from configs import default
+from nmfjax.configuration import default_config
 
 
 def get_config():
-    config = default.get_config()
-    config.model = "cnmf"
+    config = default_config()
+    config.model.architecture = "cnmf"
     return config

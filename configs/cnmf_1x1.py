@@ -3,10 +3,10 @@
     python train.py --config configs/cnmf_1x1.py --workdir runs/cnmf_1x1
 """
 
-from configs import default
+from nmfjax.configuration import default_config
 
 
 def get_config():
-    config = default.get_config()
-    config.model = "cnmf_1x1"
+    config = default_config()
+    config.model.architecture = "cnmf_1x1"
     return config

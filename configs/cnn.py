@@ -3,10 +3,10 @@
     python train.py --config configs/cnn.py --workdir runs/cnn
 """
 
-from configs import default
+from nmfjax.configuration import default_config
 
 
 def get_config():
-    config = default.get_config()
-    config.model = "cnn"
+    config = default_config()
+    config.model.architecture = "cnn"
     return config

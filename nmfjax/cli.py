@@ -21,6 +21,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from nmfjax.errors import TrainingInterrupted, UserError
+from nmfjax.validation import is_positive_int
 
 USER_ERROR_STATUS = 2
 
@@ -59,8 +60,8 @@ def positive_int(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive int, got {text!r}") from None
-    if value < 1:
+        value = None
+    if not is_positive_int(value):
         raise argparse.ArgumentTypeError(f"expected a positive int, got {text!r}")
     return value
 
@@ -122,5 +123,5 @@ def override_config(config: ml_collections.ConfigDict, assignments: Sequence[str
         holder = config_flags.DEFINE_config_dict("config", copy.deepcopy(config), flag_values=flag_values, sys_argv=argv)
         flag_values(argv)
     except (flags.Error, AttributeError, KeyError) as error:  # unknown fields surface while the flag is defined
-        fail(flag_error_message(error, argv).replace("flag --config.", "").replace("--config.", ""))
+        fail(flag_error_message(error, argv).replace("flag --config.", "--config."))
     return holder.value

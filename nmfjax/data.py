@@ -1,6 +1,6 @@
 """Input pipeline: TFDS datasets decoded once into resident uint8 arrays, and the
 paper's augmentation as pure JAX functions that run inside the jitted step
-(SPEC section 4).
+(arXiv 2503.20398, section 2.6).
 
 Train images get a random crop (no padding), a horizontal flip with p = 0.5 and
 torchvision-style colour jitter (brightness 0.5, contrast 0.1, saturation 0.1,
@@ -32,7 +32,7 @@ from nmfjax.errors import ConfigError, DatasetUnavailableError, describe
 class DatasetInfo:
     image_size: int  # side of the stored square images
     channels: int
-    crop_size: int  # default crop (SPEC: 28 of 32 for CIFAR-10, 24 of 28 for MNIST)
+    crop_size: int  # default crop (28 of 32 for CIFAR-10, as the paper; 24 of 28 for MNIST, as the authors' code)
     num_classes: int = 10
 
 
@@ -185,7 +185,7 @@ def load_split(
 # --- augmentation, on the device ---
 
 
-def _to_float(images: jax.Array) -> jax.Array:
+def to_float(images: jax.Array) -> jax.Array:
     """uint8 pixels to float32 in [0, 1]; float images pass unchanged."""
     if jnp.issubdtype(images.dtype, jnp.floating):
         return images
@@ -196,7 +196,7 @@ def center_crop(images: jax.Array, crop_size: int) -> jax.Array:
     """``(B, H, W, C)`` uint8 (or float in [0, 1]) -> ``(B, crop, crop, C)`` float32 in [0, 1]."""
     top = (images.shape[1] - crop_size) // 2
     left = (images.shape[2] - crop_size) // 2
-    return _to_float(images[:, top : top + crop_size, left : left + crop_size])
+    return to_float(images[:, top : top + crop_size, left : left + crop_size])
 
 
 def _grayscale(image: jax.Array) -> jax.Array:
@@ -225,7 +225,7 @@ def _augment_one(key, image, crop_size, flip, brightness, contrast, saturation, 
         for k, size in zip(jax.random.split(crop_key), (height, width))
     )
     image = jax.lax.dynamic_slice(image, (top, left, 0), (crop_size, crop_size, channels))
-    image = _to_float(image)
+    image = to_float(image)
     if flip:
         image = jnp.where(jax.random.bernoulli(flip_key), image[:, ::-1], image)
 
@@ -244,7 +244,7 @@ def _augment_one(key, image, crop_size, flip, brightness, contrast, saturation, 
 
 
 def augment(key: jax.Array, images: jax.Array, crop_size: int, config) -> jax.Array:
-    """The training augmentation of SPEC section 4 for a batch.
+    """The training augmentation of the paper (section 2.6) for a batch.
 
     Args:
       key: a ``jax.random.key``.

@@ -33,17 +33,16 @@ def shared_tfds() -> str:
 
 def tiny_config(model="cnmf_1x1", **overrides):
     """A model config with a small, fast recipe for tests."""
-    from configs import default
-    from nmfjax import training
+    from nmfjax import configuration
 
-    config = default.get_config()
-    config.model = model
+    config = configuration.default_config()
+    config.model.architecture = model
     config.batch_size = 10
     config.eval_batch_size = 10
-    config.nmf.iterations = 3
+    config.model.nmf.iterations = 3
     config.num_epochs = 1
     config.log_every_steps = 1
-    return training.apply_overrides(config, overrides)
+    return configuration.apply_overrides(config, overrides)
 
 
 # --- train.py and other commands as real processes ---

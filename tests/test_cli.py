@@ -6,8 +6,7 @@ import sys
 
 import pytest
 
-from configs import default
-from nmfjax import bench, experiments, plots
+from nmfjax import bench, configuration, experiments, plots
 from tests.conftest import MOCK_DATA, ROOT, run_process, script_command, train_command
 
 CNN = str(ROOT / "configs" / "cnn.py")
@@ -23,10 +22,10 @@ def _assert_one_error_line(child, expected: str) -> None:
 
 def _saved_run(workdir: pathlib.Path, epochs: int = 0, **changes) -> pathlib.Path:
     """A workdir as train.py leaves it for configs/cnn.py (config.json, metrics rows), without training."""
-    config = default.get_config()
-    config.model = "cnn"
+    config = configuration.default_config()
+    config.model.architecture = "cnn"
     for name, value in changes.items():
-        config[name] = value
+        config.model[name] = value
     workdir.mkdir(parents=True)
     (workdir / "config.json").write_text(config.to_json_best_effort())
     rows = [{"epoch": epoch, "test_accuracy": 0.1} for epoch in range(1, epochs + 1)]
@@ -37,10 +36,10 @@ def _saved_run(workdir: pathlib.Path, epochs: int = 0, **changes) -> pathlib.Pat
 TRAIN_MISTAKES = {
     "missing config file": (["--config", "configs/nope.py"], "config file configs/nope.py does not exist"),
     "no config": ([], "--config is required"),
-    "bad value": (["--config", CNN, "--config.nmf.iterations=0"], "config.nmf: iterations must be >= 1, got 0"),
+    "bad value": (["--config", CNN, "--config.model.nmf.iterations=0"], "config.model.nmf: iterations must be a positive int, got 0"),
     "bad range": (["--config", CNN, "--config.augment.hue=0.9"], "config.augment.hue must be a number in [0, 0.5]"),
     "bad type": (["--config", CNN, "--config.download=maybe"], "--config.download=maybe"),
-    "unknown field": (["--config", CNN, "--config.nmf.iteration=3"], "the config has no field 'iteration'"),
+    "unknown field": (["--config", CNN, "--config.model.nmf.iteration=3"], "the config has no field 'iteration'"),
     "stray argument": (["--config", CNN, "cnn"], "unexpected arguments ['cnn']"),
 }
 
@@ -61,8 +60,8 @@ def test_train_py_reports_missing_data_in_one_line(tmp_path):
 
 def test_train_py_reports_a_mismatched_workdir_in_one_line(tmp_path):
     workdir = _saved_run(tmp_path / "run", width=1)
-    child = run_process(train_command("--config", CNN, f"--workdir={workdir}", "--config.width=2"), tmp_path / "p")
-    _assert_one_error_line(child, f"{workdir} holds a run with another config (width: 1 -> 2)")
+    child = run_process(train_command("--config", CNN, f"--workdir={workdir}", "--config.model.width=2"), tmp_path / "p")
+    _assert_one_error_line(child, f"{workdir} holds a run with another config (model.width: 1 -> 2)")
 
 
 def test_train_py_reports_epochs_without_checkpoints_in_one_line(tmp_path):
@@ -75,7 +74,7 @@ def test_train_py_start_over_moves_the_old_run_aside_and_trains(tmp_path):
     workdir = _saved_run(tmp_path / "run", epochs=2, width=1)
     tiny = ["--config.num_epochs=1", "--config.batch_size=10", "--config.eval_batch_size=10"]
     command = train_command(
-        "--config", CNN, f"--workdir={workdir}", "--config.width=2", "--start_over", *tiny,
+        "--config", CNN, f"--workdir={workdir}", "--config.model.width=2", "--start_over", *tiny,
         prelude=MOCK_DATA.format(examples=20),
     )
     child = run_process(command, tmp_path / "p")
@@ -83,7 +82,7 @@ def test_train_py_start_over_moves_the_old_run_aside_and_trains(tmp_path):
     (aside,) = tmp_path.glob("run.replaced-*")
     assert f"Moved the previous run in {workdir} to {aside}" in child.stdout
     assert len((aside / "metrics.jsonl").read_text().splitlines()) == 2
-    assert json.loads((workdir / "config.json").read_text())["width"] == 2
+    assert json.loads((workdir / "config.json").read_text())["model"]["width"] == 2
     assert [json.loads(line)["epoch"] for line in (workdir / "metrics.jsonl").read_text().splitlines()] == [1]
 
 
@@ -135,7 +134,7 @@ def test_plots_and_bench_name_each_mistake(tmp_path, capsys):
     _assert_user_error(capsys, plots.main, [str(tmp_path)], "holds no epochs")
     _assert_user_error(capsys, plots.main, [], "the following arguments are required: workdirs")
     _assert_user_error(capsys, bench.main, ["--output", str(tmp_path / "file")], "is a file; give a folder")
-    _assert_user_error(capsys, bench.main, ["--peak-gflops", "-3"], "expected a positive number, got '-3'")
+    _assert_user_error(capsys, bench.main, ["--peak_gflops", "-3"], "expected a positive number, got '-3'")
 
 
 def test_an_unexpected_failure_keeps_its_traceback(tmp_path):

@@ -19,7 +19,7 @@ from absl import flags
 from absl.testing import flagsaver
 from flax import nnx
 
-from nmfjax import errors, plots, training
+from nmfjax import configuration, errors, evaluation, models, parallel, plots, training, workdirs
 from tests.conftest import tiny_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -31,19 +31,22 @@ def test_composite_loss_matches_spec():
     p = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
     y = np.eye(10)[labels]
     expected = (-(y * np.log(p)).sum(-1) + 0.5 * ((p - y) ** 2).sum(-1)) / 1.5
-    np.testing.assert_allclose(training.composite_loss(jnp.asarray(logits), jnp.asarray(labels)), expected, rtol=1e-5)
+    np.testing.assert_allclose(evaluation.composite_loss(jnp.asarray(logits), jnp.asarray(labels)), expected, rtol=1e-5)
 
 
 def test_each_parameter_group_moves_by_its_own_learning_rate():
     config = tiny_config("cnmf_1x1")
-    trainer = training.Trainer(config, training.validate_config(config), training.data_mesh())
+    trainer = training.Trainer(config, configuration.validate_config(config), parallel.data_mesh())
     state = trainer.initial_state
     params = jax.device_get(state.params)
     grads = jax.tree.map(jnp.ones_like, state.params)  # Adam's first step is then exactly -lr
     updates, _ = trainer.tx.update(grads, state.opt_state, state.params)
     steps = {}
-    for path, update in jax.tree_util.tree_flatten_with_path(updates)[0]:
-        steps.setdefault(training.models.parameter_group(path), set()).add(round(float(-np.mean(update)), 5))
+    is_variable = lambda value: isinstance(value, nnx.Variable)  # noqa: E731
+    for parameter, update in zip(
+        jax.tree.leaves(state.params, is_leaf=is_variable), jax.tree.leaves(updates, is_leaf=is_variable), strict=True
+    ):
+        steps.setdefault(models.parameter_group(parameter), set()).add(round(float(-np.mean(update[...])), 5))
     assert steps == {"module_a": {0.01}, "mixing": {0.001}, "batch_norm": {0.001}}
     assert jax.tree.structure(params) == jax.tree.structure(updates)
 
@@ -65,9 +68,9 @@ def test_plateau_rule_reduces_after_more_than_patience_bad_epochs():
 @pytest.mark.parametrize(
     "overrides, match",
     [
-        ({"model": "resnet"}, "config.model must be one of"),
-        ({"pooling": (True, True, False)}, "config.pooling has 3 entries but config.features has 4"),
-        ({"pooling": (1, 1, 0, 0)}, r"config.pooling must be a tuple of True/False, got \(1, 1, 0, 0\)"),
+        ({"model.architecture": "resnet"}, "config.model.architecture must be one of"),
+        ({"model.pooling": (True, True, False)}, "config.model.pooling has 3 entries but config.model.features has 4"),
+        ({"model.pooling": (1, 1, 0, 0)}, r"config.model.pooling must be a tuple of True/False, got \(1, 1, 0, 0\)"),
         ({"learning_rates.mixing": 0.0}, "config.learning_rates.mixing must be a positive number, got 0.0"),
         ({"learning_rates.module_a": -0.1}, "config.learning_rates.module_a must be a positive number"),
         ({"batch_size": 0}, "config.batch_size must be a positive int, got 0"),
@@ -83,11 +86,11 @@ def test_plateau_rule_reduces_after_more_than_patience_bad_epochs():
         ({"dataset": "imagenet"}, "config.dataset must be one of"),
         ({"plateau.metric": "accuracy"}, "config.plateau.metric must be one of"),
         ({"plateau.factor": 1.5}, r"config.plateau.factor must be a number in \(0, 1\)"),
-        ({"nmf.iterations": 0}, "config.nmf: iterations must be >= 1"),
-        ({"nmf.readout_learning": "hebbian"}, "config.nmf: learning must be one of .* got 'hebbian'"),
+        ({"model.nmf.iterations": 0}, "config.model.nmf: iterations must be a positive int, got 0"),
+        ({"model.readout_learning": "hebbian"}, "config.model.readout_learning: learning must be one of .* got 'hebbian'"),
         ({"crop_size": 40}, "config.crop_size=40 exceeds"),
-        ({"kernel_sizes": (5, 13, 0, 1)}, r"config.kernel_sizes\[1\]=13 is larger than the 12x12 map"),
-        ({"mix_groups": (1, 5, 1, 1)}, r"config.mix_groups\[1\]=5 must divide the 64 outputs"),
+        ({"model.kernel_sizes": (5, 13, 0, 1)}, r"config.model.kernel_sizes\[1\]=13 is larger than the 12x12 map"),
+        ({"model.mix_groups": (1, 5, 1, 1)}, r"config.model.mix_groups\[1\]=5 must divide the 64 outputs"),
     ],
 )
 def test_bad_configs_fail_at_start_up_naming_the_field(overrides, match, tmp_path):
@@ -123,11 +126,11 @@ def test_every_config_trains_one_tiny_epoch_end_to_end(model, tmp_path):
             "--config.num_epochs=1",
             "--config.batch_size=10",
             "--config.eval_batch_size=10",
-            "--config.nmf.iterations=3",
+            "--config.model.nmf.iterations=3",
         )
     config = json.loads((tmp_path / "config.json").read_text())
-    assert config["model"] == model
-    (row,) = training.read_metrics(tmp_path)
+    assert config["model"]["architecture"] == model
+    (row,) = workdirs.read_metrics(tmp_path)
     assert row["epoch"] == 1
     for key in ("train_loss", "train_accuracy", "test_loss", "test_accuracy", "compile_seconds", "epoch_seconds"):
         assert np.isfinite(row[key]), key
@@ -149,15 +152,16 @@ def test_resuming_gives_the_same_parameters_as_one_run(tmp_path):
     with tfds.testing.mock_data(num_examples=30):
         training.train_and_evaluate(tiny_config(num_epochs=2), straight)
         training.train_and_evaluate(tiny_config(num_epochs=1), resumed)
-        assert [row["epoch"] for row in training.read_metrics(resumed)] == [1]
+        assert [row["epoch"] for row in workdirs.read_metrics(resumed)] == [1]
         training.train_and_evaluate(tiny_config(num_epochs=2), resumed)
-    assert [row["epoch"] for row in training.read_metrics(resumed)] == [1, 2]
+    assert [row["epoch"] for row in workdirs.read_metrics(resumed)] == [1, 2]
     (state_a, epoch_a), (state_b, epoch_b) = _final_state(straight), _final_state(resumed)
     assert epoch_a == epoch_b == 2
     for a, b in zip(jax.tree.leaves(state_a), jax.tree.leaves(state_b), strict=True):
         np.testing.assert_array_equal(a, b)
     # The run really trained: parameters moved away from the initialisation.
-    initial = training.Trainer(tiny_config(), training.validate_config(tiny_config()), training.data_mesh()).initial_state
+    config = tiny_config()
+    initial = training.Trainer(config, configuration.validate_config(config), parallel.data_mesh()).initial_state
     assert not np.allclose(jax.tree.leaves(initial.params)[0], jax.tree.leaves(state_a.params)[0])
 
 
@@ -165,15 +169,15 @@ def test_a_finished_run_is_not_trained_again(tmp_path):
     with tfds.testing.mock_data(num_examples=20):
         training.train_and_evaluate(tiny_config(num_epochs=1), tmp_path)
         assert training.train_and_evaluate(tiny_config(num_epochs=1), tmp_path) == {}
-    assert len(training.read_metrics(tmp_path)) == 1
+    assert len(workdirs.read_metrics(tmp_path)) == 1
 
 
 def test_a_diverging_run_stops_with_a_clear_error_and_saves_nothing_of_that_epoch(tmp_path):
-    nan_loss = mock.patch.object(training, "composite_loss", lambda logits, labels: logits[:, 0] * jnp.nan)
+    nan_loss = mock.patch.object(evaluation, "composite_loss", lambda logits, labels: logits[:, 0] * jnp.nan)
     with tfds.testing.mock_data(num_examples=20), nan_loss:
         with pytest.raises(errors.TrainingDiverged, match="epoch 1: the training loss is nan"):
             training.train_and_evaluate(tiny_config(num_epochs=2), tmp_path)
-    assert training.read_metrics(tmp_path) == []
+    assert workdirs.read_metrics(tmp_path) == []
     assert not list((tmp_path / "checkpoints").glob("[0-9]*"))
 
 
@@ -182,19 +186,19 @@ _DATA_PARALLEL_SCRIPT = textwrap.dedent(
     import os
     os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
     import jax, numpy as np
-    from nmfjax import training
+    from nmfjax import configuration, parallel, training
     from tests.conftest import tiny_config
 
     assert jax.device_count() == 8
     config = tiny_config("cnmf_1x1", batch_size=16, eval_batch_size=16)
-    spec = training.validate_config(config)
+    spec = configuration.validate_config(config)
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (40, 32, 32, 3), dtype=np.uint8)
     labels = rng.integers(0, 10, 40).astype(np.int32)
     batch = rng.permutation(40)[:16].astype(np.int32)
     results = []
     for devices in (jax.devices()[:1], jax.devices()):
-        trainer = training.Trainer(config, spec, training.data_mesh(devices))
+        trainer = training.Trainer(config, spec, parallel.data_mesh(devices))
         args = (trainer.put_replicated(images), trainer.put_replicated(labels), batch, trainer.step_key(1, 0))
         hlo = trainer.train_step.lower(trainer.initial_state, *args).compile().as_text()
         state, metrics = trainer.train_step(trainer.initial_state, *args)
@@ -224,9 +228,9 @@ def test_sharded_step_on_eight_devices_equals_the_single_device_step():
 def test_one_epoch_of_cnmf_1x1_learns_on_the_real_cifar10_subset(shared_tfds, tmp_path):
     config = tiny_config("cnmf_1x1", data_dir=shared_tfds, download=False, num_epochs=1, log_every_steps=50)
     config.batch_size = config.eval_batch_size = 50
-    config.nmf.iterations = 20
+    config.model.nmf.iterations = 20
     row = training.train_and_evaluate(config, tmp_path)
     assert row["test_accuracy"] > 0.25, row
     config_back, model, _, epoch = training.load_checkpoint(tmp_path, "best")
-    assert epoch == 1 and config_back.model == "cnmf_1x1"
+    assert epoch == 1 and config_back.model.architecture == "cnmf_1x1"
     assert isinstance(model, nnx.Module)

@@ -8,7 +8,7 @@ from unittest import mock
 import pytest
 import tensorflow_datasets as tfds
 
-from nmfjax import data, errors, training
+from nmfjax import configuration, data, errors, training, workdirs
 from tests.conftest import tiny_config
 
 MOCK_EXAMPLES = 30
@@ -27,8 +27,8 @@ DETERMINISTIC = (
 
 
 def _config(**overrides):
-    overrides = {"model": "cnn", "num_epochs": 3, **overrides}
-    return tiny_config(overrides.pop("model"), **overrides)
+    overrides = {"model.architecture": "cnn", "num_epochs": 3, **overrides}
+    return tiny_config(overrides.pop("model.architecture"), **overrides)
 
 
 def _deterministic(rows):
@@ -44,9 +44,9 @@ def three_epochs(tmp_path_factory):
         shutil.copytree(root / "four", root / "three")
         # Epoch 4 of the copy did happen; keep epochs 1-3 as a 3-epoch run leaves them.
         shutil.rmtree(root / "three" / "checkpoints" / "4")
-        rows = training.read_metrics(root / "three")[:3]
+        rows = workdirs.read_metrics(root / "three")[:3]
         (root / "three" / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
-    return root / "three", _deterministic(training.read_metrics(root / "four"))
+    return root / "three", _deterministic(workdirs.read_metrics(root / "four"))
 
 
 @pytest.fixture
@@ -72,25 +72,25 @@ def _no_data_loading():
 
 def test_a_changed_config_lists_each_field_and_the_remedies_before_any_work(workdir, mock_data):
     before = (workdir / "config.json").read_text()
-    changed = _config(width=2, **{"nmf.iterations": 5, "learning_rates.mixing": 0.01})
+    changed = _config(**{"model.width": 2, "model.nmf.iterations": 5, "learning_rates.mixing": 0.01})
     with _no_data_loading(), pytest.raises(errors.WorkdirError) as raised:
         training.train_and_evaluate(changed, workdir)
     message = str(raised.value)
     assert "learning_rates.mixing: 0.001 -> 0.01" in message
-    assert "nmf.iterations: 3 -> 5" in message and "width: 1 -> 2" in message
+    assert "model.nmf.iterations: 3 -> 5" in message and "model.width: 1 -> 2" in message
     assert "--workdir" in message and "--start_over" in message and "\n" not in message
     assert (workdir / "config.json").read_text() == before  # nothing was touched
-    assert len(training.read_metrics(workdir)) == 3
+    assert len(workdirs.read_metrics(workdir)) == 3
 
 
 @pytest.mark.parametrize(
     "overrides",
     [
-        {"model": "cnmf"},
-        {"groups": (1, 2, 2, 1)},
-        {"kernel_sizes": (3, 5, 0, 1)},
-        {"features": (16, 64, 96, 10)},
-        {"nmf.gradient": "implicit"},
+        {"model.architecture": "cnmf"},
+        {"model.groups": (1, 2, 2, 1)},
+        {"model.kernel_sizes": (3, 5, 0, 1)},
+        {"model.features": (16, 64, 96, 10)},
+        {"model.nmf.gradient": "implicit"},
         {"batch_size": 5},
         {"seed": 1},
         {"augment.flip": False},
@@ -114,14 +114,14 @@ def test_config_differences_ignore_exactly_the_resumable_fields():
         "checkpoints_to_keep": 9,
         "distributed": True,
     }
-    assert set(changes) == set(training.RESUMABLE_FIELDS)
-    assert training.config_differences(saved, _config(**changes)) == []
-    assert training.config_differences(saved, _config(**{"eval_batch_size": 5, "plateau.patience": 3})) == [
+    assert set(changes) == set(configuration.RESUMABLE_FIELDS)
+    assert configuration.config_differences(saved, _config(**changes)) == []
+    assert configuration.config_differences(saved, _config(**{"eval_batch_size": 5, "plateau.patience": 3})) == [
         ("eval_batch_size", 10, 5),
         ("plateau.patience", 10, 3),
     ]
-    del saved["nmf"]["readout_learning"]  # a field the saved run did not have
-    assert training.config_differences(saved, _config()) == [("nmf.readout_learning", "(absent)", None)]
+    del saved["model"]["readout_learning"]  # a field the saved run did not have
+    assert configuration.config_differences(saved, _config()) == [("model.readout_learning", "(absent)", None)]
 
 
 def test_fields_that_may_change_on_resume_are_accepted(workdir, three_epochs, mock_data):
@@ -129,7 +129,7 @@ def test_fields_that_may_change_on_resume_are_accepted(workdir, three_epochs, mo
     with mock.patch.object(data, "load_split", wraps=data.load_split) as load_split:
         training.train_and_evaluate(resumed, workdir)
     assert load_split.call_args.kwargs["data_dir"] == "/elsewhere/tfds"  # the new value is used
-    assert _deterministic(training.read_metrics(workdir)) == three_epochs[1]
+    assert _deterministic(workdirs.read_metrics(workdir)) == three_epochs[1]
     assert json.loads((workdir / "config.json").read_text())["num_epochs"] == 4  # and recorded
     assert sorted(int(step.name) for step in (workdir / "checkpoints").iterdir()) == [4]  # the latest and the best
 
@@ -137,7 +137,7 @@ def test_fields_that_may_change_on_resume_are_accepted(workdir, three_epochs, mo
 def test_the_best_checkpoint_is_still_known_after_a_restart(workdir, mock_data):
     """The retention policy must see the test accuracy of checkpoints saved by an earlier process."""
     training.train_and_evaluate(_config(num_epochs=5, checkpoints_to_keep=1), workdir)
-    accuracies = {row["epoch"]: row["test_accuracy"] for row in training.read_metrics(workdir)}
+    accuracies = {row["epoch"]: row["test_accuracy"] for row in workdirs.read_metrics(workdir)}
     best = {epoch for epoch, accuracy in accuracies.items() if accuracy == max(accuracies.values())}
     kept = {int(step.name) for step in (workdir / "checkpoints").iterdir()}
     # The latest, and one of the best (orbax keeps the latest of equals); nothing else survives.
@@ -151,11 +151,11 @@ def test_a_workdir_that_is_a_file_is_refused(tmp_path):
 
 
 def test_start_over_moves_the_previous_run_aside(workdir, mock_data):
-    training.train_and_evaluate(_config(num_epochs=1, width=2), workdir, start_over=True)
+    training.train_and_evaluate(_config(num_epochs=1, **{"model.width": 2}), workdir, start_over=True)
     (aside,) = workdir.parent.glob("run.replaced-*")
-    assert len(training.read_metrics(aside)) == 3 and json.loads((aside / "config.json").read_text())["width"] == 1
-    assert [row["epoch"] for row in training.read_metrics(workdir)] == [1]
-    assert json.loads((workdir / "config.json").read_text())["width"] == 2
+    assert len(workdirs.read_metrics(aside)) == 3 and json.loads((aside / "config.json").read_text())["model"]["width"] == 1
+    assert [row["epoch"] for row in workdirs.read_metrics(workdir)] == [1]
+    assert json.loads((workdir / "config.json").read_text())["model"]["width"] == 2
 
 
 # --- damaged checkpoints ---
@@ -190,23 +190,23 @@ def test_a_damaged_checkpoint_is_moved_aside_and_the_run_resumes_from_the_one_be
     (warning,) = [line for line in err.splitlines() if line.startswith("warning:")]
     assert f"the checkpoint of epoch {step} " in warning and "moved it to" in warning
     assert "Traceback" not in err and "Event loop is closed" not in err
-    assert (workdir / training.DAMAGED_CHECKPOINTS / str(step)).is_dir()  # kept, not deleted
+    assert (workdir / workdirs.DAMAGED_CHECKPOINTS / str(step)).is_dir()  # kept, not deleted
     assert f"Resumed from {workdir / 'checkpoints'} after epoch {step - 1}." in out
     # Epochs after the checkpoint are trained again and metrics.jsonl follows: as one uninterrupted run.
-    assert _deterministic(training.read_metrics(workdir)) == three_epochs[1]
+    assert _deterministic(workdirs.read_metrics(workdir)) == three_epochs[1]
 
 
 def test_when_no_checkpoint_can_be_restored_the_error_names_the_directory_and_the_remedy(workdir, mock_data, capfd):
     steps = list((workdir / "checkpoints").iterdir())
     for step in steps:
         _truncate(step)
-    for attempt in range(2):  # the same answer when rerun after the checkpoints were moved aside
+    for _ in range(2):  # the same answer when rerun after the checkpoints were moved aside
         with _no_data_loading(), pytest.raises(errors.WorkdirError) as raised:
             training.train_and_evaluate(_config(num_epochs=4), workdir)
         message = str(raised.value)
         assert str(workdir / "checkpoints") in message and "records epochs up to 3" in message, message
-        assert str(workdir / training.DAMAGED_CHECKPOINTS) in message and "--start_over" in message
-    assert len(training.read_metrics(workdir)) == 3  # nothing was dropped
+        assert str(workdir / workdirs.DAMAGED_CHECKPOINTS) in message and "--start_over" in message
+    assert len(workdirs.read_metrics(workdir)) == 3  # nothing was dropped
     assert capfd.readouterr().err.count("warning:") == len(steps)  # each reported once, when it was moved
 
 
@@ -215,13 +215,13 @@ def test_the_row_of_a_checkpoint_saved_just_before_a_crash_is_recovered(workdir,
     rows = (workdir / "metrics.jsonl").read_text().splitlines()
     (workdir / "metrics.jsonl").write_text("\n".join(rows[:2]) + "\n")
     assert training.train_and_evaluate(_config(num_epochs=3), workdir) == {}  # nothing left to train
-    assert _deterministic(training.read_metrics(workdir)) == three_epochs[1][:3]
+    assert _deterministic(workdirs.read_metrics(workdir)) == three_epochs[1][:3]
 
 
 def test_a_metrics_line_cut_short_is_skipped_with_a_warning(workdir, capsys):
     with open(workdir / "metrics.jsonl", "a") as file:
         file.write('{"epoch": 4, "train_lo')
-    assert [row["epoch"] for row in training.read_metrics(workdir)] == [1, 2, 3]
+    assert [row["epoch"] for row in workdirs.read_metrics(workdir)] == [1, 2, 3]
     assert "line 4 is not valid JSON" in capsys.readouterr().err
 
 
@@ -233,3 +233,18 @@ def test_load_checkpoint_names_a_missing_epoch_and_a_damaged_one(workdir):
         training.load_checkpoint(workdir, "latest")
     *_, epoch = training.load_checkpoint(workdir, 2)
     assert epoch == 2
+
+
+def test_a_config_json_from_before_the_model_section_is_converted(tmp_path):
+    """Workdirs written before the model fields moved under config.model still load and resume."""
+    config = _config()
+    old = json.loads(config.to_json_best_effort())
+    model = old.pop("model")
+    old["nmf"] = {**model.pop("nmf"), "readout_learning": model.pop("readout_learning")}
+    old["model"] = model.pop("architecture")
+    old.update(model)  # kernel_sizes, features, ... at the top level
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    assert configuration.load_config(tmp_path).to_dict() == json.loads(config.to_json_best_effort())
+    assert configuration.config_differences(old, config) == []
+    changed = _config(**{"model.nmf.iterations": 7})
+    assert configuration.config_differences(old, changed) == [("model.nmf.iterations", 3, 7)]
