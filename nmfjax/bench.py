@@ -9,7 +9,7 @@ call; compile time is reported apart. Prints tables and writes
 
 * ``throughput``: per model and batch size, train-step images/s (the real
   jitted step: gather, augmentation, forward, backward, Adam) and eval images/s;
-  achieved GFLOP/s from XLA's cost analysis and its fraction of ``--peak-gflops``;
+  achieved GFLOP/s from XLA's cost analysis and its fraction of ``--peak_gflops``;
   peak memory of the compiled step (arguments + outputs + temporaries).
 * ``figure1``: the paper's Figure 1: backward time and memory of the CNN,
   and of the CNMF network with the "unrolled", "approx" and "implicit"
@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from nmfjax import cli, models, training
+from nmfjax import cli, configuration, evaluation, models, ops, parallel, plots, training
 
 # Two AVX2 cores with two FMA units each at ~3 GHz: 2 x 2 x 8 lanes x 2 flops x 3e9.
 DEFAULT_PEAK_GFLOPS = 190.0
@@ -111,7 +111,7 @@ def uncounted_loop_flops(spec: models.NetworkSpec, batch_size: int) -> float:
         features, groups = spec.block_features[index], spec.groups[index]
         inputs, hidden = kernel_size * kernel_size * channels // groups, features // groups
         positions = batch_size * out * out * groups
-        total += (spec.iterations - 1) * positions * (4 * inputs * hidden + 2 * inputs + 4 * hidden)
+        total += (spec.nmf.iterations - 1) * positions * (4 * inputs * hidden + 2 * inputs + 4 * hidden)
         size, channels = (out // 2 if spec.pooling[index] else out), features
     return total
 
@@ -127,13 +127,11 @@ def _peak_bytes(compiled) -> int:
 
 
 def _config(model: str, batch_size: int, iterations: int = 20, gradient: str = "approx"):
-    from configs import default
-
-    config = default.get_config()
-    config.model = model
+    config = configuration.default_config()
+    config.model.architecture = model
     config.batch_size = config.eval_batch_size = batch_size
-    config.nmf.iterations = iterations
-    config.nmf.gradient = gradient
+    config.model.nmf.iterations = iterations
+    config.model.nmf.gradient = gradient
     return config
 
 
@@ -147,15 +145,16 @@ def _synthetic_data(trainer: training.Trainer, count: int):
 def measure_train_and_eval(model: str, batch_size: int, repeats: int, peak_gflops: float, iterations: int = 20) -> dict:
     """Train-step and eval throughput of one model at one batch size."""
     config = _config(model, batch_size, iterations)
-    spec = training.validate_config(config)
-    trainer = training.Trainer(config, spec, training.data_mesh())
+    spec = configuration.validate_config(config)
+    trainer = training.Trainer(config, spec, parallel.data_mesh())
     images, labels = _synthetic_data(trainer, 2 * batch_size)
     batch = np.arange(batch_size, dtype=np.int32)
     key = trainer.step_key(1, 0)
     state = trainer.initial_state
 
     train_compiled, train_compile_seconds = _compile(trainer.train_step, state, images, labels, batch, key)
-    eval_compiled, eval_compile_seconds = _compile(trainer.eval_step, state, images, labels, batch)
+    eval_args = (state.params, state.batch_stats, images, labels, batch, np.int32(0))
+    eval_compiled, eval_compile_seconds = _compile(trainer.evaluator.step, *eval_args)
     # The train step donates its state: thread it through the timed calls.
     holder = {"state": state}
 
@@ -164,7 +163,8 @@ def measure_train_and_eval(model: str, batch_size: int, repeats: int, peak_gflop
         return metrics
 
     train_seconds = _median_seconds(train_once, repeats=repeats)
-    eval_seconds = _median_seconds(eval_compiled, holder["state"], images, labels, batch, repeats=repeats)
+    state = holder["state"]
+    eval_seconds = _median_seconds(eval_compiled, state.params, state.batch_stats, *eval_args[2:], repeats=repeats)
     loop_flops = uncounted_loop_flops(spec, batch_size)
     train_flops, eval_flops = _flops(train_compiled) + loop_flops, _flops(eval_compiled) + loop_flops
     return {
@@ -189,14 +189,13 @@ def measure_train_and_eval(model: str, batch_size: int, repeats: int, peak_gflop
 
 def measure_backward(model: str, gradient: str, iterations: int, batch_size: int, repeats: int) -> dict:
     """Forward and forward+backward time and memory of the loss gradient (Figure 1)."""
-    spec = models.NetworkSpec(architecture=model, iterations=iterations, gradient=gradient)
+    spec = models.NetworkSpec(architecture=model, nmf=ops.NMFOptions(iterations=iterations, gradient=gradient))
     graphdef, params, batch_stats = nnx.split(models.Network(spec, rngs=nnx.Rngs(0)), nnx.Param, nnx.BatchStat)
     images = jax.random.uniform(jax.random.key(0), (batch_size, 28, 28, 3))
     labels = jnp.arange(batch_size) % 10
 
     def loss(params):
-        network = nnx.merge(graphdef, params, jax.tree.map(jnp.asarray, batch_stats))
-        return jnp.mean(training.composite_loss(network.logits(images), labels))
+        return evaluation.batch_loss(graphdef, params, batch_stats, images, labels)[0]
 
     forward, _ = _compile(jax.jit(loss), params)
     backward, compile_seconds = _compile(jax.jit(jax.grad(loss)), params)
@@ -204,7 +203,7 @@ def measure_backward(model: str, gradient: str, iterations: int, batch_size: int
     gradient_seconds = _median_seconds(backward, params, repeats=repeats)
     return {
         "model": model,
-        "gradient": gradient if model.startswith("cnmf") else "autodiff",
+        "gradient": gradient if spec.uses_nmf else "autodiff",
         "iterations": iterations,
         "batch_size": batch_size,
         "forward_ms": 1e3 * forward_seconds,
@@ -278,37 +277,6 @@ FIGURE1_COLUMNS = [
 ]
 
 
-def plot(results: dict, path: pathlib.Path) -> None:
-    from nmfjax.plots import save_figure  # imported first: it selects the Agg backend
-
-    import matplotlib.pyplot as plt
-
-    figure, axes = plt.subplots(1, 4, figsize=(20, 4.2))
-    fig1 = results["figure1"]
-    for gradient in ("unrolled", "approx", "implicit"):
-        rows = [row for row in fig1 if row["gradient"] == gradient]
-        iterations = [row["iterations"] for row in rows]
-        axes[0].plot(iterations, [row["backward_time_vs_cnn"] for row in rows], marker="o", label=f"NMF {gradient}")
-        axes[1].plot(iterations, [row["backward_memory_vs_cnn"] for row in rows], marker="o", label=f"NMF {gradient}")
-    for axis, title in ((axes[0], "backward time / CNN's"), (axes[1], "backward memory / CNN's")):
-        axis.axhline(1.0, color="grey", linestyle=":", label="CNN")
-        axis.set(title=f"Figure 1: {title}", xlabel="NMF iterations N", yscale="log")
-        axis.legend(fontsize=8)
-    by_n, by_batch = results["scaling"]["iterations"], results["scaling"]["batch_size"]
-    for series, key in (("train", "train_step_ms"), ("eval", "eval_step_ms")):
-        axes[2].plot([r["iterations"] for r in by_n], [r[key] for r in by_n], marker="o", label=f"{series} step")
-    for series in ("train", "eval"):
-        key = f"{series}_images_per_second"
-        axes[3].plot([r["batch_size"] for r in by_batch], [r[key] for r in by_batch], marker="o", label=series)
-    axes[2].set(title=f"CNMF+1x1, batch {by_n[0]['batch_size']}: time vs N", xlabel="N", ylabel="ms")
-    axes[3].set(title="CNMF+1x1, N=20: throughput vs batch", xlabel="batch size", ylabel="images/s", xscale="log")
-    for axis in axes:
-        axis.grid(alpha=0.3)
-    axes[2].legend(fontsize=8)
-    axes[3].legend(fontsize=8)
-    save_figure(figure, path)
-
-
 def run(sizes: Sizes, output: pathlib.Path, peak_gflops: float) -> dict:
     output.mkdir(parents=True, exist_ok=True)
     results = {
@@ -332,7 +300,7 @@ def run(sizes: Sizes, output: pathlib.Path, peak_gflops: float) -> dict:
     for name, rows in results["scaling"].items():
         print(f"\nCNMF+1x1 against {name}:\n" + _table(rows, THROUGHPUT_COLUMNS[1:5]), flush=True)
     (output / "bench.json").write_text(json.dumps(results, indent=2))
-    plot(results, output / "bench.png")
+    plots.plot_bench(results, output / "bench.png")
     print(f"\nwrote {output / 'bench.json'} and {output / 'bench.png'}")
     return results
 
@@ -345,7 +313,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tiny", action="store_true", help="tiny sizes (a smoke test, not a measurement)")
     parser.add_argument("--repeats", type=cli.positive_int, help="timed calls per figure (default 5; tiny: 2)")
     parser.add_argument(
-        "--peak-gflops", type=cli.positive_float, default=DEFAULT_PEAK_GFLOPS, help="the machine's peak GFLOP/s"
+        "--peak_gflops", type=cli.positive_float, default=DEFAULT_PEAK_GFLOPS, help="the machine's peak GFLOP/s"
     )
     args = parser.parse_args(argv)
     output = pathlib.Path(args.output)

@@ -2,7 +2,7 @@
 
 import json
 
-from nmfjax import bench, models
+from nmfjax import bench, models, ops
 
 
 def test_tiny_benchmark_writes_json_and_plot(tmp_path, capsys):
@@ -17,7 +17,7 @@ def test_tiny_benchmark_writes_json_and_plot(tmp_path, capsys):
 
 
 def test_loop_flops_match_a_hand_count_for_the_default_cnmf():
-    spec = models.NetworkSpec(architecture="cnmf", iterations=20)
+    spec = models.NetworkSpec(architecture="cnmf", nmf=ops.NMFOptions(iterations=20))
     layers = [(24 * 24, 75, 32), (8 * 8, 800, 64), (1, 1024, 96), (1, 96, 10)]  # positions, S, I per image
     expected = 19 * sum(p * (4 * s * i + 2 * s + 4 * i) for p, s, i in layers)
     assert bench.uncounted_loop_flops(spec, batch_size=1) == expected

@@ -11,12 +11,13 @@ import tensorflow_datasets as tfds
 from flax import nnx
 
 from configs import cnmf_local
-from nmfjax import experiments, models, training
+from nmfjax import configuration, experiments, models, ops, training
+from nmfjax.workdirs import read_metrics
 from tests.conftest import tiny_config
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 MOCK_EXAMPLES = 20
-TINY_OVERRIDES = ["num_epochs=1", "batch_size=10", "eval_batch_size=10", "nmf.iterations=2", "log_every_steps=1"]
+TINY_OVERRIDES = ["num_epochs=1", "batch_size=10", "eval_batch_size=10", "model.nmf.iterations=2", "log_every_steps=1"]
 
 
 def _is_png(path: pathlib.Path) -> bool:
@@ -81,22 +82,23 @@ def test_sweep_grid_applies_groups_where_they_divide_the_channels():
     assert variants["width2_nmf1_mix16"]["groups"] == (1, 1, 1, 1)
     assert len(experiments.sweep_variants((32, 64, 96, 10), 3)) == 100  # the paper's 100 variants
     for overrides in variants.values():  # every variant builds
-        spec = training.network_spec(training.apply_overrides(tiny_config(), overrides))
+        model_overrides = {f"model.{field}": value for field, value in overrides.items()}
+        spec = configuration.network_spec(configuration.apply_overrides(tiny_config(), model_overrides))
         nnx.eval_shape(lambda spec=spec: models.Network(spec, rngs=nnx.Rngs(0)))
 
 
 def test_with_nmf_options_keeps_the_weights():
-    model = models.Network(models.NetworkSpec(features=(4, 8, 8, 10), iterations=3), rngs=nnx.Rngs(0))
+    model = models.Network(models.NetworkSpec(features=(4, 8, 8, 10), nmf=ops.NMFOptions(iterations=3)), rngs=nnx.Rngs(0))
     images = jax.random.uniform(jax.random.key(0), (4, 28, 28, 3))
     same = experiments.with_nmf_options(model, gradient="unrolled")
     np.testing.assert_allclose(same.logits(images), model.logits(images), rtol=1e-5)
     longer = experiments.with_nmf_options(model, iterations=6)
-    assert longer.blocks[0].module_a.iterations == 6 and model.blocks[0].module_a.iterations == 3
+    assert longer.blocks[0].module_a.options.iterations == 6 and model.blocks[0].module_a.options.iterations == 3
     assert not np.allclose(longer.logits(images), model.logits(images), rtol=1e-4)
 
 
 def test_gradient_study_compares_each_nmf_layer_with_unrolled():
-    model = models.Network(models.NetworkSpec(features=(4, 8, 8, 10), iterations=2), rngs=nnx.Rngs(0))
+    model = models.Network(models.NetworkSpec(features=(4, 8, 8, 10), nmf=ops.NMFOptions(iterations=2)), rngs=nnx.Rngs(0))
     images = jax.random.uniform(jax.random.key(0), (6, 28, 28, 3))
     labels = jnp.arange(6) % 10
     results = experiments.gradient_study(model, images, labels, values=(3,), modes=("approx", "implicit", "unrolled"))
@@ -114,10 +116,10 @@ def test_gradient_study_compares_each_nmf_layer_with_unrolled():
 
 
 def test_local_learning_config_trains_hidden_nmf_layers_without_the_labels():
-    config = training.apply_overrides(cnmf_local.get_config(), {"nmf.iterations": 3})
+    config = configuration.apply_overrides(cnmf_local.get_config(), {"model.nmf.iterations": 3})
     images = jax.random.uniform(jax.random.key(0), (6, 28, 28, 3))
     labels = jnp.arange(6) % 10
-    model = models.Network(training.network_spec(config), rngs=nnx.Rngs(0))
+    model = models.Network(configuration.network_spec(config), rngs=nnx.Rngs(0))
     local = [experiments.module_a_gradients(model, images, y) for y in (labels, (labels + 3) % 10)]
     backprop = experiments.with_nmf_options(model, learning="backprop")
     supervised = [experiments.module_a_gradients(backprop, images, y) for y in (labels, (labels + 3) % 10)]
@@ -137,12 +139,13 @@ def test_evaluation_reproduces_the_training_runs_test_accuracy(workdirs, mock_da
     for model in ("cnn", "cnmf_1x1"):
         run = experiments.load_trained(workdirs / model, "latest")
         split = experiments.load_test_split(run.config, None, None)
-        row = training.read_metrics(workdirs / model)[-1]
-        clean = experiments.evaluate(run.model, split, batch_size=run.config.eval_batch_size)
+        row = read_metrics(workdirs / model)[-1]
+        clean = experiments.evaluator(run.model, split, batch_size=run.config.eval_batch_size)()
         assert clean["accuracy"] == row["test_accuracy"]
         np.testing.assert_allclose(clean["loss"], row["test_loss"], rtol=1e-5)
         # eta = 0 only rescales each image, which the L1-normalised patches undo.
-        scaled = experiments.evaluate(run.model, split, batch_size=10, noise="uniform", eta=0.0)
+        evaluate = experiments.evaluator(run.model, split, batch_size=10)
+        scaled = evaluate(experiments.Noise("uniform", seed=0), (np.float32(0.0),))
         assert scaled["accuracy"] == clean["accuracy"]
 
 
@@ -174,7 +177,7 @@ def test_iterations_command_evaluates_every_n(workdirs, mock_data):
     output = workdirs / "cnmf_1x1" / "experiments"
     results = json.loads((output / "iterations.json").read_text())
     assert results["iterations"] == [1, 3, 5] and results["trained_iterations"] == 3
-    best_epoch_accuracy = max(row["test_accuracy"] for row in training.read_metrics(workdirs / "cnmf_1x1"))
+    best_epoch_accuracy = max(row["test_accuracy"] for row in read_metrics(workdirs / "cnmf_1x1"))
     assert results["accuracy"][1] == best_epoch_accuracy  # N = 3 is how it was trained (best checkpoint)
     assert _is_png(output / "iterations.png")
 
@@ -213,7 +216,7 @@ def _assert_user_error(capsys, expected, main, argv):
 
 def test_gradients_command_on_a_network_at_its_initialisation(mock_data, tmp_path, capsys):
     config = str(pathlib.Path(__file__).resolve().parents[1] / "configs" / "cnmf.py")
-    small = ["--set", "features=(4, 8, 8, 10)", "--set", "nmf.iterations=2"]
+    small = ["--config.model.features=(4, 8, 8, 10)", "--config.model.nmf.iterations=2"]
     experiments.main(
         ["gradients", "--config", config, *small, "--values", "3", "--batch", "4", "--output", str(tmp_path)]
     )
@@ -235,7 +238,7 @@ def test_nmf_pictures_refuse_a_cnn_naming_the_reason(workdirs, mock_data, tmp_pa
 
 
 def _set(*assignments):
-    return [argument for assignment in assignments for argument in ("--set", assignment)]
+    return [f"--config.{assignment}" for assignment in assignments]
 
 
 def test_training_commands_train_each_variant_once(mock_data, tmp_path, capsys):
@@ -280,7 +283,7 @@ def test_training_commands_train_each_variant_once(mock_data, tmp_path, capsys):
     )
     modes = json.loads((tmp_path / "modes" / "train_gradients.json").read_text())["runs"]
     assert set(modes) == {"approx", "unrolled"}
-    assert training.load_config(modes["unrolled"]["workdir"]).nmf.gradient == "unrolled"
+    assert configuration.load_config(modes["unrolled"]["workdir"]).model.nmf.gradient == "unrolled"
     assert _is_png(tmp_path / "modes" / "train_gradients.png")
 
     experiments.main(
@@ -297,33 +300,34 @@ def test_training_commands_train_each_variant_once(mock_data, tmp_path, capsys):
         ]
     )
     runs = json.loads((tmp_path / "n" / "train_iterations.json").read_text())["runs"]
-    assert [training.load_config(run["workdir"]).nmf.iterations for run in runs.values()] == [1, 3]
+    assert [configuration.load_config(run["workdir"]).model.nmf.iterations for run in runs.values()] == [1, 3]
     assert _is_png(tmp_path / "n" / "train_iterations.png") and _is_png(tmp_path / "n" / "train_iterations_curves.png")
 
 
 @pytest.mark.parametrize(
     "assignment, expected",
     [
-        ("nmf.iteration=3", "nmf.iteration: the config has no field 'iteration'; did you mean \"iterations\""),
-        ("download=maybe", "download=maybe: ('Non-boolean argument to boolean flag', 'maybe')"),
-        ("num_epochs=two", "num_epochs=two: invalid literal for int()"),
+        ("model.nmf.iteration=3", "--config.model.nmf.iteration: the config has no field 'iteration'; did you mean \"iterations\""),
+        ("download=maybe", "--config.download=maybe: ('Non-boolean argument to boolean flag', 'maybe')"),
+        ("num_epochs=two", "--config.num_epochs=two: invalid literal for int()"),
         ("num_epochs", "expected FIELD=VALUE (e.g. num_epochs=2), got 'num_epochs'"),
     ],
 )
-def test_set_is_parsed_and_checked_as_train_py_config_flags(assignment, expected, tmp_path, capsys):
+def test_config_overrides_are_parsed_and_checked_as_train_py_does(assignment, expected, tmp_path, capsys):
     config = str(pathlib.Path(__file__).resolve().parents[1] / "configs" / "cnmf_1x1.py")
-    argv = ["train-iterations", "--config", config, "--root", str(tmp_path), "--set", assignment]
+    argv = ["train-iterations", "--config", config, "--root", str(tmp_path), f"--config.{assignment}"]
     _assert_user_error(capsys, expected, experiments.main, argv)
     assert not any(tmp_path.iterdir())
 
 
-def test_set_gives_fields_their_types_as_train_py_does():
+def test_config_overrides_give_fields_their_types_as_train_py_does():
     from nmfjax import cli
 
-    config = training.config_from_file(pathlib.Path(__file__).resolve().parents[1] / "configs" / "cnmf_1x1.py")
+    config = configuration.config_from_file(pathlib.Path(__file__).resolve().parents[1] / "configs" / "cnmf_1x1.py")
     changed = cli.override_config(
-        config, ["download=false", "data_dir=../shared/tfds", "groups=(1,2,2,1)", "nmf.epsilon=1e-3", "width=2"]
+        config,
+        ["download=false", "data_dir=../shared/tfds", "model.groups=(1,2,2,1)", "model.nmf.epsilon=1e-3", "model.width=2"],
     )
-    assert changed.download is False and changed.data_dir == "../shared/tfds" and changed.groups == (1, 2, 2, 1)
-    assert changed.nmf.epsilon == 1e-3 and changed.width == 2
-    assert config.download is True and config.width == 1  # the original is left as it was
+    assert changed.download is False and changed.data_dir == "../shared/tfds" and changed.model.groups == (1, 2, 2, 1)
+    assert changed.model.nmf.epsilon == 1e-3 and changed.model.width == 2
+    assert config.download is True and config.model.width == 1  # the original is left as it was
