@@ -39,6 +39,10 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint step at INFO
     import jax
 
+    from nmfjax import parallel
+
+    parallel.use_cpu_devices_of(FLAGS.config)  # before JAX computes anything
+    parallel.use_compilation_cache()
     if FLAGS.config.distributed:
         jax.distributed.initialize()
     from nmfjax import training

@@ -142,24 +142,30 @@ def _synthetic_data(trainer: training.Trainer, count: int):
     return trainer.put_replicated(images), trainer.put_replicated(labels)
 
 
-def measure_train_and_eval(model: str, batch_size: int, repeats: int, peak_gflops: float, iterations: int = 20) -> dict:
-    """Train-step and eval throughput of one model at one batch size."""
+def measure_train_and_eval(
+    model: str, batch_size: int, repeats: int, peak_gflops: float, iterations: int = 20, devices: int | None = None
+) -> dict:
+    """Train-step and eval throughput of one model at one batch size, data-parallel over the first
+    ``devices`` devices (default: as many as divide the batch)."""
+    if devices is None:
+        devices = max(count for count in range(1, jax.device_count() + 1) if batch_size % count == 0)
     config = _config(model, batch_size, iterations)
-    spec = configuration.validate_config(config)
-    trainer = training.Trainer(config, spec, parallel.data_mesh())
+    spec = configuration.validate_config(config, devices)
+    trainer = training.Trainer(config, spec, parallel.data_mesh(jax.devices()[:devices]))
     images, labels = _synthetic_data(trainer, 2 * batch_size)
     batch = np.arange(batch_size, dtype=np.int32)
     key = trainer.step_key(1, 0)
     state = trainer.initial_state
 
-    train_compiled, train_compile_seconds = _compile(trainer.train_step, state, images, labels, batch, key)
-    eval_args = (state.params, state.batch_stats, images, labels, batch, np.int32(0))
+    totals = evaluation.no_metrics(trainer.mesh)
+    train_compiled, train_compile_seconds = _compile(trainer.train_step, state, images, labels, batch, key, totals)
+    eval_args = (state.params, state.batch_stats, images, labels, batch, totals, np.int32(0))
     eval_compiled, eval_compile_seconds = _compile(trainer.evaluator.step, *eval_args)
     # The train step donates its state: thread it through the timed calls.
     holder = {"state": state}
 
     def train_once():
-        holder["state"], metrics = train_compiled(holder["state"], images, labels, batch, key)
+        holder["state"], metrics = train_compiled(holder["state"], images, labels, batch, key, totals)
         return metrics
 
     train_seconds = _median_seconds(train_once, repeats=repeats)
@@ -169,6 +175,7 @@ def measure_train_and_eval(model: str, batch_size: int, repeats: int, peak_gflop
     train_flops, eval_flops = _flops(train_compiled) + loop_flops, _flops(eval_compiled) + loop_flops
     return {
         "model": model,
+        "devices": trainer.mesh.size,
         "batch_size": batch_size,
         "iterations": iterations,
         "train_images_per_second": batch_size / train_seconds,
@@ -254,6 +261,7 @@ def _table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
 
 THROUGHPUT_COLUMNS = [
     ("model", "model", "s"),
+    ("devices", "devices", "d"),
     ("batch", "batch_size", "d"),
     ("train img/s", "train_images_per_second", ".0f"),
     ("eval img/s", "eval_images_per_second", ".0f"),
@@ -288,17 +296,20 @@ def run(sizes: Sizes, output: pathlib.Path, peak_gflops: float) -> dict:
         "peak_gflops": peak_gflops,
         "repeats": sizes.repeats,
     }
+    # One device next to all of them (one per core by default), measured in the same process.
+    device_counts = sorted({1, jax.device_count()})
     results["throughput"] = [
-        measure_train_and_eval(model, batch, sizes.repeats, peak_gflops)
+        measure_train_and_eval(model, batch, sizes.repeats, peak_gflops, devices=count)
         for model in sizes.models
         for batch in sizes.batch_sizes
+        for count in device_counts
     ]
     print("\nThroughput (N=20):\n" + _table(results["throughput"], THROUGHPUT_COLUMNS), flush=True)
     results["figure1"] = figure1(sizes)
     print("\nFigure 1 (backward of the whole network):\n" + _table(results["figure1"], FIGURE1_COLUMNS), flush=True)
     results["scaling"] = scaling(sizes, peak_gflops)
     for name, rows in results["scaling"].items():
-        print(f"\nCNMF+1x1 against {name}:\n" + _table(rows, THROUGHPUT_COLUMNS[1:5]), flush=True)
+        print(f"\nCNMF+1x1 against {name}:\n" + _table(rows, THROUGHPUT_COLUMNS[1:6]), flush=True)
     (output / "bench.json").write_text(json.dumps(results, indent=2))
     plots.plot_bench(results, output / "bench.png")
     print(f"\nwrote {output / 'bench.json'} and {output / 'bench.png'}")
@@ -315,7 +326,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--peak_gflops", type=cli.positive_float, default=DEFAULT_PEAK_GFLOPS, help="the machine's peak GFLOP/s"
     )
+    parser.add_argument(
+        "--cpu_devices", type=cli.positive_int, help="XLA devices on a CPU (default: one per core; XLA_FLAGS wins)"
+    )
     args = parser.parse_args(argv)
+    # One device per core; each measurement uses as many of them as divide its batch.
+    parallel.use_cpu_devices(args.cpu_devices)
     output = pathlib.Path(args.output)
     if output.exists() and not output.is_dir():
         cli.fail(f"--output {output} is a file; give a folder for bench.json and bench.png.")

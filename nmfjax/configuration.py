@@ -38,6 +38,7 @@ RESUMABLE_FIELDS = (
     "log_every_steps",
     "checkpoints_to_keep",
     "distributed",
+    "cpu_devices",
 )
 
 
@@ -72,6 +73,9 @@ def default_config() -> ml_collections.ConfigDict:
     config.checkpoints_to_keep = 3  # the latest ones; the best by test accuracy is kept as well
     config.log_every_steps = 20
     config.distributed = False  # call jax.distributed.initialize() first (multi-host)
+    # XLA devices on a CPU; None: one per core (the largest count up to that which divides the batch sizes).
+    # XLA_FLAGS=--xla_force_host_platform_device_count=N or JAX_NUM_CPU_DEVICES=N win over it.
+    config.cpu_devices = config_dict.placeholder(int)
     return config
 
 
@@ -110,6 +114,7 @@ _FIELD_RULES = {
     "data_dir": ("a path or None (tfds's default)", lambda v: v is None or isinstance(v, str)),
     "download": ("True or False", lambda v: isinstance(v, bool)),
     "distributed": ("True or False", lambda v: isinstance(v, bool)),
+    "cpu_devices": ("a positive int or None (one per core)", lambda v: v is None or is_positive_int(v)),
     "model.pooling": ("a tuple of True/False", lambda v: all(isinstance(entry, bool) for entry in v)),
     "model.batch_norm": ("a tuple of True/False", lambda v: all(isinstance(entry, bool) for entry in v)),
     "augment.flip": ("True or False", lambda v: isinstance(v, bool)),
@@ -138,9 +143,13 @@ def _field(config: ml_collections.ConfigDict, name: str):
     return value
 
 
-def validate_config(config: ml_collections.ConfigDict) -> models.NetworkSpec:
+def validate_config(config: ml_collections.ConfigDict, device_count: int | None = None) -> models.NetworkSpec:
     """Checks the type and range of every field, and that the network can be built,
     before any work starts.
+
+    Args:
+      config: the config.
+      device_count: the devices the batches are split over (default: every device).
 
     Returns:
       The network spec of the config.
@@ -162,11 +171,12 @@ def validate_config(config: ml_collections.ConfigDict) -> models.NetworkSpec:
         nnx.eval_shape(lambda: models.Network(spec, rngs=nnx.Rngs(0)))
     except (TypeError, ValueError) as error:
         raise ConfigError(str(error)) from None
-    devices = jax.device_count()
+    devices = device_count or jax.device_count()
     for name in ("batch_size", "eval_batch_size"):
         if config[name] % devices:
             raise ConfigError(
-                f"config.{name}={config[name]} must be divisible by the {devices} devices the batch is split over."
+                f"config.{name}={config[name]} must be divisible by the {devices} devices the batch is split over; "
+                "set config.cpu_devices to a count that divides it (on a CPU), or change the batch size."
             )
     return spec
 

@@ -154,6 +154,16 @@ def _open_source(name: str, split: str, data_dir: str | None, download: bool):
         raise _not_array_record(name, builder.data_dir, error) from error
 
 
+DECODE_CHUNK = 1000
+
+
+def _read_records(source, keys: range) -> list[dict]:
+    try:
+        return source.__getitems__(keys)
+    except TypeError:  # tfds.testing.mock_data's sources have no working batched read
+        return [source[key] for key in keys]
+
+
 def load_split(
     name: str,
     split: str,
@@ -177,7 +187,12 @@ def load_split(
     check_dataset(name)
     source = _open_source(name, split, data_dir, download)
     count = len(source) if limit is None else min(limit, len(source))
-    records = [source[index] for index in tqdm(range(count), desc=f"decoding {name} {split}", leave=False)]
+    records = []
+    with tqdm(total=count, desc=f"decoding {name} {split}", unit="img", leave=False) as bar:
+        # Reads in chunks: one read of many records is about twice as fast as one read per record.
+        for first in range(0, count, DECODE_CHUNK):
+            records += _read_records(source, range(first, min(first + DECODE_CHUNK, count)))
+            bar.update(len(records) - bar.n)
     images = np.stack([record["image"] for record in records]).astype(np.uint8)
     return Split(images, np.asarray([record["label"] for record in records], np.int32))
 

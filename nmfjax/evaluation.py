@@ -3,7 +3,8 @@ benchmark and the experiments share.
 
 * :func:`batch_loss`: a batch's mean loss (paper eq. 21) under given parameters.
 * :func:`summed_metrics` and :func:`add_metrics`: per-batch sums (loss, correct,
-  count) added up on the device, divided once by :func:`mean_metrics`.
+  count) added up inside the jitted steps, from :func:`no_metrics`, divided
+  once by :func:`mean_metrics`.
 * :class:`Evaluator`: test loss and accuracy over a dataset resident on the
   devices, with an optional preprocessing hook (the noise analysis uses it).
 """
@@ -81,9 +82,15 @@ def summed_metrics(logits: jax.Array, labels: jax.Array, loss: jax.Array | None 
     }
 
 
-def add_metrics(totals: dict[str, jax.Array] | None, metrics: dict[str, jax.Array]) -> dict[str, jax.Array]:
-    """Running sums of :func:`summed_metrics`, kept on the device (``totals`` None: the first batch)."""
-    return metrics if totals is None else jax.tree.map(jnp.add, totals, metrics)
+def add_metrics(totals: dict[str, jax.Array], metrics: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    """Running sums of :func:`summed_metrics` (start from :func:`no_metrics`)."""
+    return jax.tree.map(jnp.add, totals, metrics)
+
+
+def no_metrics(mesh: jax.sharding.Mesh) -> dict[str, jax.Array]:
+    """The sums before the first batch, replicated over ``mesh`` as the steps return them."""
+    zeros = {"loss": np.float32(0), "correct": np.int32(0), "count": np.int32(0)}
+    return jax.device_put(zeros, parallel.replicated(mesh))
 
 
 def mean_metrics(totals: dict[str, Any]) -> dict[str, float]:
@@ -120,13 +127,17 @@ class Evaluator:
         self.graphdef, self.crop_size, self.batch_size, self.mesh = graphdef, crop_size, batch_size, mesh
         self.step = jax.jit(self._step, static_argnames="preprocess")
 
-    def _step(self, params, batch_stats, images, labels, batch_indices, batch_number=0, arguments=(), *, preprocess=None):
+    def _step(
+        self, params, batch_stats, images, labels, batch_indices, totals, batch_number=0, arguments=(), *, preprocess=None
+    ):
+        """One batch's metrics added to ``totals`` (summed in the step: no extra dispatch per batch)."""
         batch_indices = parallel.split_batch(batch_indices, self.mesh)
         pixels = data.to_float(images[batch_indices])
         if preprocess is not None:
             pixels = preprocess(pixels, batch_number, *arguments)
         model = nnx.merge(self.graphdef, params, batch_stats)
-        return summed_metrics(model.logits(data.center_crop(pixels, self.crop_size)), labels[batch_indices])
+        metrics = summed_metrics(model.logits(data.center_crop(pixels, self.crop_size)), labels[batch_indices])
+        return add_metrics(totals, metrics)
 
     def evaluate(
         self,
@@ -154,13 +165,14 @@ class Evaluator:
         """
         num_examples = labels.shape[0]
         indices = np.arange(num_examples, dtype=np.int32)
-        start, totals = time.perf_counter(), None
+        start, totals = time.perf_counter(), no_metrics(self.mesh)
         for batch_number, first in enumerate(range(0, num_examples, self.batch_size)):
             batch = indices[first : first + self.batch_size]
-            metrics = self.step(
-                params, batch_stats, images, labels, batch, np.int32(batch_number), arguments, preprocess=preprocess
+            totals = self.step(
+                params, batch_stats, images, labels, batch, totals, np.int32(batch_number), arguments, preprocess=preprocess
             )
-            totals = add_metrics(totals, metrics)
+            if parallel.one_program_at_a_time(self.mesh):
+                jax.block_until_ready(totals)
             check_stop()
         means = mean_metrics(totals)
         seconds = time.perf_counter() - start

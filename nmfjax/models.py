@@ -379,6 +379,13 @@ class Network(nnx.Module):
         return jax.nn.softmax(self.logits(x), axis=-1)
 
 
+def build(spec: NetworkSpec, seed: int) -> Network:
+    """``Network(spec, rngs=nnx.Rngs(seed))``, its initialisers run as one compiled program rather
+    than one small program each (about 90 of them, 6 s of start-up on 2 CPU devices). The values
+    are the same."""
+    return nnx.jit(lambda: Network(spec, rngs=nnx.Rngs(seed)))()
+
+
 def count_parameters(model: nnx.Module, filter_=nnx.Param) -> int:
     """Number of trainable values (weights, biases, BatchNorm scale and shift)."""
     return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(nnx.state(model, filter_)))

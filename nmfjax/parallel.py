@@ -1,13 +1,113 @@
-"""Data parallelism: one 1-D mesh over the batch, parameters and datasets replicated."""
+"""Data parallelism: one 1-D mesh over the batch, parameters and datasets replicated.
+
+On a CPU, :func:`use_cpu_devices` splits the machine into one XLA device per
+core before the backend starts: each core then works on its own share of the
+batch, whose working set fits its cache, instead of both cores sharing every
+large product (measured: 1.3x the training and up to 1.4x the evaluation
+throughput of one device on two cores).
+"""
 
 from __future__ import annotations
+
+import os
+import pathlib
+import re
 
 import jax
 import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from nmfjax.validation import is_positive_int
+
 BATCH_AXIS = "data"
+
+
+_FORCED_DEVICE_COUNT = re.compile(r"--xla_force_host_platform_device_count=(\d+)")
+
+
+def cpu_cores() -> int:
+    """Cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def user_cpu_devices() -> int | None:
+    """The CPU device count the user chose (``XLA_FLAGS`` or ``JAX_NUM_CPU_DEVICES``), if any."""
+    forced = _FORCED_DEVICE_COUNT.search(os.environ.get("XLA_FLAGS", ""))
+    if forced:
+        return int(forced.group(1))
+    if os.environ.get("JAX_NUM_CPU_DEVICES"):
+        return int(os.environ["JAX_NUM_CPU_DEVICES"])
+    return None
+
+
+def default_cpu_devices(batch_sizes: tuple[int, ...]) -> int:
+    """One device per core, or the largest count below that divides every batch size."""
+    return max(count for count in range(1, cpu_cores() + 1) if all(size % count == 0 for size in batch_sizes))
+
+
+def use_cpu_devices(count: int | None, batch_sizes: tuple[int, ...] = ()) -> int:
+    """Sets how many XLA devices the CPU backend has; call it before JAX computes anything.
+
+    Args:
+      count: the number of devices; None: one per core (see :func:`default_cpu_devices`).
+      batch_sizes: what the batch is split into; only used when ``count`` is None.
+
+    Returns:
+      The CPU device count in effect: the user's own ``XLA_FLAGS``
+      (``--xla_force_host_platform_device_count``) or ``JAX_NUM_CPU_DEVICES`` win
+      over ``count``.
+    """
+    chosen = user_cpu_devices()
+    try:
+        if chosen is None:
+            chosen = count if count is not None else default_cpu_devices(batch_sizes)
+            jax.config.update("jax_num_cpu_devices", chosen)
+        if chosen > 1:
+            # Small single-device programs (keys, transfers) then run in the calling thread, not on the
+            # thread pool the devices' all-reduces wait on (see one_program_at_a_time).
+            jax.config.update("jax_cpu_enable_async_dispatch", False)
+    except RuntimeError:  # JAX has started already (a notebook, a test): its devices stay as they are
+        return len(jax.devices("cpu"))
+    return chosen
+
+
+def use_cpu_devices_of(config) -> int:
+    """:func:`use_cpu_devices` for a training config: ``config.cpu_devices`` and its batch sizes
+    (values the config checks will reject are left to them)."""
+    sizes = tuple(size for size in (config.get("batch_size"), config.get("eval_batch_size")) if is_positive_int(size))
+    count = config.get("cpu_devices")
+    return use_cpu_devices(count if is_positive_int(count) else None, sizes)
+
+
+def use_compilation_cache() -> pathlib.Path | None:
+    """Keeps compiled programs on disk, so that a rerun, a resume or another run of the same network
+    loads its train and eval steps in about a second instead of compiling them again.
+
+    The cache is ``$XDG_CACHE_HOME/nmfjax/xla`` (default ``~/.cache/nmfjax/xla``); a
+    ``JAX_COMPILATION_CACHE_DIR`` of the user's wins. Returns the directory, or None
+    when JAX's own setting is used.
+    """
+    if os.environ.get("JAX_COMPILATION_CACHE_DIR") or jax.config.jax_compilation_cache_dir:
+        return None
+    directory = pathlib.Path(os.environ.get("XDG_CACHE_HOME", pathlib.Path.home() / ".cache")) / "nmfjax" / "xla"
+    jax.config.update("jax_compilation_cache_dir", str(directory))
+    return directory
+
+
+def one_program_at_a_time(mesh: jax.sharding.Mesh) -> bool:
+    """Whether a loop over steps on ``mesh`` must wait for each step before starting the next.
+
+    XLA's CPU client runs each device's part of a program on a thread pool no larger
+    than the core count. With several CPU devices, two programs in flight can leave
+    every thread waiting in an all-reduce for a device that has no thread left: the
+    process hangs, then aborts (seen on 2 cores with 2 devices, in 6 of 7 runs under
+    load). One program at a time costs only the overlap of dispatch with compute.
+    """
+    return mesh.size > 1 and mesh.devices.flat[0].platform == "cpu"
 
 
 def data_mesh(devices=None) -> jax.sharding.Mesh:

@@ -79,7 +79,7 @@ class Trainer:
     def __init__(self, config: ml_collections.ConfigDict, spec: models.NetworkSpec, mesh: jax.sharding.Mesh):
         self.config = config
         self.mesh = mesh
-        model = models.Network(spec, rngs=nnx.Rngs(config.seed))
+        model = models.build(spec, config.seed)
         self.graphdef, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
         model.eval()
         eval_graphdef, _, _ = nnx.split(model, nnx.Param, nnx.BatchStat)
@@ -94,6 +94,7 @@ class Trainer:
             plateau=self.plateau_tx.init(jnp.zeros((), jnp.float32)),
         )
         self.initial_state = jax.device_put(state, parallel.replicated(mesh))
+        self.one_step_at_a_time = parallel.one_program_at_a_time(mesh)
         self.train_step = jax.jit(self._train_step_impl, donate_argnums=0)
         self._plateau_step = jax.jit(self._plateau_step_impl)
 
@@ -101,7 +102,8 @@ class Trainer:
         """A host array replicated on every device of the mesh (multi-host too)."""
         return parallel.put_replicated(self.mesh, array)
 
-    def _train_step_impl(self, state: TrainState, images, labels, batch_indices, key):
+    def _train_step_impl(self, state: TrainState, images, labels, batch_indices, key, totals):
+        """One Adam step on a batch; returns the new state and ``totals`` plus the batch's metric sums."""
         batch_indices = parallel.split_batch(batch_indices, self.mesh)
         inputs = data.augment(key, images[batch_indices], self.crop_size, self.config.augment)
         targets = labels[batch_indices]
@@ -113,7 +115,7 @@ class Trainer:
         state = state.replace(
             params=optax.apply_updates(state.params, updates), batch_stats=batch_stats, opt_state=opt_state
         )
-        return state, evaluation.summed_metrics(logits, targets, loss)
+        return state, evaluation.add_metrics(totals, evaluation.summed_metrics(logits, targets, loss))
 
     def _plateau_step_impl(self, plateau, value):
         _, plateau = self.plateau_tx.update(updates=(), state=plateau, value=value)
@@ -136,9 +138,10 @@ class Trainer:
         start = time.perf_counter()
         batch = jax.ShapeDtypeStruct((self.config.batch_size,), jnp.int32)
         eval_batch = jax.ShapeDtypeStruct((self.config.eval_batch_size,), jnp.int32)
-        self.train_step.lower(state, train_images, train_labels, batch, self.step_key(0, 0)).compile()
+        totals = evaluation.no_metrics(self.mesh)
+        self.train_step.lower(state, train_images, train_labels, batch, self.step_key(0, 0), totals).compile()
         self.evaluator.step.lower(
-            state.params, state.batch_stats, test_images, test_labels, eval_batch, np.int32(0)
+            state.params, state.batch_stats, test_images, test_labels, eval_batch, totals, np.int32(0)
         ).compile()
         return time.perf_counter() - start
 
@@ -147,12 +150,14 @@ class Trainer:
     ) -> tuple[TrainState, dict[str, float]]:
         """One epoch of train steps; ``check_stop`` runs after each step and may raise to end it early."""
         permutation = self.epoch_permutation(epoch, labels.shape[0])
-        totals = None
+        totals = evaluation.no_metrics(self.mesh)
         bar = tqdm(range(len(permutation)), desc=f"epoch {epoch}", unit="step", leave=False, disable=not progress)
         start = time.perf_counter()
         for step in bar:
-            state, metrics = self.train_step(state, images, labels, permutation[step], self.step_key(epoch, step))
-            totals = evaluation.add_metrics(totals, metrics)
+            key = self.step_key(epoch, step)
+            state, totals = self.train_step(state, images, labels, permutation[step], key, totals)
+            if self.one_step_at_a_time:
+                jax.block_until_ready(totals)
             check_stop()
             if progress and (step + 1) % self.config.log_every_steps == 0:
                 seen = evaluation.mean_metrics(totals)

@@ -72,16 +72,18 @@ def train_command(*args: str, prelude: str = "") -> list[str]:
 
 
 class Child:
-    """A process started in its own process group, its output in files under ``directory``."""
+    """A process started in its own process group, its output in files under ``directory``;
+    ``env`` adds to this process's environment (a value of None removes the variable)."""
 
-    def __init__(self, command: list[str], directory: pathlib.Path, env: dict[str, str] | None = None):
+    def __init__(self, command: list[str], directory: pathlib.Path, env: dict[str, str | None] | None = None):
         directory.mkdir(parents=True, exist_ok=True)
         self.stdout_path, self.stderr_path = directory / "stdout.txt", directory / "stderr.txt"
+        environment = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
         with open(self.stdout_path, "w") as stdout, open(self.stderr_path, "w") as stderr:
             self.process = subprocess.Popen(
                 command,
                 cwd=ROOT,
-                env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
+                env={name: value for name, value in environment.items() if value is not None},
                 stdout=stdout,
                 stderr=stderr,
                 start_new_session=True,

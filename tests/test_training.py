@@ -186,7 +186,7 @@ _DATA_PARALLEL_SCRIPT = textwrap.dedent(
     import os
     os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
     import jax, numpy as np
-    from nmfjax import configuration, parallel, training
+    from nmfjax import configuration, evaluation, parallel, training
     from tests.conftest import tiny_config
 
     assert jax.device_count() == 8
@@ -200,6 +200,7 @@ _DATA_PARALLEL_SCRIPT = textwrap.dedent(
     for devices in (jax.devices()[:1], jax.devices()):
         trainer = training.Trainer(config, spec, parallel.data_mesh(devices))
         args = (trainer.put_replicated(images), trainer.put_replicated(labels), batch, trainer.step_key(1, 0))
+        args = (*args, evaluation.no_metrics(trainer.mesh))
         hlo = trainer.train_step.lower(trainer.initial_state, *args).compile().as_text()
         state, metrics = trainer.train_step(trainer.initial_state, *args)
         results.append((jax.device_get(state), jax.device_get(metrics), "all-reduce" in hlo))

@@ -38,7 +38,7 @@ def load_trained(workdir: str | pathlib.Path, step: int | str | None = "best") -
 
 def initialised(config: ml_collections.ConfigDict, label: str) -> Trained:
     """A config's network at its initialisation (epoch 0), as training starts it."""
-    network = models.Network(configuration.network_spec(config), rngs=nnx.Rngs(config.seed))
+    network = models.build(configuration.network_spec(config), config.seed)
     return Trained(pathlib.Path(label), config, network, epoch=0)
 
 
@@ -46,7 +46,7 @@ def with_nmf_options(model: models.Network, **changes) -> models.Network:
     """The same network and weights with other NMF options (fields of :class:`~nmfjax.ops.NMFOptions`),
     e.g. ``iterations=50`` or ``gradient="unrolled"``."""
     spec = dataclasses.replace(model.spec, nmf=model.spec.nmf.replace(**changes))
-    network = models.Network(spec, rngs=nnx.Rngs(0))
+    network = models.build(spec, 0)
     nnx.update(network, nnx.state(model, nnx.Param), nnx.state(model, nnx.BatchStat))
     return network
 
