@@ -37,17 +37,18 @@ def main(argv):
     if not config_file.is_file():
         cli.fail(f"config file {config_file} does not exist; the configs are in configs/, e.g. configs/cnmf_1x1.py.")
     logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint step at INFO
-    import jax
-
     from nmfjax import parallel
 
-    parallel.use_cpu_devices_of(FLAGS.config)  # before JAX computes anything
-    parallel.use_compilation_cache()
-    if FLAGS.config.distributed:
-        jax.distributed.initialize()
-    from nmfjax import training
-
     with cli.exit_on_errors():
+        # Before JAX computes anything: the CPU's devices, then the other processes.
+        distributed = FLAGS.config.distributed
+        processes = parallel.distributed_settings(distributed).get("num_processes", 1) if distributed.enabled else 1
+        parallel.use_cpu_devices_of(FLAGS.config, processes)
+        parallel.use_compilation_cache()
+        if distributed.enabled:
+            parallel.start_distributed(distributed)
+        from nmfjax import training
+
         training.train_and_evaluate(
             FLAGS.config, FLAGS.workdir or f"runs/{FLAGS.config.model.architecture}", start_over=FLAGS.start_over
         )

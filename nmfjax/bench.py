@@ -172,7 +172,10 @@ def measure_train_and_eval(
     state = holder["state"]
     eval_seconds = _median_seconds(eval_compiled, state.params, state.batch_stats, *eval_args[2:], repeats=repeats)
     loop_flops = uncounted_loop_flops(spec, batch_size)
-    train_flops, eval_flops = _flops(train_compiled) + loop_flops, _flops(eval_compiled) + loop_flops
+    # XLA's cost analysis and memory analysis of a program split over devices are those of one device.
+    devices = trainer.mesh.size
+    train_flops = _flops(train_compiled) * devices + loop_flops
+    eval_flops = _flops(eval_compiled) * devices + loop_flops
     return {
         "model": model,
         "devices": trainer.mesh.size,
@@ -269,8 +272,8 @@ THROUGHPUT_COLUMNS = [
     ("train GFLOP/s", "train_gflop_per_second", ".1f"),
     ("train % peak", "train_fraction_of_peak", ".1%"),
     ("eval GFLOP/s", "eval_gflop_per_second", ".1f"),
-    ("train peak MB", "train_peak_memory_mb", ".0f"),
-    ("eval peak MB", "eval_peak_memory_mb", ".0f"),
+    ("train peak MB/device", "train_peak_memory_mb", ".0f"),
+    ("eval peak MB/device", "eval_peak_memory_mb", ".0f"),
     ("compile s (train/eval)", "train_compile_seconds", ".1f"),
 ]
 FIGURE1_COLUMNS = [

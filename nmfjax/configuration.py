@@ -29,7 +29,7 @@ PLATEAU_METRICS = ("train_loss", "test_loss")
 
 # Fields a rerun may change: how long and from where the run goes, not what its checkpoints mean.
 # Every other field (model, NMF options, learning rates, dataset, batch sizes, seed, ...)
-# must equal the workdir's config.json.
+# must equal the workdir's config.json. A field covers its subfields (distributed.*).
 RESUMABLE_FIELDS = (
     "num_epochs",
     "min_learning_rate",
@@ -72,7 +72,17 @@ def default_config() -> ml_collections.ConfigDict:
     # Bookkeeping.
     config.checkpoints_to_keep = 3  # the latest ones; the best by test accuracy is kept as well
     config.log_every_steps = 20
-    config.distributed = False  # call jax.distributed.initialize() first (multi-host)
+    # Several processes (hosts) in one run; README "Several hosts". With enabled=True, the three
+    # fields below, else JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID, else JAX's
+    # own cluster detection (SLURM, ...).
+    config.distributed = ml_collections.ConfigDict(
+        dict(
+            enabled=False,
+            coordinator_address=config_dict.placeholder(str),  # HOST:PORT of process 0
+            num_processes=config_dict.placeholder(int),
+            process_id=config_dict.placeholder(int),  # 0 .. num_processes - 1; process 0 writes the workdir
+        )
+    )
     # XLA devices on a CPU; None: one per core (the largest count up to that which divides the batch sizes).
     # XLA_FLAGS=--xla_force_host_platform_device_count=N or JAX_NUM_CPU_DEVICES=N win over it.
     config.cpu_devices = config_dict.placeholder(int)
@@ -113,7 +123,10 @@ _FIELD_RULES = {
     "seed": ("an int", _is_int),
     "data_dir": ("a path or None (tfds's default)", lambda v: v is None or isinstance(v, str)),
     "download": ("True or False", lambda v: isinstance(v, bool)),
-    "distributed": ("True or False", lambda v: isinstance(v, bool)),
+    "distributed.enabled": ("True or False", lambda v: isinstance(v, bool)),
+    "distributed.coordinator_address": ("HOST:PORT or None", lambda v: v is None or isinstance(v, str)),
+    "distributed.num_processes": ("a positive int or None", lambda v: v is None or is_positive_int(v)),
+    "distributed.process_id": ("an int >= 0 or None", lambda v: v is None or (_is_int(v) and v >= 0)),
     "cpu_devices": ("a positive int or None (one per core)", lambda v: v is None or is_positive_int(v)),
     "model.pooling": ("a tuple of True/False", lambda v: all(isinstance(entry, bool) for entry in v)),
     "model.batch_norm": ("a tuple of True/False", lambda v: all(isinstance(entry, bool) for entry in v)),
@@ -200,6 +213,8 @@ def upgrade_config(saved: Mapping[str, Any]) -> dict[str, Any]:
     under ``config.model`` (``model`` was the architecture's name, the NMF options
     ``config.nmf``) are converted; others are returned as they are."""
     saved = copy.deepcopy(dict(saved))
+    if isinstance(saved.get("distributed"), bool):  # before config.distributed took its fields
+        saved["distributed"] = {"enabled": saved["distributed"]}
     if not isinstance(saved.get("model"), str):
         return saved
     model = {"architecture": saved.pop("model")}
@@ -238,7 +253,7 @@ def config_differences(saved: Mapping[str, Any], config: ml_collections.ConfigDi
     return [
         (name, old.get(name, absent), new.get(name, absent))
         for name in sorted(old.keys() | new.keys())
-        if name not in RESUMABLE_FIELDS and old.get(name, absent) != new.get(name, absent)
+        if name.split(".")[0] not in RESUMABLE_FIELDS and old.get(name, absent) != new.get(name, absent)
     ]
 
 

@@ -12,12 +12,15 @@ from __future__ import annotations
 import os
 import pathlib
 import re
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from nmfjax.errors import ConfigError
 from nmfjax.validation import is_positive_int
 
 BATCH_AXIS = "data"
@@ -75,12 +78,87 @@ def use_cpu_devices(count: int | None, batch_sizes: tuple[int, ...] = ()) -> int
     return chosen
 
 
-def use_cpu_devices_of(config) -> int:
-    """:func:`use_cpu_devices` for a training config: ``config.cpu_devices`` and its batch sizes
-    (values the config checks will reject are left to them)."""
+def use_cpu_devices_of(config, processes: int = 1) -> int:
+    """:func:`use_cpu_devices` for a training config: ``config.cpu_devices``, and this process's
+    share of its batch sizes when ``processes`` split them (values the config checks will
+    reject are left to them)."""
     sizes = tuple(size for size in (config.get("batch_size"), config.get("eval_batch_size")) if is_positive_int(size))
+    shares = tuple(size // processes for size in sizes if size % processes == 0)
     count = config.get("cpu_devices")
-    return use_cpu_devices(count if is_positive_int(count) else None, sizes)
+    return use_cpu_devices(count if is_positive_int(count) else None, shares)
+
+
+# --- several processes (multi-host) ---
+
+# config.distributed's fields and the variables read where a field is not set.
+DISTRIBUTED_VARIABLES = {
+    "coordinator_address": "JAX_COORDINATOR_ADDRESS",
+    "num_processes": "JAX_NUM_PROCESSES",
+    "process_id": "JAX_PROCESS_ID",
+}
+
+
+def distributed_settings(distributed, environ: Mapping[str, str] = os.environ) -> dict[str, Any]:
+    """The arguments for ``jax.distributed.initialize``: each of ``config.distributed``'s
+    ``coordinator_address``, ``num_processes`` and ``process_id``, else its ``JAX_*`` variable.
+
+    Returns:
+      All three, or ``{}`` when none is set: JAX then detects the cluster itself
+      (SLURM, Open MPI, Kubernetes, Cloud TPU).
+
+    Raises:
+      ConfigError: some are set and others not, or a value is out of range, naming the field.
+    """
+    settings, sources = {}, {}
+    for field, variable in DISTRIBUTED_VARIABLES.items():
+        value, source = distributed.get(field), f"config.distributed.{field}"
+        if value is None and environ.get(variable):
+            value, source = environ[variable], variable
+            if field != "coordinator_address":
+                try:
+                    value = int(value)
+                except ValueError:
+                    raise ConfigError(f"{variable}={value!r} must be an int.") from None
+        if value is not None:
+            settings[field], sources[field] = value, source
+    if not settings:
+        return settings
+    missing = [field for field in DISTRIBUTED_VARIABLES if field not in settings]
+    if missing:
+        given = ", ".join(f"{sources[field]}={settings[field]!r}" for field in settings)
+        wanted = " and ".join(f"config.distributed.{field} (or {DISTRIBUTED_VARIABLES[field]})" for field in missing)
+        raise ConfigError(
+            f"{given} is set, but {wanted} is not: set all three, or none to let JAX detect the cluster (SLURM, ...)."
+        )
+    address, count, index = settings["coordinator_address"], settings["num_processes"], settings["process_id"]
+    host, _, port = str(address).rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(
+            f"{sources['coordinator_address']}={address!r} must be HOST:PORT, the address of process 0, "
+            "e.g. 10.0.0.1:1234."
+        )
+    if not is_positive_int(count):
+        raise ConfigError(f"{sources['num_processes']}={count!r} must be a positive int.")
+    if not (isinstance(index, int) and 0 <= index < count):
+        raise ConfigError(f"{sources['process_id']}={index!r} must be an int from 0 to num_processes - 1 = {count - 1}.")
+    return settings
+
+
+def start_distributed(distributed, environ: Mapping[str, str] = os.environ) -> None:
+    """Joins this process to a multi-process run: ``jax.distributed.initialize`` with
+    :func:`distributed_settings`; call it before JAX computes anything."""
+    settings = distributed_settings(distributed, environ)
+    # The CPU devices of different processes all-reduce through gloo (TCP); without a
+    # collectives implementation a multi-process CPU computation fails.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    try:
+        jax.distributed.initialize(**settings)
+    except ValueError as error:  # nothing given and no cluster detected: "Number of processes must be defined."
+        raise ConfigError(
+            f"config.distributed.enabled=True, but the run's processes are unknown ({error}). Set "
+            + ", ".join(f"config.distributed.{field} (or {variable})" for field, variable in DISTRIBUTED_VARIABLES.items())
+            + ", or start the processes under a cluster manager JAX detects (SLURM: srun)."
+        ) from None
 
 
 def use_compilation_cache() -> pathlib.Path | None:

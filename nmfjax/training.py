@@ -10,13 +10,14 @@ runs data-parallel over every visible device (see :mod:`nmfjax.parallel`).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import pathlib
 import signal
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import flax
@@ -28,6 +29,7 @@ import optax
 import optax.contrib
 import orbax.checkpoint as ocp
 from flax import nnx
+from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
 from nmfjax import configuration, data, evaluation, models, parallel, workdirs
@@ -322,7 +324,7 @@ def train_and_evaluate(
     spec = configuration.validate_config(config)
     workdir = pathlib.Path(workdir)
     is_main_process = jax.process_index() == 0
-    with _StopSignals() as signals:
+    with _StopSignals() as signals, _workdir_lock(workdir, is_main_process):
         if start_over and is_main_process:
             workdirs.start_over(workdir)
         workdirs.check_same_run(workdir, config)
@@ -337,6 +339,25 @@ def train_and_evaluate(
         finally:
             manager.wait_until_finished()  # a save in progress completes before the process ends
             manager.close()
+
+
+@contextlib.contextmanager
+def _workdir_lock(workdir: pathlib.Path, is_main_process: bool) -> Iterator[None]:
+    """Process 0 holds the workdir's lock for the run; every process stops if it cannot."""
+    with contextlib.ExitStack() as stack:
+        refusal = None
+        if is_main_process:
+            try:
+                stack.enter_context(workdirs.locked(workdir))
+            except WorkdirError as error:
+                refusal = error
+        if jax.process_count() > 1:
+            refused = multihost_utils.broadcast_one_to_all(np.int32(refusal is not None))
+            if refused and refusal is None:
+                raise WorkdirError(f"process 0 could not take the lock of {workdir}: see its error.")
+        if refusal is not None:
+            raise refusal
+        yield
 
 
 def _train(config, workdir, trainer, manager, signals, is_main_process) -> dict[str, Any]:
@@ -386,8 +407,9 @@ def _train(config, workdir, trainer, manager, signals, is_main_process) -> dict[
         parameters = sum(leaf.size for leaf in jax.tree.leaves(state.params))
         print(
             f"{config.model.architecture}: {parameters:,} parameters, "
-            f"{len(train)} train / {len(test)} test images, {jax.device_count()} device(s), "
-            f"compiled in {compile_seconds:.1f} s.",
+            f"{len(train)} train / {len(test)} test images, {jax.device_count()} device(s)"
+            + (f" in {jax.process_count()} processes, " if jax.process_count() > 1 else ", ")
+            + f"compiled in {compile_seconds:.1f} s.",
             flush=True,
         )
 

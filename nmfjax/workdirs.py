@@ -4,17 +4,21 @@ consistent through crashes, damage and reruns.
 ``WORKDIR/config.json`` (checked against a rerun's config), ``checkpoints/``
 (orbax; each one also holds its epoch's metrics row), ``metrics.jsonl`` (one
 row per epoch, cut back to the checkpoint a run resumes from) and
-``damaged_checkpoints/`` (checkpoints that could not be restored, kept).
+``damaged_checkpoints/`` (checkpoints that could not be restored, kept) and
+``lock`` (the run that uses the workdir now: host, pid, start time).
 """
 
 from __future__ import annotations
 
 import contextlib
+import datetime
+import fcntl
 import gc
 import json
 import os
 import pathlib
 import shutil
+import socket
 import sys
 import tempfile
 import time
@@ -42,11 +46,92 @@ def _replaced_name(workdir: pathlib.Path) -> pathlib.Path:
     return workdir.with_name(f"{workdir.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
 
 
+LOCK = "lock"
+
+
+def _check_is_directory(workdir: pathlib.Path) -> None:
+    if workdir.exists() and not workdir.is_dir():
+        raise WorkdirError(f"the workdir {workdir} is a file; give a directory (--workdir).")
+
+
+@contextlib.contextmanager
+def locked(workdir: pathlib.Path) -> Iterator[None]:
+    """Holds ``WORKDIR/lock`` while a run uses the workdir (in a distributed run, process 0 holds
+    it for all processes).
+
+    The lock is an ``flock`` on the file, which the system releases when its holder
+    dies, so a lock left by a crash or ``kill -9`` is taken over. The file names the
+    holder (host, pid, start time) for the error another run gets. Where the file
+    names another host and that run's lock is not visible here (a file system
+    without shared locks), the run stops rather than guess.
+
+    Raises:
+      WorkdirError: another run holds the workdir, naming it and the remedies.
+    """
+    _check_is_directory(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    path = workdir / LOCK
+    while True:
+        descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _read_lock(path)
+            os.close(descriptor)
+            raise WorkdirError(
+                f"{workdir} is in use by another run ({_describe_holder(holder)}). Wait for it to end, or train "
+                "into another workdir (--workdir). Processes of one distributed run share it: start them with "
+                "--config.distributed.enabled=True."
+            ) from None
+        if os.path.exists(path) and os.stat(path).st_ino == os.fstat(descriptor).st_ino:
+            break  # (else the previous holder removed the file between our open and our flock: retry)
+        os.close(descriptor)
+    try:
+        previous = _read_lock(path)
+        host = socket.gethostname()
+        if previous and previous.get("host") != host:
+            raise WorkdirError(
+                f"{path} names a run on another host ({_describe_holder(previous)}), which may still be running. "
+                f"If it has ended, delete {path}; or train into another workdir (--workdir)."
+            )
+        if previous:
+            print(
+                f"Taking over {path} from a run that ended without releasing it ({_describe_holder(previous)}).",
+                flush=True,
+            )
+        started = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+        os.ftruncate(descriptor, 0)
+        os.write(descriptor, json.dumps({"host": host, "pid": os.getpid(), "started": started}).encode())
+        try:
+            yield
+        finally:
+            path.unlink(missing_ok=True)
+    finally:
+        os.close(descriptor)
+
+
+def _read_lock(path: pathlib.Path) -> dict[str, Any]:
+    try:
+        holder = json.loads(path.read_text() or "{}")
+    except (OSError, ValueError):
+        return {}
+    return holder if isinstance(holder, dict) else {}
+
+
+def _describe_holder(holder: Mapping[str, Any]) -> str:
+    if not holder:
+        return "its lock file names no holder yet"
+    return f"pid {holder.get('pid')} on {holder.get('host')}, started {holder.get('started')}"
+
+
 def start_over(workdir: pathlib.Path) -> None:
-    """Moves a previous run in ``workdir`` aside, so that the new one starts from scratch."""
-    if workdir.is_dir() and any(workdir.iterdir()):
+    """Moves a previous run in ``workdir`` aside (all but the lock), so that the new one starts from scratch."""
+    previous = [entry for entry in workdir.iterdir() if entry.name != LOCK] if workdir.is_dir() else []
+    if previous:
         aside = _replaced_name(workdir)
-        workdir.rename(aside)
+        aside.mkdir()
+        for entry in previous:
+            entry.rename(aside / entry.name)
         print(f"Moved the previous run in {workdir} to {aside}; starting from scratch.", flush=True)
 
 
@@ -56,8 +141,7 @@ def check_same_run(workdir: pathlib.Path, config: ml_collections.ConfigDict) -> 
         f"Train into another workdir (--workdir), or pass --start_over to move this run aside "
         f"(to {_replaced_name(workdir).name}) and start again"
     )
-    if workdir.exists() and not workdir.is_dir():
-        raise WorkdirError(f"the workdir {workdir} is a file; give a directory (--workdir).")
+    _check_is_directory(workdir)
     path = workdir / "config.json"
     if not path.exists():
         if (workdir / "checkpoints").is_dir() and any((workdir / "checkpoints").iterdir()):

@@ -23,6 +23,13 @@ _COMPILATION_CACHE = tempfile.mkdtemp(prefix="nmfjax-test-xla-cache-")
 atexit.register(shutil.rmtree, _COMPILATION_CACHE, ignore_errors=True)
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _COMPILATION_CACHE)
 
+# Tests in this process see one CPU device, whatever ran before them: the backend starts now, so a
+# command's main() run in-process (it splits the CPU into one device per core) cannot change it.
+# The processes the tests start choose their own devices.
+import jax  # noqa: E402
+
+jax.devices()
+
 
 @pytest.fixture
 def shared_tfds() -> str:

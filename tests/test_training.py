@@ -78,7 +78,7 @@ def test_plateau_rule_reduces_after_more_than_patience_bad_epochs():
         ({"num_epochs": 2.5}, "config.num_epochs must be a positive int, got 2.5"),
         ({"seed": "0"}, "config.seed must be an int, got '0'"),
         ({"download": "false"}, "config.download must be True or False, got 'false'"),
-        ({"distributed": 1}, "config.distributed must be True or False, got 1"),
+        ({"distributed.enabled": 1}, "config.distributed.enabled must be True or False, got 1"),
         ({"data_dir": 3}, "config.data_dir must be a path or None"),
         ({"augment.flip": "yes"}, "config.augment.flip must be True or False, got 'yes'"),
         ({"augment.brightness": -0.5}, r"config.augment.brightness must be a number >= 0, got -0.5"),
