@@ -1,6 +1,6 @@
 """CNMF+1x1: convolutional NMF, each followed by a 1x1 mixing convolution (paper: 85.1 %).
 
-    python train.py --config configs/cnmf_1x1.py --workdir runs/cnmf_1x1
+python train.py --config configs/cnmf_1x1.py --workdir runs/cnmf_1x1
 """
 
 from nmfjax.configuration import default_config

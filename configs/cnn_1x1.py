@@ -1,6 +1,6 @@
 """CNN+1x1: convolutions, each followed by a 1x1 mixing convolution.
 
-    python train.py --config configs/cnn_1x1.py --workdir runs/cnn_1x1
+python train.py --config configs/cnn_1x1.py --workdir runs/cnn_1x1
 """
 
 from nmfjax.configuration import default_config

@@ -120,7 +120,9 @@ def override_config(config: ml_collections.ConfigDict, assignments: Sequence[str
     flag_values = flags.FlagValues()
     try:
         # A deep copy keeps the type of placeholder fields (data_dir: str or None).
-        holder = config_flags.DEFINE_config_dict("config", copy.deepcopy(config), flag_values=flag_values, sys_argv=argv)
+        holder = config_flags.DEFINE_config_dict(
+            "config", copy.deepcopy(config), flag_values=flag_values, sys_argv=argv
+        )
         flag_values(argv)
     except (flags.Error, AttributeError, KeyError) as error:  # unknown fields surface while the flag is defined
         fail(flag_error_message(error, argv).replace("flag --config.", "--config."))

@@ -55,9 +55,7 @@ def default_config() -> ml_collections.ConfigDict:
     config.download = True  # download and prepare a missing dataset (needs network and TensorFlow)
     config.crop_size = config_dict.placeholder(int)  # None: the dataset's default (28 CIFAR, 24 MNIST)
     config.num_train_examples = config_dict.placeholder(int)  # None: the whole train split
-    config.augment = ml_collections.ConfigDict(
-        dict(flip=True, brightness=0.5, contrast=0.1, saturation=0.1, hue=0.15)
-    )
+    config.augment = ml_collections.ConfigDict(dict(flip=True, brightness=0.5, contrast=0.1, saturation=0.1, hue=0.15))
 
     # Optimisation: Adam with one learning rate per parameter group (nmfjax.models.PARAMETER_GROUPS),
     # divided by 10 after 10 epochs without improvement, until every rate is below 1e-9 or 500 epochs.

@@ -128,7 +128,17 @@ class Evaluator:
         self.step = jax.jit(self._step, static_argnames="preprocess")
 
     def _step(
-        self, params, batch_stats, images, labels, batch_indices, totals, batch_number=0, arguments=(), *, preprocess=None
+        self,
+        params,
+        batch_stats,
+        images,
+        labels,
+        batch_indices,
+        totals,
+        batch_number=0,
+        arguments=(),
+        *,
+        preprocess=None,
     ):
         """One batch's metrics added to ``totals`` (summed in the step: no extra dispatch per batch)."""
         batch_indices = parallel.split_batch(batch_indices, self.mesh)
@@ -169,7 +179,15 @@ class Evaluator:
         for batch_number, first in enumerate(range(0, num_examples, self.batch_size)):
             batch = indices[first : first + self.batch_size]
             totals = self.step(
-                params, batch_stats, images, labels, batch, totals, np.int32(batch_number), arguments, preprocess=preprocess
+                params,
+                batch_stats,
+                images,
+                labels,
+                batch,
+                totals,
+                np.int32(batch_number),
+                arguments,
+                preprocess=preprocess,
             )
             if parallel.one_program_at_a_time(self.mesh):
                 jax.block_until_ready(totals)

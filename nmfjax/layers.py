@@ -79,8 +79,7 @@ class NMFDense(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         if x.shape[-1] != self.in_features:
             raise ValueError(
-                f"NMFDense expects inputs with in_features={self.in_features} on the last axis, "
-                f"got shape {x.shape}."
+                f"NMFDense expects inputs with in_features={self.in_features} on the last axis, got shape {x.shape}."
             )
         return ops.nmf(ops.l1_normalize(x), self.nmf_weights(), self.options)
 
@@ -159,8 +158,7 @@ class _PatchLayer(nnx.Module):
         check_positive_int("feature_group_count", groups)
         if in_features % groups or out_features % groups:
             raise ValueError(
-                f"feature_group_count={groups} must divide in_features={in_features} "
-                f"and out_features={out_features}."
+                f"feature_group_count={groups} must divide in_features={in_features} and out_features={out_features}."
             )
         self.in_features = in_features
         self.out_features = out_features

@@ -191,7 +191,9 @@ class NetworkSpec:
 
     def __post_init__(self):
         if self.architecture not in ARCHITECTURES:
-            raise ValueError(f"config.model.architecture must be one of {tuple(ARCHITECTURES)}, got {self.architecture!r}.")
+            raise ValueError(
+                f"config.model.architecture must be one of {tuple(ARCHITECTURES)}, got {self.architecture!r}."
+            )
         blocks = len(self.features)
         for name in ("kernel_sizes", "pooling", "batch_norm", "groups", "mix_groups"):
             if len(getattr(self, name)) != blocks:
@@ -397,4 +399,3 @@ def parameters_by_group(model: nnx.Module) -> dict[str, int]:
     for variable in jax.tree.leaves(nnx.state(model, nnx.Param), is_leaf=lambda v: isinstance(v, nnx.Variable)):
         counts[parameter_group(variable)] += math.prod(variable.shape)
     return counts
-

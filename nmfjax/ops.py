@@ -90,9 +90,7 @@ def positive_weights(u: jax.Array) -> jax.Array:
       ``W``, of the shape of ``u``.
     """
     if u.ndim < 2:
-        raise ValueError(
-            f"positive_weights expects u of shape (S, I) (or (..., I)), got shape {u.shape}."
-        )
+        raise ValueError(f"positive_weights expects u of shape (S, I) (or (..., I)), got shape {u.shape}.")
     magnitude = jnp.abs(u)
     column_sums = jnp.sum(magnitude, axis=tuple(range(u.ndim - 1)), keepdims=True)
     return magnitude / (column_sums + _NORMALIZE_EPS)

@@ -140,7 +140,9 @@ def distributed_settings(distributed, environ: Mapping[str, str] = os.environ) -
     if not is_positive_int(count):
         raise ConfigError(f"{sources['num_processes']}={count!r} must be a positive int.")
     if not (isinstance(index, int) and 0 <= index < count):
-        raise ConfigError(f"{sources['process_id']}={index!r} must be an int from 0 to num_processes - 1 = {count - 1}.")
+        raise ConfigError(
+            f"{sources['process_id']}={index!r} must be an int from 0 to num_processes - 1 = {count - 1}."
+        )
     return settings
 
 
@@ -156,7 +158,9 @@ def start_distributed(distributed, environ: Mapping[str, str] = os.environ) -> N
     except ValueError as error:  # nothing given and no cluster detected: "Number of processes must be defined."
         raise ConfigError(
             f"config.distributed.enabled=True, but the run's processes are unknown ({error}). Set "
-            + ", ".join(f"config.distributed.{field} (or {variable})" for field, variable in DISTRIBUTED_VARIABLES.items())
+            + ", ".join(
+                f"config.distributed.{field} (or {variable})" for field, variable in DISTRIBUTED_VARIABLES.items()
+            )
             + ", or start the processes under a cluster manager JAX detects (SLURM: srun)."
         ) from None
 

@@ -134,7 +134,9 @@ def plot_gradient_study(results: dict[str, Any], output: pathlib.Path, title: st
         style = "-" if mode == "approx" else "--"
         iterations = [row["iterations"] for row in selected]
         for axis, key in ((cosine_axis, "cosine"), (ratio_axis, "norm_ratio")):
-            axis.plot(iterations, [row[key] for row in selected], style, color=color, marker="o", label=f"{mode}, {layer}")
+            axis.plot(
+                iterations, [row[key] for row in selected], style, color=color, marker="o", label=f"{mode}, {layer}"
+            )
     cosine_axis.set(title="cosine similarity with unrolled", xlabel="iterations N", ylabel="cosine")
     ratio_axis.set(title="norm / unrolled norm", xlabel="iterations N", ylabel="norm ratio", yscale="log")
     for axis in (cosine_axis, ratio_axis):
@@ -165,7 +167,9 @@ def plot_filters(pictures: np.ndarray, output: pathlib.Path, title: str) -> path
     return save_figure(figure, output)
 
 
-def plot_reconstructions(images: np.ndarray, reconstructed: np.ndarray, errors: np.ndarray, output, title) -> pathlib.Path:
+def plot_reconstructions(
+    images: np.ndarray, reconstructed: np.ndarray, errors: np.ndarray, output, title
+) -> pathlib.Path:
     """Inputs (top) over their reconstructions (bottom), with each one's relative error."""
     count = len(images)
     figure = Figure(figsize=(1.6 * count, 3.6))

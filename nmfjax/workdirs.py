@@ -319,5 +319,3 @@ def checkpoint_row(manager: ocp.CheckpointManager, epoch: int) -> Mapping[str, A
         return manager.metrics(epoch)
     except Exception:  # a damaged metadata file only costs the row's recovery
         return None
-
-

@@ -36,7 +36,10 @@ def _saved_run(workdir: pathlib.Path, epochs: int = 0, **changes) -> pathlib.Pat
 TRAIN_MISTAKES = {
     "missing config file": (["--config", "configs/nope.py"], "config file configs/nope.py does not exist"),
     "no config": ([], "--config is required"),
-    "bad value": (["--config", CNN, "--config.model.nmf.iterations=0"], "config.model.nmf: iterations must be a positive int, got 0"),
+    "bad value": (
+        ["--config", CNN, "--config.model.nmf.iterations=0"],
+        "config.model.nmf: iterations must be a positive int, got 0",
+    ),
     "bad range": (["--config", CNN, "--config.augment.hue=0.9"], "config.augment.hue must be a number in [0, 0.5]"),
     "bad type": (["--config", CNN, "--config.download=maybe"], "--config.download=maybe"),
     "unknown field": (["--config", CNN, "--config.model.nmf.iteration=3"], "the config has no field 'iteration'"),
@@ -53,14 +56,22 @@ def test_train_py_reports_a_bad_command_line_in_one_line(case, tmp_path):
 
 
 def test_train_py_reports_missing_data_in_one_line(tmp_path):
-    args = ["--config", CNN, f"--workdir={tmp_path / 'run'}", f"--config.data_dir={tmp_path}", "--config.download=False"]
+    args = [
+        "--config",
+        CNN,
+        f"--workdir={tmp_path / 'run'}",
+        f"--config.data_dir={tmp_path}",
+        "--config.download=False",
+    ]
     child = run_process(train_command(*args), tmp_path / "process", timeout=120)
     _assert_one_error_line(child, f"dataset 'cifar10' (split 'train') is not prepared in {tmp_path}")
 
 
 def test_train_py_reports_a_mismatched_workdir_in_one_line(tmp_path):
     workdir = _saved_run(tmp_path / "run", width=1)
-    child = run_process(train_command("--config", CNN, f"--workdir={workdir}", "--config.model.width=2"), tmp_path / "p")
+    child = run_process(
+        train_command("--config", CNN, f"--workdir={workdir}", "--config.model.width=2"), tmp_path / "p"
+    )
     _assert_one_error_line(child, f"{workdir} holds a run with another config (model.width: 1 -> 2)")
 
 
@@ -74,7 +85,12 @@ def test_train_py_start_over_moves_the_old_run_aside_and_trains(tmp_path):
     workdir = _saved_run(tmp_path / "run", epochs=2, width=1)
     tiny = ["--config.num_epochs=1", "--config.batch_size=10", "--config.eval_batch_size=10"]
     command = train_command(
-        "--config", CNN, f"--workdir={workdir}", "--config.model.width=2", "--start_over", *tiny,
+        "--config",
+        CNN,
+        f"--workdir={workdir}",
+        "--config.model.width=2",
+        "--start_over",
+        *tiny,
         prelude=MOCK_DATA.format(examples=20),
     )
     child = run_process(command, tmp_path / "p")
@@ -118,7 +134,7 @@ def test_experiments_name_each_mistake(tmp_path, capsys):
     cases = [
         (["noise", str(tmp_path / "missing")], "config.json does not exist"),
         (["iterations", str(no_checkpoint)], "no checkpoint in"),
-        (["iterations", str(no_checkpoint), "--step", "first"], "expected \"best\", \"latest\" or an epoch"),
+        (["iterations", str(no_checkpoint), "--step", "first"], 'expected "best", "latest" or an epoch'),
         (["noise", str(no_checkpoint), "--limit", "0"], "argument --limit: expected a positive int, got '0'"),
         (["noise", str(no_checkpoint), "--kinds", "snow"], "argument --kinds: invalid choice: 'snow'"),
         (["sweep", "--config", CNN, "--root", str(tmp_path / "sweep")], "use a cnmf_1x1 config, got model 'cnn'"),
@@ -146,5 +162,7 @@ def test_an_unexpected_failure_keeps_its_traceback(tmp_path):
         training.train_and_evaluate = broken
     """
     child = run_process(train_command("--config", CNN, f"--workdir={tmp_path}", prelude=prelude), tmp_path / "p")
-    assert child.process.returncode not in (0, 2) and "Traceback" in child.stderr and "RuntimeError: a bug" in child.stderr
+    assert (
+        child.process.returncode not in (0, 2) and "Traceback" in child.stderr and "RuntimeError: a bug" in child.stderr
+    )
     assert sys.executable  # the child ran with this interpreter

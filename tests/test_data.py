@@ -57,7 +57,9 @@ def test_grey_images_get_brightness_and_contrast_only():
 
 
 def test_missing_dataset_without_download_names_the_remedy(tmp_path):
-    with pytest.raises(data.DatasetUnavailableError, match=r"not prepared in .*config.download is False.*--config.data_dir"):
+    with pytest.raises(
+        data.DatasetUnavailableError, match=r"not prepared in .*config.download is False.*--config.data_dir"
+    ):
         data.load_split("mnist", "train", data_dir=str(tmp_path), download=False)
 
 

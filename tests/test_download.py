@@ -87,7 +87,9 @@ def test_train_py_downloads_into_tfds_default_data_dir_and_trains_an_epoch(tmp_p
     overrides = ["--config.num_epochs=1", "--config.batch_size=10", "--config.eval_batch_size=10"]
     workdir = tmp_path / "run"
     child = run_process(
-        train_command("--config", str(ROOT / "configs" / "cnmf_1x1.py"), f"--workdir={workdir}", *overrides, prelude=prelude),
+        train_command(
+            "--config", str(ROOT / "configs" / "cnmf_1x1.py"), f"--workdir={workdir}", *overrides, prelude=prelude
+        ),
         tmp_path / "process",
         env={"TFDS_DATA_DIR": str(default_data_dir)},
         timeout=420,

@@ -88,7 +88,9 @@ def test_sweep_grid_applies_groups_where_they_divide_the_channels():
 
 
 def test_with_nmf_options_keeps_the_weights():
-    model = models.Network(models.NetworkSpec(features=(4, 8, 8, 10), nmf=ops.NMFOptions(iterations=3)), rngs=nnx.Rngs(0))
+    model = models.Network(
+        models.NetworkSpec(features=(4, 8, 8, 10), nmf=ops.NMFOptions(iterations=3)), rngs=nnx.Rngs(0)
+    )
     images = jax.random.uniform(jax.random.key(0), (4, 28, 28, 3))
     same = experiments.with_nmf_options(model, gradient="unrolled")
     np.testing.assert_allclose(same.logits(images), model.logits(images), rtol=1e-5)
@@ -98,7 +100,9 @@ def test_with_nmf_options_keeps_the_weights():
 
 
 def test_gradient_study_compares_each_nmf_layer_with_unrolled():
-    model = models.Network(models.NetworkSpec(features=(4, 8, 8, 10), nmf=ops.NMFOptions(iterations=2)), rngs=nnx.Rngs(0))
+    model = models.Network(
+        models.NetworkSpec(features=(4, 8, 8, 10), nmf=ops.NMFOptions(iterations=2)), rngs=nnx.Rngs(0)
+    )
     images = jax.random.uniform(jax.random.key(0), (6, 28, 28, 3))
     labels = jnp.arange(6) % 10
     results = experiments.gradient_study(model, images, labels, values=(3,), modes=("approx", "implicit", "unrolled"))
@@ -307,7 +311,10 @@ def test_training_commands_train_each_variant_once(mock_data, tmp_path, capsys):
 @pytest.mark.parametrize(
     "assignment, expected",
     [
-        ("model.nmf.iteration=3", "--config.model.nmf.iteration: the config has no field 'iteration'; did you mean \"iterations\""),
+        (
+            "model.nmf.iteration=3",
+            "--config.model.nmf.iteration: the config has no field 'iteration'; did you mean \"iterations\"",
+        ),
         ("download=maybe", "--config.download=maybe: ('Non-boolean argument to boolean flag', 'maybe')"),
         ("num_epochs=two", "--config.num_epochs=two: invalid literal for int()"),
         ("num_epochs", "expected FIELD=VALUE (e.g. num_epochs=2), got 'num_epochs'"),
@@ -326,7 +333,13 @@ def test_config_overrides_give_fields_their_types_as_train_py_does():
     config = configuration.config_from_file(pathlib.Path(__file__).resolve().parents[1] / "configs" / "cnmf_1x1.py")
     changed = cli.override_config(
         config,
-        ["download=false", "data_dir=../shared/tfds", "model.groups=(1,2,2,1)", "model.nmf.epsilon=1e-3", "model.width=2"],
+        [
+            "download=false",
+            "data_dir=../shared/tfds",
+            "model.groups=(1,2,2,1)",
+            "model.nmf.epsilon=1e-3",
+            "model.width=2",
+        ],
     )
     assert changed.download is False and changed.data_dir == "../shared/tfds" and changed.model.groups == (1, 2, 2, 1)
     assert changed.model.nmf.epsilon == 1e-3 and changed.model.width == 2

@@ -169,13 +169,21 @@ def test_reconstruct_returns_the_input_where_h_explains_every_patch(kernel_size,
     patch_size = kernel_size * kernel_size * channels // groups
     identity = np.tile(np.eye(patch_size, dtype=np.float32), (1, groups))  # (S_g, G * S_g)
     conv = NMFConv(
-        channels, groups * patch_size, kernel_size, strides=strides, padding=padding,
-        feature_group_count=groups, iterations=3, rngs=nnx.Rngs(0),
+        channels,
+        groups * patch_size,
+        kernel_size,
+        strides=strides,
+        padding=padding,
+        feature_group_count=groups,
+        iterations=3,
+        rngs=nnx.Rngs(0),
     )
     conv.kernel[...] = jnp.asarray(identity.reshape(conv.kernel.shape))
     x = np.random.default_rng(1).uniform(0.1, 1, (2, 7, 7, channels)).astype(np.float32)
     rebuilt = np.asarray(conv.reconstruct(jnp.asarray(x)))
-    covered = np.asarray(jax.vjp(conv.grouped_patches, jnp.asarray(x))[1](conv.grouped_patches(jnp.ones_like(x)))[0]) > 0
+    covered = (
+        np.asarray(jax.vjp(conv.grouped_patches, jnp.asarray(x))[1](conv.grouped_patches(jnp.ones_like(x)))[0]) > 0
+    )
     assert covered.any()
     np.testing.assert_allclose(rebuilt[covered], x[covered], rtol=1e-5)
     np.testing.assert_array_equal(rebuilt[~covered], 0.0)

@@ -22,7 +22,9 @@ def test_default_parameter_counts_equal_spec(architecture, parameters):
 
 @pytest.mark.parametrize("architecture", list(models.ARCHITECTURES))
 def test_network_outputs_probabilities(architecture):
-    model = models.Network(models.NetworkSpec(architecture=architecture, nmf=ops.NMFOptions(iterations=3)), rngs=nnx.Rngs(0))
+    model = models.Network(
+        models.NetworkSpec(architecture=architecture, nmf=ops.NMFOptions(iterations=3)), rngs=nnx.Rngs(0)
+    )
     images = jax.random.uniform(jax.random.key(0), (4, 28, 28, 3))
     probabilities = model(images)
     assert probabilities.shape == (4, 10)
@@ -54,7 +56,9 @@ def test_batch_statistics_are_used_in_evaluation_when_asked():
     images = jax.random.uniform(jax.random.key(1), (6, 28, 28, 3))
     outputs = {}
     for statistics in models.BATCH_NORM_STATISTICS:
-        model = models.Network(models.NetworkSpec(architecture="cnn", batch_norm_statistics=statistics), rngs=nnx.Rngs(0))
+        model = models.Network(
+            models.NetworkSpec(architecture="cnn", batch_norm_statistics=statistics), rngs=nnx.Rngs(0)
+        )
         model.train()
         training = model(images)
         model.eval()

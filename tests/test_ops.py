@@ -167,8 +167,7 @@ def exactly_factorisable_problem(seed, positions=4, features=8, hidden=3):
 def test_implicit_approaches_unrolled_as_iterations_grow(x64):
     x, w, g = exactly_factorisable_problem(9)
     errors = [
-        _relative_error(_gradients("implicit", x, w, g, n), _gradients("unrolled", x, w, g, n))
-        for n in (10, 50, 200)
+        _relative_error(_gradients("implicit", x, w, g, n), _gradients("unrolled", x, w, g, n)) for n in (10, 50, 200)
     ]
     assert errors[0] > errors[1] > errors[2], errors
     assert errors[0] > 1e-2 and errors[2] < 1e-3, errors
@@ -291,12 +290,24 @@ def test_shape_mismatch_raises(x_shape, w_shape, match):
     [
         ({"iterations": 0}, ValueError, "iterations must be a positive int, got 0"),
         ({"iterations": 2.5}, TypeError, "iterations must be a positive int, got 2.5"),
-        ({"adjoint_iterations": -1, "gradient": "implicit"}, ValueError, "adjoint_iterations must be a positive int, got -1"),
+        (
+            {"adjoint_iterations": -1, "gradient": "implicit"},
+            ValueError,
+            "adjoint_iterations must be a positive int, got -1",
+        ),
         ({"epsilon": 0.0}, ValueError, "epsilon must be > 0.*got 0.0"),
         ({"epsilon": -1.0}, ValueError, "epsilon must be > 0"),
         ({"epsilon": "big"}, TypeError, "epsilon must be None.*'big'"),
-        ({"gradient": "exact"}, ValueError, r"gradient must be one of \('approx', 'unrolled', 'implicit'\), got 'exact'"),
-        ({"learning": "hebb"}, ValueError, r"learning must be one of \('backprop', 'local_kl', 'local_mse'\), got 'hebb'"),
+        (
+            {"gradient": "exact"},
+            ValueError,
+            r"gradient must be one of \('approx', 'unrolled', 'implicit'\), got 'exact'",
+        ),
+        (
+            {"learning": "hebb"},
+            ValueError,
+            r"learning must be one of \('backprop', 'local_kl', 'local_mse'\), got 'hebb'",
+        ),
     ],
 )
 def test_bad_options_raise_clear_errors(options, error, match):

@@ -20,7 +20,11 @@ def test_readme_python_examples_run():
 
 def test_ci_runs_exactly_the_readme_test_command():
     ci_commands = [
-        line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines() if "pytest" in line and not line.lstrip().startswith("#")
+        line.strip()
+        for line in (ROOT / ".ci" / "run").read_text().splitlines()
+        if "pytest" in line and not line.lstrip().startswith("#")
     ]
-    readme_commands = [line.strip() for block in _code_blocks("bash") for line in block.splitlines() if "pytest" in line]
+    readme_commands = [
+        line.strip() for block in _code_blocks("bash") for line in block.splitlines() if "pytest" in line
+    ]
     assert ci_commands == readme_commands and len(ci_commands) == 1, (ci_commands, readme_commands)

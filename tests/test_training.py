@@ -87,7 +87,10 @@ def test_plateau_rule_reduces_after_more_than_patience_bad_epochs():
         ({"plateau.metric": "accuracy"}, "config.plateau.metric must be one of"),
         ({"plateau.factor": 1.5}, r"config.plateau.factor must be a number in \(0, 1\)"),
         ({"model.nmf.iterations": 0}, "config.model.nmf: iterations must be a positive int, got 0"),
-        ({"model.readout_learning": "hebbian"}, "config.model.readout_learning: learning must be one of .* got 'hebbian'"),
+        (
+            {"model.readout_learning": "hebbian"},
+            "config.model.readout_learning: learning must be one of .* got 'hebbian'",
+        ),
         ({"crop_size": 40}, "config.crop_size=40 exceeds"),
         ({"model.kernel_sizes": (5, 13, 0, 1)}, r"config.model.kernel_sizes\[1\]=13 is larger than the 12x12 map"),
         ({"model.mix_groups": (1, 5, 1, 1)}, r"config.model.mix_groups\[1\]=5 must divide the 64 outputs"),
@@ -108,6 +111,7 @@ def test_bad_configs_fail_at_start_up_naming_the_field(overrides, match, tmp_pat
 def _run_train_py(config_file, workdir, *overrides):
     argv = ["train.py", f"--config={ROOT / config_file}", f"--workdir={workdir}", *overrides]
     import train  # the top-level script
+
     # array_record defines absl flags when first imported; flagsaver would delete them on exit.
     import array_record.python.array_record_data_source  # noqa: F401
 

@@ -155,7 +155,10 @@ def test_a_workdir_that_is_a_file_is_refused(tmp_path):
 def test_start_over_moves_the_previous_run_aside(workdir, mock_data):
     training.train_and_evaluate(_config(num_epochs=1, **{"model.width": 2}), workdir, start_over=True)
     (aside,) = workdir.parent.glob("run.replaced-*")
-    assert len(workdirs.read_metrics(aside)) == 3 and json.loads((aside / "config.json").read_text())["model"]["width"] == 1
+    assert (
+        len(workdirs.read_metrics(aside)) == 3
+        and json.loads((aside / "config.json").read_text())["model"]["width"] == 1
+    )
     assert [row["epoch"] for row in workdirs.read_metrics(workdir)] == [1]
     assert json.loads((workdir / "config.json").read_text())["model"]["width"] == 2
 

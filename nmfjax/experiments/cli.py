@@ -91,7 +91,12 @@ def _command_weights(args) -> None:
     (run,) = _load_runs(args)
     filters = pictures.first_layer_filters(run.model)
     output = _output_dir(args)
-    payload = {"workdir": str(run.workdir), "epoch": run.epoch, "shape": list(filters.shape), "filters": filters.tolist()}
+    payload = {
+        "workdir": str(run.workdir),
+        "epoch": run.epoch,
+        "shape": list(filters.shape),
+        "filters": filters.tolist(),
+    }
     figure = plots.plot_filters(filters, output / "weights.png", f"{run.label}: first-layer weights")
     _report(write_json(payload, output / "weights.json"), figure)
 
@@ -109,7 +114,9 @@ def _command_reconstructions(args) -> None:
         "mean_relative_l1_error": float(errors.mean()),
     }
     title = f"{run.label}: test images rebuilt from the first layer's h (R = W h)"
-    figure = plots.plot_reconstructions(np.asarray(images), reconstructed, errors, output / "reconstructions.png", title)
+    figure = plots.plot_reconstructions(
+        np.asarray(images), reconstructed, errors, output / "reconstructions.png", title
+    )
     _report(write_json(payload, output / "reconstructions.json"), figure)
     print(f"mean relative L1 error: {100 * errors.mean():.2f}%")
 
@@ -131,7 +138,9 @@ def _command_sparsity(args) -> None:
     output = _output_dir(args)
     title = f"{run.label}: sparsity of h over {images.shape[0]} test images"
     payload = {"workdir": str(run.workdir), "epoch": run.epoch, "layers": summary}
-    _report(write_json(payload, output / "sparsity.json"), plots.plot_sparsity(sparsity, output / "sparsity.png", title))
+    _report(
+        write_json(payload, output / "sparsity.json"), plots.plot_sparsity(sparsity, output / "sparsity.png", title)
+    )
     for layer, stats in summary.items():
         print(f"{layer}: mean Hoyer sparsity {stats['mean']:.3f} over {stats['positions']} positions")
 
@@ -145,11 +154,15 @@ def _command_train_iterations(args) -> None:
     variants = {f"iterations{n}": {"model.nmf.iterations": n} for n in args.values}
     summaries = _train_and_summarize(args, _config(args), variants)
     root = pathlib.Path(args.root)
-    curves = plots.plot_learning_curves([s["workdir"] for s in summaries.values()], root / "train_iterations_curves.png")
+    curves = plots.plot_learning_curves(
+        [s["workdir"] for s in summaries.values()], root / "train_iterations_curves.png"
+    )
     accuracy = plots.plot_final_accuracy(
         args.values, list(summaries.values()), root / "train_iterations.png", "iterations N in training"
     )
-    _report(write_json({"iterations": args.values, "runs": summaries}, root / "train_iterations.json"), accuracy, curves)
+    _report(
+        write_json({"iterations": args.values, "runs": summaries}, root / "train_iterations.json"), accuracy, curves
+    )
 
 
 def _command_train_gradients(args) -> None:
@@ -184,7 +197,9 @@ def _command_sweep(args) -> None:
         write_json({"runs": summaries, "pareto_front": [names[i] for i in front]}, root / "sweep.json"),
         plots.plot_sweep(summaries, front, root / "sweep.png"),
     )
-    print("| variant | parameters | NMF | CNN (1x1) | CNN/NMF | test accuracy | seconds |\n|---|---|---|---|---|---|---|")
+    print(
+        "| variant | parameters | NMF | CNN (1x1) | CNN/NMF | test accuracy | seconds |\n|---|---|---|---|---|---|---|"
+    )
     for name, s in sorted(summaries.items(), key=lambda item: item[1]["parameters"]):
         ratio = s["cnn_parameters"] / s["nmf_parameters"]
         print(
@@ -207,7 +222,9 @@ def build_parser() -> argparse.ArgumentParser:
         command = commands.add_parser(name, help=help_text, description=help_text)
         command.add_argument("workdirs", nargs=workdirs, metavar="WORKDIR", help="workdir(s) written by train.py")
         command.add_argument("--output", help="output directory (default: WORKDIR/experiments)")
-        command.add_argument("--step", default="best", type=_step, help='checkpoint: "best" (default), "latest" or an epoch')
+        command.add_argument(
+            "--step", default="best", type=_step, help='checkpoint: "best" (default), "latest" or an epoch'
+        )
         command.add_argument("--data_dir", help="TFDS data directory (default: the workdir's config.data_dir)")
         command.add_argument("--limit", type=cli.positive_int, help="use only the first LIMIT test images")
         command.set_defaults(function=function, accepts_overrides=False)
@@ -232,7 +249,9 @@ def build_parser() -> argparse.ArgumentParser:
     command.add_argument("--modes", nargs="+", default=["approx", "implicit"], choices=("approx", "implicit"))
     command.add_argument("--batch", type=cli.positive_int, default=50, help="test images in the loss (default 50)")
     on_workdirs("weights", _command_weights, "the first layer's weights as a grid of colour patches")
-    command = on_workdirs("reconstructions", _command_reconstructions, "test images rebuilt from the first NMF layer's h")
+    command = on_workdirs(
+        "reconstructions", _command_reconstructions, "test images rebuilt from the first NMF layer's h"
+    )
     command.add_argument("--count", type=cli.positive_int, default=8, help="how many test images (default 8)")
     command = on_workdirs("sparsity", _command_sparsity, "histograms of the Hoyer sparsity of h per NMF layer")
     command.add_argument("--batch", type=cli.positive_int, default=200, help="test images (default 200)")
