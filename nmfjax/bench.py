@@ -41,6 +41,8 @@ DEFAULT_PEAK_GFLOPS = 190.0
 
 @dataclasses.dataclass(frozen=True)
 class Sizes:
+    """What the suite measures: models, batch sizes, N values and repeats (full or tiny)."""
+
     models: tuple[str, ...]
     batch_sizes: tuple[int, ...]
     figure1_iterations: tuple[int, ...]
@@ -146,7 +148,8 @@ def measure_train_and_eval(
     model: str, batch_size: int, repeats: int, peak_gflops: float, iterations: int = 20, devices: int | None = None
 ) -> dict:
     """Train-step and eval throughput of one model at one batch size, data-parallel over the first
-    ``devices`` devices (default: as many as divide the batch)."""
+    ``devices`` devices (default: as many as divide the batch).
+    """
     if devices is None:
         devices = max(count for count in range(1, jax.device_count() + 1) if batch_size % count == 0)
     config = _config(model, batch_size, iterations)
@@ -230,6 +233,7 @@ def _ratio(value: float, reference: float) -> float:
 
 
 def figure1(sizes: Sizes) -> list[dict]:
+    """The paper's Figure 1: backward time and memory of the whole network per backward mode and N."""
     rows = []
     for iterations in sizes.figure1_iterations:
         cnn = measure_backward("cnn", "approx", iterations, sizes.figure1_batch, sizes.repeats)
@@ -243,6 +247,7 @@ def figure1(sizes: Sizes) -> list[dict]:
 
 
 def scaling(sizes: Sizes, peak_gflops: float) -> dict[str, list[dict]]:
+    """CNMF+1x1 throughput against N (at a middle batch size) and against the batch size (N = 20)."""
     batch = sizes.scaling_batch_sizes[len(sizes.scaling_batch_sizes) // 2]
     return {
         "iterations": [
@@ -276,6 +281,8 @@ THROUGHPUT_COLUMNS = [
     ("eval peak MB/device", "eval_peak_memory_mb", ".0f"),
     ("compile s (train/eval)", "train_compile_seconds", ".1f"),
 ]
+SCALING_COLUMNS = [("N", "iterations", "d"), *THROUGHPUT_COLUMNS[1:6]]
+
 FIGURE1_COLUMNS = [
     ("N", "iterations", "d"),
     ("model", "model", "s"),
@@ -289,6 +296,7 @@ FIGURE1_COLUMNS = [
 
 
 def run(sizes: Sizes, output: pathlib.Path, peak_gflops: float) -> dict:
+    """The whole suite: prints its tables and writes ``bench.json`` and ``bench.png`` to ``output``."""
     output.mkdir(parents=True, exist_ok=True)
     results = {
         "device": str(jax.devices()[0].device_kind),
@@ -312,7 +320,7 @@ def run(sizes: Sizes, output: pathlib.Path, peak_gflops: float) -> dict:
     print("\nFigure 1 (backward of the whole network):\n" + _table(results["figure1"], FIGURE1_COLUMNS), flush=True)
     results["scaling"] = scaling(sizes, peak_gflops)
     for name, rows in results["scaling"].items():
-        print(f"\nCNMF+1x1 against {name}:\n" + _table(rows, THROUGHPUT_COLUMNS[1:6]), flush=True)
+        print(f"\nCNMF+1x1 against {name}:\n" + _table(rows, SCALING_COLUMNS), flush=True)
     (output / "bench.json").write_text(json.dumps(results, indent=2))
     plots.plot_bench(results, output / "bench.png")
     print(f"\nwrote {output / 'bench.json'} and {output / 'bench.png'}")
@@ -320,6 +328,7 @@ def run(sizes: Sizes, output: pathlib.Path, peak_gflops: float) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """``python -m nmfjax.bench``."""
     parser = cli.ArgumentParser(
         prog="python -m nmfjax.bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
