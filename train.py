@@ -31,6 +31,7 @@ def parse_flags(argv):
 
 
 def main(argv):
+    """Trains ``--config``'s network into ``--workdir``; a mistake of the user's is one ``error:`` line."""
     if len(argv) > 1:
         cli.fail(f"unexpected arguments {argv[1:]}: fields are set as --config.FIELD=VALUE.")
     config_file = pathlib.Path(config_flags.get_config_filename(FLAGS["config"]))

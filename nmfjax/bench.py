@@ -27,6 +27,7 @@ import pathlib
 import platform
 import statistics
 import time
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -203,7 +204,7 @@ def measure_train_and_eval(
 def measure_backward(model: str, gradient: str, iterations: int, batch_size: int, repeats: int) -> dict:
     """Forward and forward+backward time and memory of the loss gradient (Figure 1)."""
     spec = models.NetworkSpec(architecture=model, nmf=ops.NMFOptions(iterations=iterations, gradient=gradient))
-    graphdef, params, batch_stats = nnx.split(models.Network(spec, rngs=nnx.Rngs(0)), nnx.Param, nnx.BatchStat)
+    graphdef, params, batch_stats = models.split_state(models.Network(spec, rngs=nnx.Rngs(0)))
     images = jax.random.uniform(jax.random.key(0), (batch_size, 28, 28, 3))
     labels = jnp.arange(batch_size) % 10
 
@@ -298,7 +299,7 @@ FIGURE1_COLUMNS = [
 def run(sizes: Sizes, output: pathlib.Path, peak_gflops: float) -> dict:
     """The whole suite: prints its tables and writes ``bench.json`` and ``bench.png`` to ``output``."""
     output.mkdir(parents=True, exist_ok=True)
-    results = {
+    results: dict[str, Any] = {
         "device": str(jax.devices()[0].device_kind),
         "platform": jax.default_backend(),
         "device_count": jax.device_count(),

@@ -35,7 +35,8 @@ def fail(message: str) -> NoReturn:
 @contextlib.contextmanager
 def exit_on_errors() -> Iterator[None]:
     """Turns a :class:`~nmfjax.errors.UserError` into :func:`fail`, and an interruption
-    (:class:`~nmfjax.errors.TrainingInterrupted`, Ctrl-C) into one line and status ``128 + signal``."""
+    (:class:`~nmfjax.errors.TrainingInterrupted`, Ctrl-C) into one line and status ``128 + signal``.
+    """
     try:
         yield
     except UserError as error:
@@ -51,7 +52,7 @@ def exit_on_errors() -> Iterator[None]:
 class ArgumentParser(argparse.ArgumentParser):
     """``argparse`` whose usage errors are one line, ``error: ...``, with exit status 2."""
 
-    def error(self, message: str) -> NoReturn:
+    def error(self, message: str) -> NoReturn:  # noqa: D102 (argparse's hook for a bad command line)
         fail(f"{message} (see {self.prog} --help)")
 
 
@@ -60,7 +61,7 @@ def positive_int(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
-        value = None
+        value = 0
     if not is_positive_int(value):
         raise argparse.ArgumentTypeError(f"expected a positive int, got {text!r}")
     return value

@@ -27,9 +27,9 @@ from nmfjax.validation import is_positive_int
 
 PLATEAU_METRICS = ("train_loss", "test_loss")
 
-# Fields a rerun may change: how long and from where the run goes, not what its checkpoints mean.
-# Every other field (model, NMF options, learning rates, dataset, batch sizes, seed, ...)
-# must equal the workdir's config.json. A field covers its subfields (distributed.*).
+#: The fields a rerun may change (how long and from where the run goes, not what its checkpoints mean).
+#: Every other field (model, NMF options, learning rates, dataset, batch sizes, seed, ...)
+#: must equal the workdir's config.json. A field covers its subfields (distributed.*).
 RESUMABLE_FIELDS = (
     "num_epochs",
     "min_learning_rate",
@@ -209,19 +209,20 @@ _MODEL_FIELDS_BEFORE_0_2 = (
 def upgrade_config(saved: Mapping[str, Any]) -> dict[str, Any]:
     """A ``config.json`` in today's layout: workdirs written before the model fields moved
     under ``config.model`` (``model`` was the architecture's name, the NMF options
-    ``config.nmf``) are converted; others are returned as they are."""
-    saved = copy.deepcopy(dict(saved))
-    if isinstance(saved.get("distributed"), bool):  # before config.distributed took its fields
-        saved["distributed"] = {"enabled": saved["distributed"]}
-    if not isinstance(saved.get("model"), str):
-        return saved
-    model = {"architecture": saved.pop("model")}
-    model.update({name: saved.pop(name) for name in _MODEL_FIELDS_BEFORE_0_2 if name in saved})
-    nmf = dict(saved.pop("nmf", {}))
+    ``config.nmf``) are converted; others are returned as they are.
+    """
+    upgraded: dict[str, Any] = copy.deepcopy(dict(saved))
+    if isinstance(upgraded.get("distributed"), bool):  # before config.distributed took its fields
+        upgraded["distributed"] = {"enabled": upgraded["distributed"]}
+    if not isinstance(upgraded.get("model"), str):
+        return upgraded
+    model = {"architecture": upgraded.pop("model")}
+    model.update({name: upgraded.pop(name) for name in _MODEL_FIELDS_BEFORE_0_2 if name in upgraded})
+    nmf = dict(upgraded.pop("nmf", {}))
     model["readout_learning"] = nmf.pop("readout_learning", None)
     model["nmf"] = nmf
-    saved["model"] = model
-    return saved
+    upgraded["model"] = model
+    return upgraded
 
 
 def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -272,6 +273,7 @@ def config_from_file(path: str | pathlib.Path) -> ml_collections.ConfigDict:
     if not path.is_file():
         raise MissingFileError(f"config file {path} does not exist (e.g. configs/cnmf_1x1.py).")
     module_spec = importlib.util.spec_from_file_location(f"nmfjax_config_{path.stem}", path)
+    assert module_spec is not None and module_spec.loader is not None  # a .py file that exists
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
     return module.get_config()

@@ -30,12 +30,15 @@ from nmfjax.errors import ConfigError, DatasetUnavailableError, describe
 
 @dataclasses.dataclass(frozen=True)
 class DatasetInfo:
+    """What nmfjax needs to know of a TFDS image dataset."""
+
     image_size: int  # side of the stored square images
     channels: int
     crop_size: int  # default crop (28 of 32 for CIFAR-10, as the paper; 24 of 28 for MNIST, as the authors' code)
     num_classes: int = 10
 
 
+#: The datasets nmfjax trains on, by TFDS name.
 DATASETS = {
     "cifar10": DatasetInfo(image_size=32, channels=3, crop_size=28),
     "mnist": DatasetInfo(image_size=28, channels=1, crop_size=24),
@@ -45,6 +48,8 @@ DATASETS = {
 
 @dataclasses.dataclass(frozen=True)
 class Split:
+    """A decoded split, resident in host memory."""
+
     images: np.ndarray  # (N, H, W, C) uint8
     labels: np.ndarray  # (N,) int32
 
@@ -53,6 +58,7 @@ class Split:
 
 
 def check_dataset(name: str) -> DatasetInfo:
+    """The :class:`DatasetInfo` of ``name``; a :class:`~nmfjax.errors.ConfigError` naming the known ones otherwise."""
     if name not in DATASETS:
         raise ConfigError(f"config.dataset must be one of {tuple(DATASETS)}, got {name!r}.")
     return DATASETS[name]
@@ -68,13 +74,14 @@ _NO_NETWORK = (
 )
 
 
-def _causes(error: BaseException):
+def _causes(error: BaseException) -> Iterator[BaseException]:
     """``error`` and the exceptions it was raised from, outermost first."""
     seen = set()
-    while error is not None and id(error) not in seen:
-        seen.add(id(error))
-        yield error
-        error = error.__cause__ or error.__context__
+    cause: BaseException | None = error
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        yield cause
+        cause = cause.__cause__ or cause.__context__
 
 
 def _download_failure(name: str, where: str, error: Exception) -> DatasetUnavailableError:
@@ -125,7 +132,8 @@ def _not_array_record(name: str, where, error: Exception) -> DatasetUnavailableE
 
 def _open_source(name: str, split: str, data_dir: str | None, download: bool):
     """The split as a random-access ``tfds`` data source (array_record), downloading and preparing
-    the dataset first when it is missing and ``download`` allows it."""
+    the dataset first when it is missing and ``download`` allows it.
+    """
     # array_record explicitly: tfds.data_source only picks it when no data_dir is given, and
     # a dataset prepared as tfrecord offers no random access.
     try:
@@ -200,14 +208,15 @@ def load_split(
 # --- augmentation, on the device ---
 
 
-def to_float(images: jax.Array) -> jax.Array:
+def to_float(images: jax.Array | np.ndarray) -> jax.Array:
     """uint8 pixels to float32 in [0, 1]; float images pass unchanged."""
+    images = jnp.asarray(images)
     if jnp.issubdtype(images.dtype, jnp.floating):
         return images
     return images.astype(jnp.float32) / 255.0
 
 
-def center_crop(images: jax.Array, crop_size: int) -> jax.Array:
+def center_crop(images: jax.Array | np.ndarray, crop_size: int) -> jax.Array:
     """``(B, H, W, C)`` uint8 (or float in [0, 1]) -> ``(B, crop, crop, C)`` float32 in [0, 1]."""
     top = (images.shape[1] - crop_size) // 2
     left = (images.shape[2] - crop_size) // 2
@@ -237,7 +246,7 @@ def _augment_one(key, image, crop_size, flip, brightness, contrast, saturation, 
     height, width, channels = image.shape
     top, left = (
         jax.random.randint(k, (), 0, size - crop_size + 1)
-        for k, size in zip(jax.random.split(crop_key), (height, width))
+        for k, size in zip(jax.random.split(crop_key), (height, width), strict=True)
     )
     image = jax.lax.dynamic_slice(image, (top, left, 0), (crop_size, crop_size, channels))
     image = to_float(image)
@@ -271,7 +280,10 @@ def augment(key: jax.Array, images: jax.Array, crop_size: int, config) -> jax.Ar
       ``(B, crop, crop, C)`` float32 in [0, 1].
     """
     keys = jax.random.split(key, images.shape[0])
-    augment_one = lambda k, image: _augment_one(
-        k, image, crop_size, config.flip, config.brightness, config.contrast, config.saturation, config.hue
-    )
+
+    def augment_one(image_key, image):
+        return _augment_one(
+            image_key, image, crop_size, config.flip, config.brightness, config.contrast, config.saturation, config.hue
+        )
+
     return jax.vmap(augment_one)(keys, images)

@@ -59,4 +59,5 @@ class TrainingInterrupted(Exception):
 
     @property
     def signal_name(self) -> str:
+        """``SIGINT`` or ``SIGTERM``."""
         return signal.Signals(self.signal_number).name

@@ -65,7 +65,11 @@ def batch_loss(
     return jnp.mean(composite_loss(logits, labels)), (logits, nnx.state(model, nnx.BatchStat))
 
 
-def summed_metrics(logits: jax.Array, labels: jax.Array, loss: jax.Array | None = None) -> dict[str, jax.Array]:
+# Per-batch sums (loss, correct, count), as the steps carry them.
+Metrics = dict[str, jax.Array]
+
+
+def summed_metrics(logits: jax.Array, labels: jax.Array, loss: jax.Array | None = None) -> Metrics:
     """A batch's summed loss, correct predictions and example count (add batches, then divide).
 
     Args:
@@ -78,16 +82,16 @@ def summed_metrics(logits: jax.Array, labels: jax.Array, loss: jax.Array | None 
     return {
         "loss": jnp.sum(composite_loss(logits, labels)) if loss is None else loss * count,
         "correct": jnp.sum(jnp.argmax(logits, -1) == labels),
-        "count": count,
+        "count": jnp.int32(count),
     }
 
 
-def add_metrics(totals: dict[str, jax.Array], metrics: dict[str, jax.Array]) -> dict[str, jax.Array]:
+def add_metrics(totals: Metrics, metrics: Metrics) -> Metrics:
     """Running sums of :func:`summed_metrics` (start from :func:`no_metrics`)."""
     return jax.tree.map(jnp.add, totals, metrics)
 
 
-def no_metrics(mesh: jax.sharding.Mesh) -> dict[str, jax.Array]:
+def no_metrics(mesh: jax.sharding.Mesh) -> Metrics:
     """The sums before the first batch, replicated over ``mesh`` as the steps return them."""
     zeros = {"loss": np.float32(0), "correct": np.int32(0), "count": np.int32(0)}
     return jax.device_put(zeros, parallel.replicated(mesh))
@@ -163,8 +167,10 @@ class Evaluator:
         """Mean loss and accuracy over all ``images`` (``(N, H, W, C)`` uint8 on the devices).
 
         Args:
-          params, batch_stats: the network's state.
-          images, labels: the dataset, e.g. from :func:`nmfjax.parallel.put_replicated`.
+          params: the network's parameters.
+          batch_stats: its BatchNorm statistics.
+          images: the dataset's images, e.g. from :func:`nmfjax.parallel.put_replicated`.
+          labels: ``(N,)`` int32 class indices.
           preprocess: ``preprocess(pixels, batch_number, *arguments)``, applied
             before the crop; must be hashable (one compilation per value).
           arguments: traced arguments of ``preprocess`` (one compilation for all values).

@@ -10,6 +10,7 @@ own learning rate.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -34,6 +35,7 @@ class L1Normalize(nnx.Module):
     """Divides its input by its sum over the last axis (plus 1e-19)."""
 
     def __call__(self, x: jax.Array) -> jax.Array:
+        """``(..., S) -> (..., S)``, each row summing to 1."""
         return ops.l1_normalize(x)
 
 
@@ -61,10 +63,10 @@ class NMFDense(nnx.Module):
         *,
         options: ops.NMFOptions | None = None,
         kernel_init: nnx.Initializer = nnx.initializers.uniform(scale=1.0),
-        param_dtype=jnp.float32,
+        param_dtype: jnp.dtype = jnp.float32,
         rngs: nnx.Rngs,
-        **option_fields,
-    ):
+        **option_fields: Any,
+    ) -> None:
         check_positive_int("in_features", in_features)
         check_positive_int("out_features", out_features)
         self.options = (options or ops.NMFOptions()).replace(**option_fields)
@@ -77,6 +79,7 @@ class NMFDense(nnx.Module):
         return ops.positive_weights(self.kernel[...])
 
     def __call__(self, x: jax.Array) -> jax.Array:
+        """``(..., in_features)`` non-negative -> ``(..., out_features)``: :func:`nmfjax.ops.nmf` of each row."""
         if x.shape[-1] != self.in_features:
             raise ValueError(
                 f"NMFDense expects inputs with in_features={self.in_features} on the last axis, got shape {x.shape}."
@@ -101,10 +104,12 @@ def _padding_pairs(padding: PaddingLike) -> str | tuple[tuple[int, int], ...]:
     if isinstance(padding, int):
         return ((padding, padding),) * 2
     entries = list(padding)
-    if len(entries) == 2 and all(isinstance(entry, int) for entry in entries):
-        return tuple((entry, entry) for entry in entries)
-    if len(entries) == 2 and all(len(entry) == 2 for entry in entries):
-        return tuple(tuple(entry) for entry in entries)
+    ints = [entry for entry in entries if isinstance(entry, int)]
+    pairs = [entry for entry in entries if isinstance(entry, Sequence) and len(entry) == 2]
+    if len(entries) == 2 and len(ints) == 2:
+        return tuple((entry, entry) for entry in ints)
+    if len(entries) == 2 and len(pairs) == 2:
+        return tuple((int(pair[0]), int(pair[1])) for pair in pairs)
     raise ValueError(f"padding must be 'SAME', 'VALID', an int or pairs of ints, got {padding!r}.")
 
 
@@ -150,9 +155,19 @@ class _PatchLayer(nnx.Module):
     convolution) and L1-normalises it. With ``feature_group_count = G`` the input
     channels and outputs split into ``G`` groups with separate weights; each
     group's part of the patch is normalised on its own. ``kernel`` has Flax's
-    convolution layout ``(kh, kw, C / G, I)``."""
+    convolution layout ``(kh, kw, C / G, I)``.
+    """
 
-    def _init_patches(self, in_features, out_features, kernel_size, strides, padding, kernel_dilation, groups):
+    def _init_patches(
+        self,
+        in_features: int,
+        out_features: int,
+        kernel_size: int | Sequence[int],
+        strides: int | Sequence[int],
+        padding: PaddingLike,
+        kernel_dilation: int | Sequence[int],
+        groups: int,
+    ) -> tuple[int, ...]:
         check_positive_int("in_features", in_features)
         check_positive_int("out_features", out_features)
         check_positive_int("feature_group_count", groups)
@@ -171,7 +186,8 @@ class _PatchLayer(nnx.Module):
 
     def grouped_patches(self, x: jax.Array) -> jax.Array:
         """``(B, H, W, C)`` -> ``(B, H', W', G, kh * kw * C/G)``: each output position's patch
-        split into the groups' parts, not normalised (a linear map of ``x``)."""
+        split into the groups' parts, not normalised (a linear map of ``x``).
+        """
         if x.ndim != 4 or x.shape[-1] != self.in_features:
             raise ValueError(
                 f"{type(self).__name__} expects NHWC inputs with in_features={self.in_features} channels, "
@@ -231,10 +247,10 @@ class NMFConv(_PatchLayer):
         feature_group_count: int = 1,
         options: ops.NMFOptions | None = None,
         kernel_init: nnx.Initializer = nnx.initializers.uniform(scale=1.0),
-        param_dtype=jnp.float32,
+        param_dtype: jnp.dtype = jnp.float32,
         rngs: nnx.Rngs,
-        **option_fields,
-    ):
+        **option_fields: Any,
+    ) -> None:
         kernel_shape = self._init_patches(
             in_features, out_features, kernel_size, strides, padding, kernel_dilation, feature_group_count
         )
@@ -249,6 +265,7 @@ class NMFConv(_PatchLayer):
         return self._grouped(ops.positive_weights(self.kernel[...]))
 
     def __call__(self, x: jax.Array) -> jax.Array:
+        """``(B, H, W, C)`` non-negative -> ``(B, H', W', features)``: the NMF of every patch, per group."""
         patches, weights = self._normalised_patches(x), self.nmf_weights()
         if self.feature_group_count == 1:  # vmap over one group would only add transposes
             return ops.nmf(patches[..., 0, :], weights[0], self.options)
@@ -297,14 +314,15 @@ class PatchConv(_PatchLayer):
         kernel_dilation: int | Sequence[int] = 1,
         feature_group_count: int = 1,
         kernel_init: nnx.Initializer = nnx.initializers.variance_scaling(1 / 3, "fan_in", "uniform"),
-        param_dtype=jnp.float32,
+        param_dtype: jnp.dtype = jnp.float32,
         rngs: nnx.Rngs,
-    ):
+    ) -> None:
         kernel_shape = self._init_patches(
             in_features, out_features, kernel_size, strides, padding, kernel_dilation, feature_group_count
         )
         self.kernel = PatchConvWeight(kernel_init(rngs.params(), kernel_shape, param_dtype))
 
     def __call__(self, x: jax.Array) -> jax.Array:
+        """``(B, H, W, C) -> (B, H', W', features)``: each normalised patch times the kernel, per group."""
         patches = self._normalised_patches(x)
         return self._merge_groups(jnp.einsum("...gs,gsi->...gi", patches, self._grouped(self.kernel[...])))

@@ -25,6 +25,7 @@ import math
 import types
 import typing
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -52,21 +53,24 @@ class BatchNormParam(nnx.Param):
 class BatchNorm(nnx.BatchNorm):
     """PyTorch-default BatchNorm (eps 1e-5, momentum 0.1) that can keep using batch
     statistics in evaluation, as the authors' networks do (``statistics="batch"``).
-    With ``"running"`` it follows ``model.train()`` / ``model.eval()`` as usual."""
+    With ``"running"`` it follows ``model.train()`` / ``model.eval()`` as usual.
+    """
 
     def __init__(self, num_features: int, *, statistics: str, rngs: nnx.Rngs):
         super().__init__(num_features, momentum=0.9, epsilon=1e-5, rngs=rngs)
+        assert self.scale is not None and self.bias is not None  # use_scale and use_bias are on
         self.scale, self.bias = BatchNormParam(self.scale[...]), BatchNormParam(self.bias[...])
         self.statistics = statistics
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array) -> jax.Array:  # type: ignore[override]  # the statistics are chosen on construction
+        """``(..., features)`` normalised by the batch's or the running statistics."""
         if self.statistics == "batch":
             return super().__call__(x, use_running_average=False)
         return super().__call__(x)
 
 
-def _identity_plus_noise(features: int, groups: int):
-    def init(key, shape, dtype=jnp.float32):
+def _identity_plus_noise(features: int, groups: int) -> nnx.Initializer:
+    def init(key: jax.Array, shape: tuple[int, ...], dtype: Any = jnp.float32) -> jax.Array:
         # shape (1, 1, features // groups, features): output o reads input o mod (features // groups) of its group.
         per_group = features // groups
         identity = (jnp.arange(per_group)[:, None] == jnp.arange(features)[None, :] % per_group).astype(dtype)
@@ -76,7 +80,7 @@ def _identity_plus_noise(features: int, groups: int):
     return init
 
 
-def _small_noise(key, shape, dtype=jnp.float32):
+def _small_noise(key: jax.Array, shape: tuple[int, ...], dtype: Any = jnp.float32) -> jax.Array:
     return jax.random.uniform(key, shape, dtype, -_MIXING_INIT_NOISE, _MIXING_INIT_NOISE)
 
 
@@ -84,7 +88,8 @@ class MixingConv(nnx.Conv):
     """Module b: a 1x1 convolution over ``features`` channels that starts as the identity
     plus Uniform(+-0.5e-4) noise (weights and bias), so it can remix, and inhibit, the
     positive outputs of module a (paper section 2.4.2). Its kernel and bias are
-    :class:`MixingParam` variables."""
+    :class:`MixingParam` variables.
+    """
 
     def __init__(self, features: int, *, feature_group_count: int = 1, rngs: nnx.Rngs):
         super().__init__(
@@ -96,6 +101,7 @@ class MixingConv(nnx.Conv):
             bias_init=_small_noise,
             rngs=rngs,
         )
+        assert self.bias is not None  # use_bias is on
         self.kernel, self.bias = MixingParam(self.kernel[...]), MixingParam(self.bias[...])
 
 
@@ -125,6 +131,7 @@ class Architecture:
     mixing: ModuleDef | None = None
 
 
+#: The paper's four networks by name (module a, and the mixing module of the "+1x1" variants).
 ARCHITECTURES = {
     "cnn": Architecture(conv_module),
     "cnmf": Architecture(nmf_module),
@@ -132,7 +139,7 @@ ARCHITECTURES = {
     "cnmf_1x1": Architecture(nmf_module, MixingConv),
 }
 
-# Learning-rate groups by variable type (paper section 2.6; the authors' code): module a, module b, BatchNorm.
+#: The learning-rate groups by variable type (module a, module b, BatchNorm), as in the authors' code.
 PARAMETER_GROUPS = {
     "module_a": (NMFWeight, PatchConvWeight),
     "mixing": (MixingParam,),
@@ -189,7 +196,7 @@ class NetworkSpec:
     nmf: ops.NMFOptions = ops.NMFOptions()
     readout_learning: str | None = None
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if self.architecture not in ARCHITECTURES:
             raise ValueError(
                 f"config.model.architecture must be one of {tuple(ARCHITECTURES)}, got {self.architecture!r}."
@@ -227,11 +234,13 @@ class NetworkSpec:
         except (TypeError, ValueError) as error:
             raise type(error)(f"config.model.nmf: {error}") from None
         fields = {name: tuple(value) if isinstance(value, list) else value for name, value in fields.items()}
-        return cls(input_shape=tuple(input_shape), nmf=nmf, **fields)
+        height, width, channels = input_shape
+        return cls(input_shape=(height, width, channels), nmf=nmf, **fields)
 
     def block_nmf(self, index: int) -> ops.NMFOptions:
         """Block ``index``'s NMF options: ``readout_learning`` replaces the learning rule of
-        the last block (when set)."""
+        the last block (when set).
+        """
         is_readout = index in (-1, len(self.features) - 1)
         if is_readout and self.readout_learning is not None:
             return self.nmf.replace(learning=self.readout_learning)
@@ -248,7 +257,7 @@ class NetworkSpec:
         return tuple(f * self.width for f in self.features[:-1]) + (self.features[-1],)
 
 
-def _placeholder_type(annotation) -> type | None:
+def _placeholder_type(annotation: Any) -> type | None:
     """``X | None`` -> ``X``, for the typed placeholders of ConfigDict."""
     if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
         (kind,) = [arg for arg in typing.get_args(annotation) if arg is not type(None)]
@@ -256,9 +265,10 @@ def _placeholder_type(annotation) -> type | None:
     return None
 
 
-def _as_config(instance) -> ml_collections.ConfigDict:
+def _as_config(instance: Any) -> ml_collections.ConfigDict:
     """A frozen dataclass's fields as a ConfigDict: nested dataclasses nest, ``X | None`` fields
-    become typed placeholders (so ``--config.model.readout_learning=local_kl`` parses)."""
+    become typed placeholders (so ``--config.model.readout_learning=local_kl`` parses).
+    """
     hints = typing.get_type_hints(type(instance))
     config = ml_collections.ConfigDict()
     for field in dataclasses.fields(instance):
@@ -272,9 +282,10 @@ def _as_config(instance) -> ml_collections.ConfigDict:
     return config
 
 
-def model_config(**changes) -> ml_collections.ConfigDict:
+def model_config(**changes: Any) -> ml_collections.ConfigDict:
     """``config.model``: the fields of :class:`NetworkSpec` but ``input_shape``, with their defaults
-    (the paper's CNMF+1x1), ``nmf`` nested; ``changes`` replace defaults, e.g. ``architecture="cnn"``."""
+    (the paper's CNMF+1x1), ``nmf`` nested; ``changes`` replace defaults, e.g. ``architecture="cnn"``.
+    """
     config = _as_config(NetworkSpec(**changes))
     del config["input_shape"]  # from the dataset and the crop
     return config
@@ -308,6 +319,7 @@ class Block(nnx.Module):
         self.mixing, self.norm_b = mixing_module, mixing_norm
 
     def __call__(self, x: jax.Array) -> jax.Array:
+        """``(B, H, W, C) -> (B, H', W', features)``: ReLU, module a, BatchNorm, mixing, BatchNorm, pooling."""
         x = self.module_a(nnx.relu(x))
         if self.norm_a is not None:
             x = self.norm_a(x)
@@ -373,22 +385,31 @@ class Network(nnx.Module):
         self.blocks = nnx.List(blocks)
 
     def logits(self, x: jax.Array) -> jax.Array:
+        """``(B, H, W, C)`` images in [0, 1] -> ``(B, classes)`` logits."""
         for block in self.blocks:
             x = block(x)
         return x.reshape(x.shape[0], -1)
 
     def __call__(self, x: jax.Array) -> jax.Array:
+        """``(B, H, W, C)`` images in [0, 1] -> ``(B, classes)`` class probabilities."""
         return jax.nn.softmax(self.logits(x), axis=-1)
 
 
 def build(spec: NetworkSpec, seed: int) -> Network:
     """``Network(spec, rngs=nnx.Rngs(seed))``, its initialisers run as one compiled program rather
     than one small program each (about 90 of them, 6 s of start-up on 2 CPU devices). The values
-    are the same."""
+    are the same.
+    """
     return nnx.jit(lambda: Network(spec, rngs=nnx.Rngs(seed)))()
 
 
-def count_parameters(model: nnx.Module, filter_=nnx.Param) -> int:
+def split_state(model: nnx.Module) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
+    """``model`` as its graph, its parameters and its BatchNorm statistics (``nnx.merge`` joins them)."""
+    graphdef, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)  # type: ignore[misc]
+    return graphdef, params, batch_stats
+
+
+def count_parameters(model: nnx.Module, filter_: nnx.filterlib.Filter = nnx.Param) -> int:
     """Number of trainable values (weights, biases, BatchNorm scale and shift)."""
     return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(nnx.state(model, filter_)))
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import numbers
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -39,6 +40,9 @@ LEARNING_RULES = ("backprop", "local_kl", "local_mse")
 # Guards of the authors' code: keep sums and reconstructions away from zero.
 _NORMALIZE_EPS = 1e-19
 _RECONSTRUCTION_EPS = 1e-20
+
+# What the custom VJPs keep from the forward pass: (x, w, h).
+Residuals = tuple[jax.Array, jax.Array, jax.Array]
 
 
 @jax.custom_jvp
@@ -54,7 +58,9 @@ def safe_divide(numerator: jax.Array, denominator: jax.Array) -> jax.Array:
 
 
 @safe_divide.defjvp
-def _safe_divide_jvp(primals, tangents):
+def _safe_divide_jvp(
+    primals: tuple[jax.Array, jax.Array], tangents: tuple[jax.Array, jax.Array]
+) -> tuple[jax.Array, jax.Array]:
     numerator, denominator = primals
     numerator_tangent, denominator_tangent = tangents
     # Written with the numerator rather than the quotient: the residuals are then those of a plain
@@ -123,7 +129,7 @@ class NMFOptions:
     learning: str = "backprop"
     adjoint_iterations: int | None = None
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         check_positive_int("iterations", self.iterations)
         if self.adjoint_iterations is not None:
             check_positive_int("adjoint_iterations", self.adjoint_iterations)
@@ -141,7 +147,7 @@ class NMFOptions:
         if self.learning not in LEARNING_RULES:
             raise ValueError(f"learning must be one of {LEARNING_RULES}, got {self.learning!r}.")
 
-    def replace(self, **changes) -> NMFOptions:
+    def replace(self, **changes: Any) -> NMFOptions:
         """A copy with some fields changed (validated again)."""
         return dataclasses.replace(self, **changes)
 
@@ -190,18 +196,22 @@ def _sum_positions(a: jax.Array, b: jax.Array) -> jax.Array:
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _nmf_approx(x, w, iterations, epsilon):
+def _nmf_approx(x: jax.Array, w: jax.Array, iterations: int, epsilon: float | None) -> jax.Array:
     return _iterate(x, w, iterations, epsilon)
 
 
-def _iterate_keeping_residuals(x, w, iterations, epsilon, *_):
+def _iterate_keeping_residuals(
+    x: jax.Array, w: jax.Array, iterations: int, epsilon: float | None, *_: Any
+) -> tuple[jax.Array, Residuals]:
     """Forward pass of both custom VJPs: only ``x``, ``W`` and the final ``h`` are kept."""
     h = _iterate(x, w, iterations, epsilon)
     return h, (x, w, h)
 
 
-def _nmf_approx_bwd(iterations, epsilon, residuals, g):
-    """The paper's one-step VJP at the returned ``h`` (eq. 17-19):
+def _nmf_approx_bwd(
+    iterations: int, epsilon: float | None, residuals: Residuals, g: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """The paper's one-step VJP at the returned ``h`` (eq. 17-19).
 
     ``dx[s] = sum_i W[s,i] h[i] g[i] / R[s]`` and
     ``dW[s,i] = sum_positions h[i] x[s] / R[s] * (g[i] - dx[s])``.
@@ -220,14 +230,19 @@ _nmf_approx.defvjp(_iterate_keeping_residuals, _nmf_approx_bwd)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def _nmf_implicit(x, w, iterations, epsilon, adjoint_iterations):
+def _nmf_implicit(
+    x: jax.Array, w: jax.Array, iterations: int, epsilon: float | None, adjoint_iterations: int
+) -> jax.Array:
     return _iterate(x, w, iterations, epsilon)
 
 
-def _nmf_implicit_bwd(iterations, epsilon, adjoint_iterations, residuals, g):
+def _nmf_implicit_bwd(
+    iterations: int, epsilon: float | None, adjoint_iterations: int, residuals: Residuals, g: jax.Array
+) -> tuple[jax.Array, jax.Array]:
     """Implicit-function VJP at ``h* = F(h*, x, W)``: ``v = g + (dF/dh)^T v`` is
     iterated ``adjoint_iterations`` times from ``v = g`` (a truncated Neumann
-    series), then ``(dx, dW) = (dF/dx, dF/dW)^T v``."""
+    series), then ``(dx, dW) = (dF/dx, dF/dW)^T v``.
+    """
     del iterations
     x, w, h = residuals
     _, vjp_h = jax.vjp(lambda h_: nmf_update(h_, x, w, epsilon), h)
@@ -240,17 +255,18 @@ _nmf_implicit.defvjp(_iterate_keeping_residuals, _nmf_implicit_bwd)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _with_local_weight_gradient(h, x, w, rule):
+def _with_local_weight_gradient(h: jax.Array, x: jax.Array, w: jax.Array, rule: str) -> jax.Array:
     return h
 
 
-def _local_fwd(h, x, w, rule):
+def _local_fwd(h: jax.Array, x: jax.Array, w: jax.Array, rule: str) -> tuple[jax.Array, Residuals]:
     return h, (x, w, h)
 
 
-def _local_bwd(rule, residuals, g):
+def _local_bwd(rule: str, residuals: Residuals, g: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Passes ``g`` through to ``h`` and hands ``w`` a local NMF rule (the KL update of paper eq. 4, or MSE):
-    ``local_kl: -h x / R``, ``local_mse: -2 h (x - R)``, summed over positions."""
+    ``local_kl: -h x / R``, ``local_mse: -2 h (x - R)``, summed over positions.
+    """
     x, w, h = residuals
     reconstruction = h @ w.T
     if rule == "local_kl":
@@ -263,7 +279,9 @@ def _local_bwd(rule, residuals, g):
 _with_local_weight_gradient.defvjp(_local_fwd, _local_bwd)
 
 
-def nmf(x: jax.Array, w: jax.Array, options: NMFOptions | None = None, **fields) -> jax.Array:
+def nmf(
+    x: jax.typing.ArrayLike, w: jax.typing.ArrayLike, options: NMFOptions | None = None, **fields: Any
+) -> jax.Array:
     """Runs ``N`` NMF updates of ``h`` for input ``x`` and weight ``w`` (paper eq. 6, or eq. 3 when pure).
 
     ``x`` is used as given (the layers L1-normalise it first); in the pure mode
@@ -292,7 +310,7 @@ def nmf(x: jax.Array, w: jax.Array, options: NMFOptions | None = None, **fields)
 
 # Jitted so that eager calls run as one compiled program; inside a caller's jit it is inlined.
 @functools.partial(jax.jit, static_argnums=2)
-def _nmf(x, w, options: NMFOptions):
+def _nmf(x: jax.Array, w: jax.Array, options: NMFOptions) -> jax.Array:
     iterations, epsilon = options.iterations, options.epsilon
     core_w = w if options.learning == "backprop" else lax.stop_gradient(w)
     if options.gradient == "approx":

@@ -60,7 +60,7 @@ def use_cpu_devices(count: int | None, batch_sizes: tuple[int, ...] = ()) -> int
       batch_sizes: what the batch is split into; only used when ``count`` is None.
 
     Returns:
-      The CPU device count in effect: the user's own ``XLA_FLAGS``
+      int: the CPU device count in effect: the user's own ``XLA_FLAGS``
       (``--xla_force_host_platform_device_count``) or ``JAX_NUM_CPU_DEVICES`` win
       over ``count``.
     """
@@ -175,7 +175,7 @@ def use_compilation_cache() -> pathlib.Path | None:
     ``JAX_COMPILATION_CACHE_DIR`` of the user's wins. Returns the directory, or None
     when JAX's own setting is used.
     """
-    if os.environ.get("JAX_COMPILATION_CACHE_DIR") or jax.config.jax_compilation_cache_dir:
+    if os.environ.get("JAX_COMPILATION_CACHE_DIR") or jax.config.jax_compilation_cache_dir:  # type: ignore[attr-defined]
         return None
     directory = pathlib.Path(os.environ.get("XDG_CACHE_HOME", pathlib.Path.home() / ".cache")) / "nmfjax" / "xla"
     jax.config.update("jax_compilation_cache_dir", str(directory))

@@ -64,7 +64,7 @@ def plot_learning_curves(workdirs: list[str | pathlib.Path], output: str | pathl
     """Loss, accuracy and learning rate against epoch for each workdir; returns the PNG's path."""
     figure = Figure(figsize=(15, 4.2))
     loss_axis, accuracy_axis, rate_axis = figure.subplots(1, 3)
-    for workdir, color in zip(workdirs, _colors()):  # one colour per workdir: train dashed, test solid
+    for workdir, color in zip(workdirs, _colors(), strict=False):  # one colour per workdir: train dashed, test solid
         workdir = pathlib.Path(workdir)
         rows = read_metrics(workdir)
         if not rows:
@@ -95,7 +95,7 @@ def plot_noise_robustness(results: dict[str, Any], output: pathlib.Path) -> path
     kinds = [kind for kind in results["kinds"] if any(kind in run for run in results["runs"].values())]
     figure = Figure(figsize=(6 * len(kinds), 4.2))
     axes = figure.subplots(1, len(kinds), squeeze=False)
-    for axis, kind in zip(axes[0], kinds):
+    for axis, kind in zip(axes[0], kinds, strict=True):
         for label, run in results["runs"].items():
             axis.plot(results["levels"], [100 * a for a in run[kind]], marker=".", label=label)
         axis.axhline(10, color="grey", linestyle=":", linewidth=1, label="chance")
@@ -127,7 +127,7 @@ def plot_gradient_study(results: dict[str, Any], output: pathlib.Path, title: st
     cosine_axis, ratio_axis = figure.subplots(1, 2)
     rows = results["rows"]
     series = sorted({(row["mode"], row["layer"]) for row in rows})
-    for (mode, layer), color in zip(series, _colors()):
+    for (mode, layer), color in zip(series, _colors(), strict=False):
         selected = sorted(
             (row for row in rows if (row["mode"], row["layer"]) == (mode, layer)), key=lambda r: r["iterations"]
         )
@@ -191,7 +191,7 @@ def plot_sparsity(sparsity: dict[str, np.ndarray], output: pathlib.Path, title: 
     """One histogram of Hoyer sparsity per NMF layer."""
     figure = Figure(figsize=(3.6 * len(sparsity), 3.4))
     axes = figure.subplots(1, len(sparsity), squeeze=False)
-    for axis, (layer, values) in zip(axes[0], sparsity.items()):
+    for axis, (layer, values) in zip(axes[0], sparsity.items(), strict=True):
         axis.hist(values, bins=40, range=(0, 1), color="tab:green")
         axis.axvline(np.mean(values), color="black", linestyle="--", label=f"mean {np.mean(values):.2f}")
         axis.set(title=f"{layer} ({values.size} positions)", xlabel="Hoyer sparsity of h", ylabel="positions")
@@ -202,7 +202,8 @@ def plot_sparsity(sparsity: dict[str, np.ndarray], output: pathlib.Path, title: 
 
 def plot_sweep(summaries: dict[str, dict[str, Any]], front: Sequence[int], output: pathlib.Path) -> pathlib.Path:
     """The paper's Figure 6: accuracy against parameters (with the Pareto ``front``, indices into
-    ``summaries``) and against the CNN/NMF parameter ratio."""
+    ``summaries``) and against the CNN/NMF parameter ratio.
+    """
     names = list(summaries)
     parameters = np.array([summaries[n]["parameters"] for n in names])
     accuracy = 100 * np.array([summaries[n]["final_test_accuracy"] for n in names])
@@ -275,6 +276,7 @@ def plot_bench(results: dict[str, Any], output: pathlib.Path) -> pathlib.Path:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """``python -m nmfjax.plots``."""
     parser = cli.ArgumentParser(
         prog="python -m nmfjax.plots", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )

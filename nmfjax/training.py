@@ -4,19 +4,21 @@
 CE + MSE loss on the softmax output (paper eq. 21), Adam with one learning rate
 per parameter group, the reduce-on-plateau rule after each epoch, orbax
 checkpoints every epoch (resumed automatically), ``metrics.jsonl`` and
-TensorBoard events in the workdir (see :mod:`nmfjax.workdir`). The train step
+TensorBoard events in the workdir (see :mod:`nmfjax.workdirs`). The train step
 runs data-parallel over every visible device (see :mod:`nmfjax.parallel`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import pathlib
 import signal
 import sys
 import threading
 import time
+import types
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -34,6 +36,7 @@ from tqdm.auto import tqdm
 
 from nmfjax import configuration, data, evaluation, models, parallel, workdirs
 from nmfjax.errors import ConfigError, MissingFileError, TrainingDiverged, TrainingInterrupted, WorkdirError, describe
+from nmfjax.evaluation import Metrics
 
 # --- loss, optimiser, state ---
 
@@ -41,7 +44,8 @@ from nmfjax.errors import ConfigError, MissingFileError, TrainingDiverged, Train
 def make_optimizer(config: ml_collections.ConfigDict, params: nnx.State) -> optax.GradientTransformation:
     """Adam (PyTorch defaults) with one learning rate per parameter group: module a's weights,
     the 1x1 mixing convolutions and BatchNorm (``config.learning_rates``), chosen by variable
-    type (:func:`nmfjax.models.parameter_group`)."""
+    type (:func:`nmfjax.models.parameter_group`).
+    """
     is_variable = lambda value: isinstance(value, nnx.Variable)  # noqa: E731
     # A label for each array, in the structure of ``params``.
     labels = jax.tree.map(
@@ -52,6 +56,7 @@ def make_optimizer(config: ml_collections.ConfigDict, params: nnx.State) -> opta
 
 
 def make_plateau(config: ml_collections.ConfigDict) -> optax.GradientTransformationExtraArgs:
+    """The learning-rate scale: ``config.plateau``'s reduce-on-plateau rule, as PyTorch's ReduceLROnPlateau."""
     # PyTorch's ReduceLROnPlateau reduces after more than `patience` bad epochs,
     # optax's after exactly `patience`: shift by one to match the authors' code.
     return optax.contrib.reduce_on_plateau(
@@ -61,6 +66,8 @@ def make_plateau(config: ml_collections.ConfigDict) -> optax.GradientTransformat
 
 @flax.struct.dataclass
 class TrainState:
+    """Everything a checkpoint holds of a run: parameters, BatchNorm statistics and optimiser states."""
+
     params: nnx.State
     batch_stats: nnx.State
     opt_state: optax.OptState
@@ -68,6 +75,7 @@ class TrainState:
 
 
 def learning_rates(config: ml_collections.ConfigDict, state: TrainState) -> dict[str, float]:
+    """Each parameter group's learning rate now: its ``config.learning_rates`` entry times the plateau scale."""
     scale = float(state.plateau.scale)
     return {group: config.learning_rates[group] * scale for group in models.PARAMETER_GROUPS}
 
@@ -82,9 +90,9 @@ class Trainer:
         self.config = config
         self.mesh = mesh
         model = models.build(spec, config.seed)
-        self.graphdef, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+        self.graphdef, params, batch_stats = models.split_state(model)
         model.eval()
-        eval_graphdef, _, _ = nnx.split(model, nnx.Param, nnx.BatchStat)
+        eval_graphdef, _, _ = models.split_state(model)
         self.crop_size = spec.input_shape[0]
         self.evaluator = evaluation.Evaluator(eval_graphdef, self.crop_size, config.eval_batch_size, mesh)
         self.tx = make_optimizer(config, params)
@@ -104,7 +112,15 @@ class Trainer:
         """A host array replicated on every device of the mesh (multi-host too)."""
         return parallel.put_replicated(self.mesh, array)
 
-    def _train_step_impl(self, state: TrainState, images, labels, batch_indices, key, totals):
+    def _train_step_impl(
+        self,
+        state: TrainState,
+        images: jax.Array,
+        labels: jax.Array,
+        batch_indices: jax.Array,
+        key: jax.Array,
+        totals: Metrics,
+    ) -> tuple[TrainState, Metrics]:
         """One Adam step on a batch; returns the new state and ``totals`` plus the batch's metric sums."""
         batch_indices = parallel.split_batch(batch_indices, self.mesh)
         inputs = data.augment(key, images[batch_indices], self.crop_size, self.config.augment)
@@ -114,17 +130,20 @@ class Trainer:
         updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
         # Adam's step is linear in the learning rate, so scaling it scales every group's rate.
         updates = jax.tree.map(lambda update: update * state.plateau.scale, updates)
-        state = state.replace(
-            params=optax.apply_updates(state.params, updates), batch_stats=batch_stats, opt_state=opt_state
+        state = dataclasses.replace(
+            state, params=optax.apply_updates(state.params, updates), batch_stats=batch_stats, opt_state=opt_state
         )
         return state, evaluation.add_metrics(totals, evaluation.summed_metrics(logits, targets, loss))
 
-    def _plateau_step_impl(self, plateau, value):
+    def _plateau_step_impl(
+        self, plateau: optax.contrib.ReduceLROnPlateauState, value: jax.Array
+    ) -> optax.contrib.ReduceLROnPlateauState:
         _, plateau = self.plateau_tx.update(updates=(), state=plateau, value=value)
         return plateau
 
     def update_plateau(self, state: TrainState, value: float) -> TrainState:
-        return state.replace(plateau=self._plateau_step(state.plateau, jnp.float32(value)))
+        """The plateau rule after an epoch whose monitored metric was ``value``."""
+        return dataclasses.replace(state, plateau=self._plateau_step(state.plateau, jnp.float32(value)))
 
     def epoch_permutation(self, epoch: int, num_examples: int) -> np.ndarray:
         """The epoch's shuffled batches ``(steps, batch)``, the same on every host; the remainder is dropped."""
@@ -133,9 +152,17 @@ class Trainer:
         return rng.permutation(num_examples)[: steps * self.config.batch_size].reshape(steps, -1).astype(np.int32)
 
     def step_key(self, epoch: int, step: int) -> jax.Array:
+        """The augmentation key of one step: a function of the seed, the epoch and the step only."""
         return jax.random.fold_in(jax.random.fold_in(jax.random.key(self.config.seed), epoch), step)
 
-    def compile(self, state, train_images, train_labels, test_images, test_labels) -> float:
+    def compile(
+        self,
+        state: TrainState,
+        train_images: jax.Array,
+        train_labels: jax.Array,
+        test_images: jax.Array,
+        test_labels: jax.Array,
+    ) -> float:
         """Compiles the steps ahead of time; returns the seconds it took."""
         start = time.perf_counter()
         batch = jax.ShapeDtypeStruct((self.config.batch_size,), jnp.int32)
@@ -148,7 +175,13 @@ class Trainer:
         return time.perf_counter() - start
 
     def train_epoch(
-        self, state, epoch, images, labels, progress: bool, check_stop: Callable[[], None] = lambda: None
+        self,
+        state: TrainState,
+        epoch: int,
+        images: jax.Array,
+        labels: jax.Array,
+        progress: bool,
+        check_stop: Callable[[], None] = lambda: None,
     ) -> tuple[TrainState, dict[str, float]]:
         """One epoch of train steps; ``check_stop`` runs after each step and may raise to end it early."""
         permutation = self.epoch_permutation(epoch, labels.shape[0])
@@ -178,7 +211,9 @@ class Trainer:
             "train_images_per_second": means["count"] / seconds,
         }
 
-    def evaluate(self, state, images, labels, check_stop: Callable[[], None] = lambda: None) -> dict[str, float]:
+    def evaluate(
+        self, state: TrainState, images: jax.Array, labels: jax.Array, check_stop: Callable[[], None] = lambda: None
+    ) -> dict[str, float]:
         """Test loss and accuracy over all ``images``; ``check_stop`` runs after each batch."""
         result = self.evaluator.evaluate(state.params, state.batch_stats, images, labels, check_stop=check_stop)
         return {
@@ -192,7 +227,7 @@ class Trainer:
 # --- a run in a workdir ---
 
 
-def _abstract(tree):
+def _abstract(tree: Any) -> Any:
     return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
 
 
@@ -213,11 +248,12 @@ def _format_epoch(row: dict[str, Any], num_epochs: int) -> str:
 
 class _StopSignals:
     """Turns the first SIGINT or SIGTERM into a request to stop at the next step, so that no save
-    is cut short; a second signal acts as usual (KeyboardInterrupt, termination)."""
+    is cut short; a second signal acts as usual (KeyboardInterrupt, termination).
+    """
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.received: int | None = None
         self._previous: dict[int, Any] = {}
 
@@ -226,7 +262,7 @@ class _StopSignals:
             self._previous = {number: signal.signal(number, self._handle) for number in self.SIGNALS}
         return self
 
-    def _handle(self, number, frame) -> None:
+    def _handle(self, number: int, frame: types.FrameType | None) -> None:
         self.received = number
         for previous_number, handler in self._previous.items():
             signal.signal(previous_number, handler)
@@ -236,7 +272,7 @@ class _StopSignals:
             flush=True,
         )
 
-    def __exit__(self, *exc_info) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         for number, handler in self._previous.items():
             signal.signal(number, handler)
 
@@ -360,7 +396,14 @@ def _workdir_lock(workdir: pathlib.Path, is_main_process: bool) -> Iterator[None
         yield
 
 
-def _train(config, workdir, trainer, manager, signals, is_main_process) -> dict[str, Any]:
+def _train(
+    config: ml_collections.ConfigDict,
+    workdir: pathlib.Path,
+    trainer: Trainer,
+    manager: ocp.CheckpointManager,
+    signals: _StopSignals,
+    is_main_process: bool,
+) -> dict[str, Any]:
     restore_args = _restore_args(trainer.initial_state, config.seed)
     restored, set_aside = workdirs.restore_newest(manager, workdir, restore_args, is_main_process)
     state, completed = trainer.initial_state, 0
@@ -413,7 +456,7 @@ def _train(config, workdir, trainer, manager, signals, is_main_process) -> dict[
             flush=True,
         )
 
-    writer = None
+    writer: Any = None
     if is_main_process:
         from tensorboardX import SummaryWriter  # TensorFlow-free event writer
 

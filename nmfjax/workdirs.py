@@ -136,7 +136,7 @@ def start_over(workdir: pathlib.Path) -> None:
 
 
 def check_same_run(workdir: pathlib.Path, config: ml_collections.ConfigDict) -> None:
-    """Raises :class:`WorkdirError` unless ``workdir`` is new or holds a run of the same config."""
+    """Raises :class:`~nmfjax.errors.WorkdirError` unless ``workdir`` is new or holds a run of the same config."""
     remedy = (
         f"Train into another workdir (--workdir), or pass --start_over to move this run aside "
         f"(to {_replaced_name(workdir).name}) and start again"
@@ -200,7 +200,8 @@ def _unfinished(step_directory: pathlib.Path) -> str | None:
 def quiet_restore() -> Iterator[None]:
     """Silences what a failed restore leaves behind: tensorstore's reader threads report dozens of
     "Event loop is closed" errors, to file descriptor 2 and to ``sys.unraisablehook``, for a moment after
-    the exception. Both go to a sink while a checkpoint is tried; the exception itself is reported."""
+    the exception. Both go to a sink while a checkpoint is tried; the exception itself is reported.
+    """
     sys.stderr.flush()
     saved_descriptor, saved_hook = os.dup(2), sys.unraisablehook
     with tempfile.TemporaryFile() as sink:
@@ -244,7 +245,7 @@ def restore_newest(
 
     A checkpoint that cannot (an empty or unfinished step directory, a missing
     or truncated file) is reported in one line and moved to
-    ``WORKDIR/damaged_checkpoints/`` (by the process that ``move``s), and the
+    ``WORKDIR/damaged_checkpoints/`` (by the process whose ``move`` is true), and the
     one before it is tried.
 
     Returns:
@@ -304,7 +305,8 @@ def append_metrics(workdir: pathlib.Path, row: Mapping[str, Any]) -> None:
 
 def cut_metrics_at(workdir: pathlib.Path, epoch: int, checkpoint_row: Mapping[str, Any] | None) -> None:
     """Makes ``metrics.jsonl`` end at the checkpoint a run resumes from: drops later rows, and adds
-    the checkpoint's own row if a crash came between saving it and writing the file."""
+    the checkpoint's own row if a crash came between saving it and writing the file.
+    """
     rows = [row for row in read_metrics(workdir) if row["epoch"] <= epoch]
     if epoch and (not rows or rows[-1]["epoch"] < epoch) and checkpoint_row and "epoch" in checkpoint_row:
         rows.append(dict(checkpoint_row))

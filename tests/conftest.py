@@ -63,7 +63,8 @@ MOCKED_DATA.__enter__()
 
 def script_command(script: pathlib.Path | str, *args: str, prelude: str = "") -> list[str]:
     """A command that runs ``script`` (a path, or ``-m module``) as ``__main__`` with ``args``,
-    after ``prelude``: Python that installs a test double (mock data, a local download, a signal)."""
+    after ``prelude``: Python that installs a test double (mock data, a local download, a signal).
+    """
     if isinstance(script, str) and script.startswith("-m "):
         run = f"runpy.run_module({script[3:]!r}, run_name='__main__', alter_sys=True)"
         argv0 = script[3:]
@@ -80,7 +81,8 @@ def train_command(*args: str, prelude: str = "") -> list[str]:
 
 class Child:
     """A process started in its own process group, its output in files under ``directory``;
-    ``env`` adds to this process's environment (a value of None removes the variable)."""
+    ``env`` adds to this process's environment (a value of None removes the variable).
+    """
 
     def __init__(self, command: list[str], directory: pathlib.Path, env: dict[str, str | None] | None = None):
         directory.mkdir(parents=True, exist_ok=True)

@@ -23,8 +23,8 @@ def test_random_crop_without_jitter_is_a_window_of_the_image():
     images = np.random.default_rng(1).integers(0, 256, (8, 32, 32, 3), dtype=np.uint8)
     crops = np.asarray(data.augment(jax.random.key(0), jnp.asarray(images), 28, NO_JITTER))
     offsets = set()
-    for image, crop in zip(images / 255.0, crops):
-        matches = [(t, l) for t in range(5) for l in range(5) if np.allclose(image[t : t + 28, l : l + 28], crop)]
+    for image, crop in zip(images / 255.0, crops, strict=True):
+        matches = [(t, s) for t in range(5) for s in range(5) if np.allclose(image[t : t + 28, s : s + 28], crop)]
         assert len(matches) == 1
         offsets.add(matches[0])
     assert len(offsets) > 1  # offsets differ between images

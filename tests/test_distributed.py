@@ -1,5 +1,6 @@
 """Several train.py processes: a two-process run on localhost equals the one-process run over two CPU
-devices (and resumes after both are killed), and one run per workdir."""
+devices (and resumes after both are killed), and one run per workdir.
+"""
 
 import json
 import os
@@ -42,7 +43,8 @@ def _rows(workdir):
 
 def _kill_at_step(epoch: int, step: int) -> str:
     """A prelude that SIGKILLs the process before it dispatches train step ``step`` of ``epoch``,
-    each checkpoint complete before training goes on (so the rerun's starting point is known)."""
+    each checkpoint complete before training goes on (so the rerun's starting point is known).
+    """
     return f"""
         import os, signal
         import orbax.checkpoint as ocp
@@ -64,7 +66,8 @@ def _kill_at_step(epoch: int, step: int) -> str:
 
 def _run_two_processes(tmp_path, name, workdir, *, use_variables=False, prelude=""):
     """README "Several hosts": the same command in two processes, process 0 at a free localhost port,
-    given as config fields or (``use_variables``) as JAX_* variables; returns their exit statuses."""
+    given as config fields or (``use_variables``) as JAX_* variables; returns their exit statuses.
+    """
     address = f"127.0.0.1:{_free_port()}"
     commands = []
     for process_id in range(2):

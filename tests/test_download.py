@@ -46,7 +46,9 @@ def write_cifar10_archive(folder: pathlib.Path, *, seed: int = 0, leave_out: str
             _write_batch(batches / name, images, labels)
         written["test" if name == "test_batch.bin" else "train"].append((images, labels))
     (batches / "batches.meta.txt").write_text("\n".join(CLASSES) + "\n\n")
-    return {split: tuple(np.concatenate(parts) for parts in zip(*chunks)) for split, chunks in written.items()}
+    return {
+        split: tuple(np.concatenate(parts) for parts in zip(*chunks, strict=True)) for split, chunks in written.items()
+    }
 
 
 def _fetch_from(folder: pathlib.Path):

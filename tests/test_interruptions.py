@@ -1,5 +1,6 @@
 """Ctrl-C, SIGTERM and SIGKILL during training and during a save, on real train.py processes:
-the latest complete checkpoint survives, and the rerun ends with the metrics of an uninterrupted run."""
+the latest complete checkpoint survives, and the rerun ends with the metrics of an uninterrupted run.
+"""
 
 import json
 import re

@@ -150,12 +150,13 @@ def _gradients(mode, x, w, g, iterations, **options):
 
 
 def _relative_error(a, b):
-    return max(float(jnp.linalg.norm(p - q) / jnp.linalg.norm(q)) for p, q in zip(a, b))
+    return max(float(jnp.linalg.norm(p - q) / jnp.linalg.norm(q)) for p, q in zip(a, b, strict=True))
 
 
 def exactly_factorisable_problem(seed, positions=4, features=8, hidden=3):
     """x = W h_true with h_true > 0: the fixed point is interior, so the
-    multiplicative updates converge linearly and the adjoint series converges."""
+    multiplicative updates converge linearly and the adjoint series converges.
+    """
     rng = np.random.default_rng(seed)
     w = reference_positive_weights(rng.uniform(0, 1, (features, hidden)))
     h_true = rng.uniform(0.2, 1.0, (positions, hidden))

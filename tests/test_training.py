@@ -110,10 +110,10 @@ def test_bad_configs_fail_at_start_up_naming_the_field(overrides, match, tmp_pat
 
 def _run_train_py(config_file, workdir, *overrides):
     argv = ["train.py", f"--config={ROOT / config_file}", f"--workdir={workdir}", *overrides]
-    import train  # the top-level script
-
     # array_record defines absl flags when first imported; flagsaver would delete them on exit.
     import array_record.python.array_record_data_source  # noqa: F401
+
+    import train  # the top-level script
 
     # config_flags reads the --config.* overrides from sys.argv.
     with flagsaver.flagsaver(), mock.patch.object(sys, "argv", argv):

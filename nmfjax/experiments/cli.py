@@ -1,5 +1,6 @@
 """``python -m nmfjax.experiments COMMAND``: each command runs one analysis, writes its
-data as JSON and draws it with :mod:`nmfjax.plots`."""
+data as JSON and draws it with :mod:`nmfjax.plots`.
+"""
 
 from __future__ import annotations
 
@@ -65,7 +66,7 @@ def _command_iterations(args) -> None:
     results = iterations.iterations_at_evaluation(run, _images(run, args), args.values)
     output = _output_dir(args)
     _report(write_json(results, output / "iterations.json"), plots.plot_iterations(results, output / "iterations.png"))
-    print({n: f"{100 * a:.2f}%" for n, a in zip(results["iterations"], results["accuracy"])})
+    print({n: f"{100 * a:.2f}%" for n, a in zip(results["iterations"], results["accuracy"], strict=True)})
 
 
 def _command_gradients(args) -> None:
@@ -209,6 +210,7 @@ def _command_sweep(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The command line of ``python -m nmfjax.experiments``: one subcommand per analysis."""
     from nmfjax import experiments  # the package docstring is the help text
 
     parser = cli.ArgumentParser(
@@ -284,6 +286,7 @@ def _split_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """``python -m nmfjax.experiments``."""
     import sys
 
     arguments, overrides = _split_overrides(sys.argv[1:] if argv is None else argv)

@@ -25,6 +25,7 @@ class Trained:
 
     @property
     def label(self) -> str:
+        """How plots and tables name the network: its architecture and epoch."""
         if self.epoch == 0:
             return f"{self.config.model.architecture} at initialisation"
         return f"{self.workdir.name} ({self.config.model.architecture}, epoch {self.epoch})"
@@ -44,7 +45,8 @@ def initialised(config: ml_collections.ConfigDict, label: str) -> Trained:
 
 def with_nmf_options(model: models.Network, **changes) -> models.Network:
     """The same network and weights with other NMF options (fields of :class:`~nmfjax.ops.NMFOptions`),
-    e.g. ``iterations=50`` or ``gradient="unrolled"``."""
+    e.g. ``iterations=50`` or ``gradient="unrolled"``.
+    """
     spec = dataclasses.replace(model.spec, nmf=model.spec.nmf.replace(**changes))
     network = models.build(spec, 0)
     nnx.update(network, nnx.state(model, nnx.Param), nnx.state(model, nnx.BatchStat))
@@ -72,7 +74,7 @@ def evaluator(model: models.Network, split: data.Split, *, batch_size: int) -> C
     The split is put on the devices once and the evaluation compiled once per
     ``preprocess``; ``arguments`` may change between calls at no cost.
     """
-    graphdef, params, batch_stats = nnx.split(in_evaluation_mode(model), nnx.Param, nnx.BatchStat)
+    graphdef, params, batch_stats = models.split_state(in_evaluation_mode(model))
     mesh = parallel.data_mesh()
     images, labels = parallel.put_replicated(mesh, split.images), parallel.put_replicated(mesh, split.labels)
     runner = evaluation.Evaluator(graphdef, model.spec.input_shape[0], batch_size, mesh)
@@ -84,6 +86,7 @@ def evaluator(model: models.Network, split: data.Split, *, batch_size: int) -> C
 
 
 def write_json(payload: Any, output: pathlib.Path) -> pathlib.Path:
+    """Writes an analysis's results as indented JSON (creating the folder); returns the path."""
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(payload, indent=2) + "\n")
     return output

@@ -1,5 +1,6 @@
 """The gradient study: how close the approx and implicit weight gradients come to the exact
-("unrolled") one, per NMF layer, as the number of iterations grows (paper section 2.3, eq. 17-19)."""
+("unrolled") one, per NMF layer, as the number of iterations grows (paper section 2.3, eq. 17-19).
+"""
 
 from __future__ import annotations
 
@@ -40,7 +41,7 @@ def module_a_gradients(model: models.Network, images: jax.Array, labels: jax.Arr
     Returns:
       ``{"block 1": gradient, ...}``, each of its kernel's shape.
     """
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)  # type: ignore[misc]
     gradients = _loss_gradient(params, rest, images, labels, graphdef=graphdef)
     is_variable = lambda value: isinstance(value, nnx.Variable)  # noqa: E731
     return {
@@ -62,8 +63,8 @@ def _backprop_gradients(model, images, labels, iterations: int, gradient: str) -
 
 def gradient_study(
     model: models.Network,
-    images: jax.Array,
-    labels: jax.Array,
+    images: jax.Array | np.ndarray,
+    labels: jax.Array | np.ndarray,
     values: Sequence[int],
     modes: Sequence[str] = ("approx", "implicit"),
 ) -> dict[str, Any]:

@@ -57,7 +57,8 @@ def add_noise(key: jax.Array, images: jax.Array, kind: str, eta: float | jax.Arr
 @dataclasses.dataclass(frozen=True)
 class Noise:
     """The evaluation hook that applies :func:`add_noise` of ``kind`` at level ``eta`` (a traced
-    argument): batch ``i`` gets the noise of ``(seed, i)`` alone, so every network sees the same."""
+    argument): batch ``i`` gets the noise of ``(seed, i)`` alone, so every network sees the same.
+    """
 
     kind: str
     seed: int = 0
@@ -67,6 +68,7 @@ class Noise:
             raise ConfigError(f"noise kind must be one of {NOISE_KINDS}, got {self.kind!r}.")
 
     def __call__(self, pixels: jax.Array, batch_number: jax.Array, eta: jax.Array) -> jax.Array:
+        """``pixels`` with noise of strength ``eta``, a fresh draw per batch."""
         return add_noise(jax.random.fold_in(jax.random.key(self.seed), batch_number), pixels, self.kind, eta)
 
 
@@ -83,7 +85,7 @@ def noise_robustness(
     progress = tqdm(total=len(runs) * len(kinds) * len(levels), desc="noise", unit="eval")
     for run in runs:
         evaluate = evaluator(run.model, split, batch_size=run.config.eval_batch_size)
-        accuracies = {}
+        accuracies: dict[str, list[float]] = {}
         for kind in kinds:
             accuracies[kind] = []
             for eta in levels:

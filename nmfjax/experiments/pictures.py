@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -21,7 +22,7 @@ def first_layer_filters(model: models.Network) -> np.ndarray:
     NMF: each unit's column of ``W`` (non-negative, summing to one) scaled to its
     maximum; CNN: each filter min-max scaled.
     """
-    layer = model.blocks[0].module_a
+    layer: Any = model.blocks[0].module_a  # NMFConv or PatchConv
     if layer.feature_group_count != 1:
         raise ConfigError(
             f"the first layer has feature_group_count={layer.feature_group_count}: "
@@ -39,7 +40,8 @@ def first_layer_filters(model: models.Network) -> np.ndarray:
 
 def first_layer_reconstructions(model: models.Network, images: jax.Array) -> tuple[np.ndarray, np.ndarray]:
     """Images rebuilt from the first NMF layer's ``h`` (:meth:`NMFConv.reconstruct`) and the
-    relative L1 error of each, over the pixels the layer's patches cover."""
+    relative L1 error of each, over the pixels the layer's patches cover.
+    """
     layer = model.blocks[0].module_a
     if not isinstance(layer, NMFConv):
         raise ConfigError(f"reconstructions need an NMF first layer; {model.spec.architecture!r} has a convolution.")

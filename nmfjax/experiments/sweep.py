@@ -73,7 +73,7 @@ def summarize_run(workdir: pathlib.Path) -> dict[str, Any]:
 
 
 def _groups_where_they_divide(groups: int, inputs: Sequence[int], outputs: Sequence[int]) -> tuple[int, ...]:
-    return tuple(groups if i % groups == 0 and o % groups == 0 else 1 for i, o in zip(inputs, outputs))
+    return tuple(groups if i % groups == 0 and o % groups == 0 else 1 for i, o in zip(inputs, outputs, strict=True))
 
 
 def sweep_variants(
