@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import chex
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -80,10 +81,14 @@ class NMFDense(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """``(..., in_features)`` non-negative -> ``(..., out_features)``: :func:`nmfjax.ops.nmf` of each row."""
-        if x.shape[-1] != self.in_features:
-            raise ValueError(
-                f"NMFDense expects inputs with in_features={self.in_features} on the last axis, got shape {x.shape}."
-            )
+        chex.assert_axis_dimension(
+            x,
+            -1,
+            self.in_features,
+            custom_message=f"NMFDense expects inputs with in_features={self.in_features} on the last axis, "
+            f"got shape {x.shape}.",
+            exception_type=ValueError,
+        )
         return ops.nmf(ops.l1_normalize(x), self.nmf_weights(), self.options)
 
 
@@ -188,11 +193,12 @@ class _PatchLayer(nnx.Module):
         """``(B, H, W, C)`` -> ``(B, H', W', G, kh * kw * C/G)``: each output position's patch
         split into the groups' parts, not normalised (a linear map of ``x``).
         """
-        if x.ndim != 4 or x.shape[-1] != self.in_features:
-            raise ValueError(
-                f"{type(self).__name__} expects NHWC inputs with in_features={self.in_features} channels, "
-                f"got shape {x.shape}."
-            )
+        message = (
+            f"{type(self).__name__} expects NHWC inputs with in_features={self.in_features} channels, "
+            f"got shape {x.shape}."
+        )
+        chex.assert_rank(x, 4, custom_message=message, exception_type=ValueError)
+        chex.assert_axis_dimension(x, -1, self.in_features, custom_message=message, exception_type=ValueError)
         patches = extract_patches(x, self.kernel_size, self.strides, self.padding, self.kernel_dilation)
         groups = self.feature_group_count
         if groups > 1:  # (..., kh, kw, C) -> (..., G, kh, kw, C/G)

@@ -272,6 +272,8 @@ def _as_config(instance: Any) -> ml_collections.ConfigDict:
     hints = typing.get_type_hints(type(instance))
     config = ml_collections.ConfigDict()
     for field in dataclasses.fields(instance):
+        if not field.metadata.get("config", True):
+            continue  # (a field for direct callers only, e.g. NMFOptions.check_inputs)
         value = getattr(instance, field.name)
         if dataclasses.is_dataclass(value):
             config[field.name] = _as_config(value)

@@ -28,9 +28,11 @@ import functools
 import numbers
 from typing import Any
 
+import chex
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.experimental import checkify
 
 from nmfjax.validation import check_positive_int
 
@@ -121,6 +123,10 @@ class NMFOptions:
         the input gradient then still follows ``gradient``.
       adjoint_iterations: iterations of the adjoint solve of ``"implicit"``
         (``None``: ``iterations``).
+      check_inputs: a debug check that ``x`` and ``w`` are non-negative and
+        finite, for a function wrapped in ``jax.experimental.checkify.checkify``
+        (see :func:`nmf`). Off by default, and not a config field: a training
+        step is not checkified.
     """
 
     iterations: int = 20
@@ -128,6 +134,7 @@ class NMFOptions:
     gradient: str = "approx"
     learning: str = "backprop"
     adjoint_iterations: int | None = None
+    check_inputs: bool = dataclasses.field(default=False, metadata={"config": False})
 
     def __post_init__(self) -> None:
         check_positive_int("iterations", self.iterations)
@@ -146,21 +153,55 @@ class NMFOptions:
             raise ValueError(f"gradient must be one of {GRADIENTS}, got {self.gradient!r}.")
         if self.learning not in LEARNING_RULES:
             raise ValueError(f"learning must be one of {LEARNING_RULES}, got {self.learning!r}.")
+        if not isinstance(self.check_inputs, bool):
+            raise TypeError(f"check_inputs must be True or False, got {self.check_inputs!r}.")
 
     def replace(self, **changes: Any) -> NMFOptions:
         """A copy with some fields changed (validated again)."""
         return dataclasses.replace(self, **changes)
 
 
-def _check_shapes(x: jax.Array, w: jax.Array) -> None:
-    if w.ndim != 2:
-        raise ValueError(f"w must have shape (S, I), got an array of rank {w.ndim} with shape {w.shape}.")
-    if x.ndim < 1:
-        raise ValueError("x must have shape (..., S) with at least one axis, got a scalar.")
-    if x.shape[-1] != w.shape[0]:
-        raise ValueError(
-            f"x has {x.shape[-1]} features on its last axis (shape {x.shape}) but w has "
-            f"{w.shape[0]} rows (shape {w.shape}); w must have shape (S, I) with S = x.shape[-1]."
+def _check_inputs(x: jax.Array, w: jax.Array) -> None:
+    """Ranks, shapes and dtypes: static, so checked once at trace time and free inside ``jit``."""
+    chex.assert_rank(w, 2, custom_message=f"w must have shape (S, I), got shape {w.shape}.", exception_type=ValueError)
+    chex.assert_axis_dimension(
+        x,
+        -1,
+        w.shape[0],
+        custom_message=f"x must have shape (..., S) with S = {w.shape[0]} (the rows of w, shape {w.shape}), "
+        f"got shape {x.shape}.",
+        exception_type=ValueError,
+    )
+    for name, value in (("x", x), ("w", w)):
+        chex.assert_type(
+            value,
+            float,
+            custom_message=f"{name} must be a floating array (float32, bfloat16, float16 or float64), got "
+            f"{value.dtype}; convert it, e.g. {name}.astype(jnp.float32).",
+            exception_type=TypeError,
+        )
+
+
+def compute_dtype(x: jax.typing.ArrayLike, w: jax.typing.ArrayLike) -> jnp.dtype:
+    """The dtype :func:`nmf` computes and returns ``h`` in: that of ``x`` and ``w`` together, at least float32.
+
+    bfloat16, float16 and float32 inputs give float32 (the guards 1e-19 and 1e-20
+    are below float16's range, and the sums of many small terms need float32's
+    mantissa); float64 (with ``jax_enable_x64``) gives float64. Gradients come
+    back in each input's own dtype.
+    """
+    return jnp.promote_types(jnp.result_type(x, w), jnp.float32)
+
+
+def _check_values(x: jax.Array, w: jax.Array) -> None:
+    """The opt-in debug check (``check_inputs=True``): works under ``jit`` inside ``checkify``."""
+    for name, value in (("x", x), ("w", w)):
+        checkify.check(
+            jnp.all(value >= 0) & jnp.all(jnp.isfinite(value)),
+            f"nmf: {name} must be non-negative and finite, but its smallest entry is {{low}} and "
+            f"{{bad}} entries are not finite",
+            low=jnp.nanmin(value),
+            bad=jnp.sum(~jnp.isfinite(value)),
         )
 
 
@@ -297,12 +338,35 @@ def nmf(
         e.g. ``nmf(x, w, iterations=50, gradient="implicit")``.
 
     Returns:
-      ``h`` of shape ``(..., I)``: non-negative, summing to one over the last axis.
+      ``h`` of shape ``(..., I)``: non-negative, summing to one over the last
+      axis, in :func:`compute_dtype` (float32 for bfloat16, float16 and float32
+      inputs).
+
+    Raises:
+      ValueError: ``w`` is not 2-D or ``x``'s last axis is not ``S``.
+      TypeError: ``x`` or ``w`` is not a floating array.
+
+    Input contract: ``x`` and ``w`` non-negative and finite. The op does not
+    check values by default (that would cost a pass over ``x``): an all-zero
+    row of ``x`` gives ``h = 0`` with finite gradients; negative entries have
+    no meaning for NMF, and what comes out is unspecified; a NaN or infinity
+    gives NaN. To find such inputs, turn on ``check_inputs`` and wrap the
+    function in ``checkify``, jitted or not::
+
+        from jax.experimental import checkify
+
+        checked = jax.jit(checkify.checkify(lambda x, w: nmf(x, w, check_inputs=True)))
+        error, h = checked(x, w)
+        error.throw()  # raises, naming the smallest entry, if x or w is negative or not finite
     """
     options = dataclasses.replace(options or NMFOptions(), **fields) if fields else options or NMFOptions()
     x = jnp.asarray(x)
     w = jnp.asarray(w)
-    _check_shapes(x, w)
+    _check_inputs(x, w)
+    if options.check_inputs:
+        _check_values(x, w)
+    dtype = compute_dtype(x, w)
+    x, w = x.astype(dtype), w.astype(dtype)
     # All positions as the rows of one matrix, so that every product is a plain GEMM.
     h = _nmf(x.reshape(-1, x.shape[-1]), w, options)
     return h.reshape(*x.shape[:-1], w.shape[1])

@@ -1,10 +1,14 @@
-"""The NNX layers: patch-wise NMFConv against NMFDense on hand-extracted patches."""
+"""The NNX layers: patch-wise NMFConv against NMFDense on hand-extracted patches; the core behaviours
+run with and without jit (chex.variants).
+"""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from absl.testing import parameterized
 from flax import nnx
 
 from nmfjax import L1Normalize, NMFConv, NMFDense, NMFWeight, ops
@@ -23,49 +27,6 @@ def hand_patches(x, kernel_size, stride, padding, dilation):
         for b, c in enumerate(cols):
             out[:, a, b] = x[:, r : r + span_h : dh, c : c + span_w : dw, :]
     return out
-
-
-@pytest.mark.parametrize(
-    "kernel_size, strides, padding, dilation, groups",
-    [
-        ((3, 3), (1, 1), ((0, 0), (0, 0)), (1, 1), 1),
-        ((3, 2), (2, 1), ((1, 2), (0, 1)), (1, 1), 1),
-        ((2, 3), (1, 2), ((1, 1), (1, 1)), (2, 1), 1),
-        ((3, 3), (2, 2), ((1, 0), (2, 1)), (1, 2), 2),
-        ((2, 2), (1, 1), ((0, 0), (0, 0)), (1, 1), 4),
-    ],
-)
-def test_conv_equals_dense_on_hand_extracted_normalised_patches(kernel_size, strides, padding, dilation, groups):
-    channels, outputs = 4, 8
-    conv = NMFConv(
-        channels,
-        outputs,
-        kernel_size,
-        strides=strides,
-        padding=padding,
-        kernel_dilation=dilation,
-        feature_group_count=groups,
-        rngs=nnx.Rngs(0),
-    )
-    x = np.random.default_rng(0).uniform(0, 1, (2, 9, 8, channels)).astype(np.float32)
-    patches = hand_patches(x, kernel_size, strides, padding, dilation)
-    result = np.asarray(conv(jnp.asarray(x)))
-    assert result.shape == (*patches.shape[:3], outputs)
-
-    kernel = np.asarray(conv.kernel[...])  # (kh, kw, C/G, I)
-    channels_per_group, outputs_per_group = channels // groups, outputs // groups
-    for g in range(groups):
-        group_patches = patches[..., g * channels_per_group : (g + 1) * channels_per_group]
-        group_patches = group_patches.reshape(*patches.shape[:3], -1)
-        group_patches /= group_patches.sum(-1, keepdims=True) + 1e-19
-        dense = NMFDense(group_patches.shape[-1], outputs_per_group, rngs=nnx.Rngs(1))
-        dense.kernel[...] = kernel[..., g * outputs_per_group : (g + 1) * outputs_per_group].reshape(
-            -1, outputs_per_group
-        )
-        expected = np.asarray(dense(jnp.asarray(group_patches, jnp.float32)))
-        np.testing.assert_allclose(
-            result[..., g * outputs_per_group : (g + 1) * outputs_per_group], expected, rtol=1e-5, atol=1e-7
-        )
 
 
 def test_same_padding_keeps_the_spatial_size():
@@ -118,17 +79,6 @@ def test_nmf_weight_is_a_separate_variable_type_for_its_own_learning_rate():
     np.testing.assert_array_equal(model.mix.kernel[...], before_mix)
 
 
-@pytest.mark.parametrize("gradient", ["approx", "unrolled", "implicit"])
-def test_conv_gradients_reach_kernel_and_input(gradient):
-    conv = NMFConv(3, 4, 3, strides=2, gradient=gradient, iterations=5, rngs=nnx.Rngs(0))
-    x = jnp.asarray(np.random.default_rng(0).uniform(0, 1, (2, 7, 7, 3)), jnp.float32)
-    target = jnp.asarray(np.random.default_rng(1).normal(size=(2, 3, 3, 4)), jnp.float32)
-    loss = lambda model, x: jnp.sum(target * model(x))
-    model_grads, input_grads = nnx.grad(loss, argnums=(0, 1))(conv, x)
-    assert float(jnp.abs(model_grads.kernel[...]).max()) > 0
-    assert float(jnp.abs(input_grads).max()) > 0
-
-
 def test_l1_normalize_sums_the_last_axis_to_one():
     x = jnp.asarray(np.random.default_rng(0).uniform(0, 1, (3, 4, 5)))
     np.testing.assert_allclose(L1Normalize()(x).sum(-1), 1.0, rtol=1e-6)
@@ -149,13 +99,6 @@ def test_l1_normalize_sums_the_last_axis_to_one():
 def test_bad_layer_arguments_raise(build, match):
     with pytest.raises((ValueError, TypeError), match=match):
         build()
-
-
-def test_wrong_input_shape_names_the_expected_features():
-    with pytest.raises(ValueError, match="in_features=4"):
-        NMFDense(4, 2, rngs=nnx.Rngs(0))(jnp.ones((3, 5)))
-    with pytest.raises(ValueError, match="NHWC inputs with in_features=3"):
-        NMFConv(3, 2, 3, rngs=nnx.Rngs(0))(jnp.ones((5, 5, 3)))
 
 
 @pytest.mark.parametrize(
@@ -190,3 +133,86 @@ def test_reconstruct_returns_the_input_where_h_explains_every_patch(kernel_size,
     # A generic weight does not explain the patches: the reconstruction differs.
     conv.kernel[...] = jax.random.uniform(jax.random.key(0), conv.kernel.shape)
     assert not np.allclose(np.asarray(conv.reconstruct(jnp.asarray(x)))[covered], x[covered], rtol=1e-2)
+
+
+def _conv_equals_dense_on_patches(conv, x, apply):
+    """NMFConv's output (through ``apply``) against NMFDense on hand-extracted, normalised patches
+    with the same weights, group by group.
+    """
+    channels, outputs, groups = conv.in_features, conv.out_features, conv.feature_group_count
+    pad = conv.padding
+    patches = hand_patches(x, conv.kernel_size, conv.strides, pad, conv.kernel_dilation)
+    result = apply(jnp.asarray(x))
+    chex.assert_shape(result, (*patches.shape[:3], outputs))
+    kernel = np.asarray(conv.kernel[...])  # (kh, kw, C/G, I)
+    channels_per_group, outputs_per_group = channels // groups, outputs // groups
+    for g in range(groups):
+        group_patches = patches[..., g * channels_per_group : (g + 1) * channels_per_group]
+        group_patches = group_patches.reshape(*patches.shape[:3], -1)
+        group_patches /= group_patches.sum(-1, keepdims=True) + 1e-19
+        dense = NMFDense(group_patches.shape[-1], outputs_per_group, rngs=nnx.Rngs(1))
+        dense.kernel[...] = kernel[..., g * outputs_per_group : (g + 1) * outputs_per_group].reshape(
+            -1, outputs_per_group
+        )
+        expected = dense(jnp.asarray(group_patches, jnp.float32))
+        chex.assert_trees_all_close(
+            result[..., g * outputs_per_group : (g + 1) * outputs_per_group], expected, rtol=1e-5, atol=1e-7
+        )
+
+
+class LayerVariantsTest(chex.TestCase):
+    @chex.variants(with_jit=True, without_jit=True)
+    @parameterized.parameters(
+        ((3, 3), (1, 1), ((0, 0), (0, 0)), (1, 1), 1),
+        ((3, 2), (2, 1), ((1, 2), (0, 1)), (1, 1), 1),
+        ((2, 3), (1, 2), ((1, 1), (1, 1)), (2, 1), 1),
+        ((3, 3), (2, 2), ((1, 0), (2, 1)), (1, 2), 2),
+        ((2, 2), (1, 1), ((0, 0), (0, 0)), (1, 1), 4),
+    )
+    def test_conv_equals_dense_on_hand_extracted_normalised_patches(
+        self, kernel_size, strides, padding, dilation, groups
+    ):
+        conv = NMFConv(
+            4,
+            8,
+            kernel_size,
+            strides=strides,
+            padding=padding,
+            kernel_dilation=dilation,
+            feature_group_count=groups,
+            rngs=nnx.Rngs(0),
+        )
+        x = np.random.default_rng(0).uniform(0, 1, (2, 9, 8, 4)).astype(np.float32)
+        _conv_equals_dense_on_patches(conv, x, self.variant(lambda x: conv(x)))
+
+    @chex.variants(with_jit=True, without_jit=True)
+    @parameterized.parameters("approx", "unrolled", "implicit")
+    def test_conv_gradients_reach_kernel_and_input(self, gradient):
+        conv = NMFConv(3, 4, 3, strides=2, gradient=gradient, iterations=5, rngs=nnx.Rngs(0))
+        x = jnp.asarray(np.random.default_rng(0).uniform(0, 1, (2, 7, 7, 3)), jnp.float32)
+        target = jnp.asarray(np.random.default_rng(1).normal(size=(2, 3, 3, 4)), jnp.float32)
+        graphdef, params = nnx.split(conv)
+
+        def loss(params, x):
+            return jnp.sum(target * nnx.merge(graphdef, params)(x))
+
+        kernel_grads, input_grads = self.variant(jax.grad(loss, argnums=(0, 1)))(params, x)
+        chex.assert_tree_all_finite((kernel_grads, input_grads))
+        chex.assert_trees_all_equal_shapes(kernel_grads, params)
+        assert float(jnp.abs(kernel_grads["kernel"][...]).max()) > 0
+        assert float(jnp.abs(input_grads).max()) > 0
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_the_layers_check_their_input_shapes_at_trace_time(self):
+        conv = NMFConv(3, 4, 3, rngs=nnx.Rngs(0))
+        dense = NMFDense(6, 2, rngs=nnx.Rngs(0))
+        with pytest.raises(
+            ValueError, match=r"NMFConv expects NHWC inputs with in_features=3 channels, got shape \(7, 7, 3\)"
+        ):
+            self.variant(lambda x: conv(x))(jnp.ones((7, 7, 3)))
+        with pytest.raises(ValueError, match=r"NMFConv expects NHWC .* got shape \(1, 7, 7, 2\)"):
+            self.variant(lambda x: conv(x))(jnp.ones((1, 7, 7, 2)))
+        with pytest.raises(
+            ValueError, match=r"NMFDense expects inputs with in_features=6 on the last axis, got shape \(2, 5\)"
+        ):
+            self.variant(lambda x: dense(x))(jnp.ones((2, 5)))

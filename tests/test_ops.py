@@ -1,9 +1,16 @@
-"""The NMF op against an independent float64 NumPy transcription of SPEC section 1."""
+"""The NMF op against an independent float64 NumPy transcription of the paper's update and its one-step VJP;
+the core behaviours run with and without jit (chex.variants).
+"""
 
+import functools
+
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from absl.testing import parameterized
+from jax.experimental import checkify
 from jax.test_util import check_grads
 
 from nmfjax import ops
@@ -65,39 +72,12 @@ def x64():
 # --- forward ---
 
 
-@pytest.mark.parametrize("epsilon", [None, 0.3])
-@pytest.mark.parametrize("iterations", [1, 20])
-def test_forward_matches_numpy_reference_float64(x64, epsilon, iterations):
-    x, w, _ = random_problem(0)
-    h = ops.nmf(jnp.asarray(x), jnp.asarray(w), iterations=iterations, epsilon=epsilon)
-    assert h.dtype == jnp.float64
-    np.testing.assert_allclose(h, reference_forward(x, w, iterations, epsilon), rtol=1e-12, atol=1e-15)
-
-
 @pytest.mark.parametrize("epsilon", [None, 1.0])
 def test_forward_float32_matches_reference_to_round_off(epsilon):
     x, w, _ = random_problem(1)
     h = ops.nmf(jnp.asarray(x, jnp.float32), jnp.asarray(w, jnp.float32), epsilon=epsilon)
     assert h.dtype == jnp.float32
     np.testing.assert_allclose(h, reference_forward(x, w, 20, epsilon), rtol=2e-4, atol=1e-6)
-
-
-@pytest.mark.parametrize("epsilon", [None, 0.5])
-def test_output_is_nonnegative_and_sums_to_one_for_any_batch_shape(epsilon):
-    rng = np.random.default_rng(2)
-    x = jnp.asarray(rng.uniform(0, 3, (2, 3, 4, 7)), jnp.float32)
-    w = ops.positive_weights(jnp.asarray(rng.uniform(0, 1, (7, 5)), jnp.float32))
-    h = ops.nmf(x, w, epsilon=epsilon)
-    assert h.shape == (2, 3, 4, 5)
-    assert bool(jnp.all(h >= 0))
-    np.testing.assert_allclose(h.sum(-1), 1.0, rtol=1e-5)
-
-
-def test_pure_mode_is_invariant_to_input_scale():
-    x, w, _ = random_problem(3)
-    h = ops.nmf(jnp.asarray(x, jnp.float32), jnp.asarray(w, jnp.float32))
-    h_scaled = ops.nmf(jnp.asarray(7.5 * x, jnp.float32), jnp.asarray(w, jnp.float32))
-    np.testing.assert_allclose(h, h_scaled, rtol=1e-5, atol=1e-7)
 
 
 def test_positive_weights_matches_spec():
@@ -109,15 +89,6 @@ def test_positive_weights_matches_spec():
 
 
 # --- gradients ---
-
-
-def test_approx_vjp_equals_spec_closed_form(x64):
-    x, w, g = random_problem(5)
-    h, vjp = jax.vjp(lambda x_, w_: ops.nmf(x_, w_, epsilon=0.7), jnp.asarray(x), jnp.asarray(w))
-    dx, dw = vjp(jnp.asarray(g))
-    expected_dx, expected_dw = reference_approx_vjp(x, w, np.asarray(h), g)
-    np.testing.assert_allclose(dx, expected_dx, rtol=1e-10, atol=1e-14)
-    np.testing.assert_allclose(dw, expected_dw, rtol=1e-10, atol=1e-14)
 
 
 def test_grad_reaches_u_through_positive_weights(x64):
@@ -216,34 +187,6 @@ def test_modes_compose_with_jit_vmap_and_grad(mode):
         np.testing.assert_allclose(dw[b], one[1], rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("mode", GRADIENTS)
-def test_all_zero_patches_give_finite_gradients_in_float32(mode):
-    # An all-zero patch (a black image region, or a ReLU-silenced one) gives h = 0 and R = 1e-20;
-    # autodiff of x / R must not form 0 * (1e-20)**-2 = 0 * inf = NaN (it did in training).
-    rng = np.random.default_rng(0)
-    x = rng.uniform(0, 1, (4, 75)).astype(np.float32)
-    x[1] = 0.0
-    u = jnp.asarray(rng.uniform(0, 1, (75, 32)), jnp.float32)
-    target = jnp.asarray(rng.normal(size=(4, 32)), jnp.float32)
-
-    def loss(x, u):
-        h = ops.nmf(ops.l1_normalize(x), ops.positive_weights(u), iterations=20, gradient=mode)
-        return jnp.sum(h * target)
-
-    dx, du = jax.grad(loss, argnums=(0, 1))(jnp.asarray(x), u)
-    assert np.isfinite(dx).all() and np.isfinite(du).all()
-    assert np.abs(du).sum() > 0
-
-
-@pytest.mark.parametrize("mode", GRADIENTS)
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
-def test_gradients_keep_the_dtype(x64, mode, dtype):
-    x, w, g = (jnp.asarray(a, dtype) for a in random_problem(12))
-    dx, dw = _gradients(mode, x, w, g, 5)
-    assert dx.dtype == dtype and dw.dtype == dtype
-    assert bool(jnp.all(jnp.isfinite(dx))) and bool(jnp.all(jnp.isfinite(dw)))
-
-
 # --- local learning ---
 
 
@@ -275,10 +218,10 @@ def test_local_rule_weight_gradient_ignores_the_upstream_error(x64):
 @pytest.mark.parametrize(
     "x_shape, w_shape, match",
     [
-        ((4, 12), (12,), r"w must have shape \(S, I\).*rank 1"),
-        ((4, 12), (2, 12, 4), r"w must have shape \(S, I\).*rank 3"),
-        ((4, 10), (12, 4), r"x has 10 features.*w has 12 rows"),
-        ((), (12, 4), r"x must have shape \(\.\.\., S\)"),
+        ((4, 12), (12,), r"w must have shape \(S, I\), got shape \(12,\)"),
+        ((4, 12), (2, 12, 4), r"w must have shape \(S, I\), got shape \(2, 12, 4\)"),
+        ((4, 10), (12, 4), r"x must have shape \(\.\.\., S\) with S = 12 .*got shape \(4, 10\)"),
+        ((), (12, 4), r"x must have shape \(\.\.\., S\) with S = 12 .*got shape \(\)"),
     ],
 )
 def test_shape_mismatch_raises(x_shape, w_shape, match):
@@ -314,3 +257,95 @@ def test_shape_mismatch_raises(x_shape, w_shape, match):
 def test_bad_options_raise_clear_errors(options, error, match):
     with pytest.raises(error, match=match):
         ops.nmf(jnp.ones((4, 12)), jnp.ones((12, 4)) / 12, **options)
+
+
+# --- the core behaviours, with and without jit ---
+
+
+class NMFOpVariantsTest(chex.TestCase):
+    @chex.variants(with_jit=True, without_jit=True)
+    @parameterized.product(epsilon=(None, 0.3), iterations=(1, 20))
+    def test_forward_matches_numpy_reference_float64(self, epsilon, iterations):
+        x, w, _ = random_problem(0)
+        with jax.enable_x64(True):
+            h = self.variant(functools.partial(ops.nmf, iterations=iterations, epsilon=epsilon))(x, w)
+            chex.assert_type(h, jnp.float64)
+            chex.assert_trees_all_close(h, reference_forward(x, w, iterations, epsilon), rtol=1e-12, atol=1e-15)
+
+    @chex.variants(with_jit=True, without_jit=True)
+    @parameterized.product(epsilon=(None, 0.5), gradient=GRADIENTS)
+    def test_output_is_nonnegative_and_sums_to_one_for_any_batch_shape(self, epsilon, gradient):
+        rng = np.random.default_rng(2)
+        x = jnp.asarray(rng.uniform(0, 3, (2, 3, 4, 7)), jnp.float32)
+        w = ops.positive_weights(jnp.asarray(rng.uniform(0, 1, (7, 5)), jnp.float32))
+        h = self.variant(functools.partial(ops.nmf, epsilon=epsilon, gradient=gradient))(x, w)
+        chex.assert_shape(h, (2, 3, 4, 5))
+        chex.assert_tree_all_finite(h)
+        assert bool(jnp.all(h >= 0))
+        chex.assert_trees_all_close(h.sum(-1), jnp.ones((2, 3, 4)), rtol=1e-5)
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_pure_mode_is_invariant_to_input_scale(self):
+        x, w, _ = (jnp.asarray(a, jnp.float32) for a in random_problem(3))
+        nmf = self.variant(ops.nmf)
+        chex.assert_trees_all_close(nmf(x, w), nmf(7.5 * x, w), rtol=1e-5, atol=1e-7)
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_approx_vjp_equals_the_closed_form(self):
+        x, w, g = random_problem(5)
+        with jax.enable_x64(True):
+            h, vjp = jax.vjp(self.variant(functools.partial(ops.nmf, epsilon=0.7)), jnp.asarray(x), jnp.asarray(w))
+            expected = reference_approx_vjp(x, w, np.asarray(h), g)
+            chex.assert_trees_all_close(vjp(jnp.asarray(g)), expected, rtol=1e-10, atol=1e-14)
+
+    @chex.variants(with_jit=True, without_jit=True)
+    @parameterized.parameters(*GRADIENTS)
+    def test_all_zero_patches_give_finite_gradients_in_float32(self, gradient):
+        # An all-zero patch (a black image region, or a ReLU-silenced one) gives h = 0 and R = 1e-20;
+        # autodiff of x / R must not form 0 * (1e-20)**-2 = 0 * inf = NaN (it did in training).
+        rng = np.random.default_rng(0)
+        x = rng.uniform(0, 1, (4, 75)).astype(np.float32)
+        x[1] = 0.0
+        u = jnp.asarray(rng.uniform(0, 1, (75, 32)), jnp.float32)
+        target = jnp.asarray(rng.normal(size=(4, 32)), jnp.float32)
+
+        def loss(x, u):
+            h = ops.nmf(ops.l1_normalize(x), ops.positive_weights(u), iterations=20, gradient=gradient)
+            return jnp.sum(h * target)
+
+        gradients = self.variant(jax.grad(loss, argnums=(0, 1)))(jnp.asarray(x), u)
+        chex.assert_tree_all_finite(gradients)
+        assert float(jnp.abs(gradients[1]).sum()) > 0
+
+    @chex.variants(with_jit=True, without_jit=True)
+    @parameterized.product(gradient=GRADIENTS, dtype=("bfloat16", "float16", "float32", "float64"))
+    def test_h_is_at_least_float32_and_gradients_keep_the_input_dtype(self, gradient, dtype):
+        with jax.enable_x64(True):
+            x, w, g = (jnp.asarray(a, dtype) for a in random_problem(12))
+            h = self.variant(functools.partial(ops.nmf, iterations=5, gradient=gradient))(x, w)
+            chex.assert_type(h, jnp.float64 if dtype == "float64" else jnp.float32)
+            assert ops.compute_dtype(x, w) == h.dtype
+            gradients = self.variant(lambda x, w: _gradients(gradient, x, w, g.astype(h.dtype), 5))(x, w)
+            chex.assert_type(gradients, [dtype, dtype])
+            chex.assert_tree_all_finite(gradients)
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_the_debug_check_finds_negative_and_non_finite_input(self):
+        x, w, _ = (jnp.asarray(a, jnp.float32) for a in random_problem(13))
+        checked = self.variant(checkify.checkify(functools.partial(ops.nmf, check_inputs=True)))
+        error, h = checked(x, w)
+        error.throw()  # a clean input passes
+        chex.assert_trees_all_close(h, ops.nmf(x, w))
+        for bad, smallest in ((x.at[0, 0].set(-0.5), "-0.5"), (x.at[1, 2].set(jnp.nan), "nan")):
+            error, _ = checked(bad, w)
+            with pytest.raises(checkify.JaxRuntimeError, match="nmf: x must be non-negative and finite"):
+                error.throw()
+            assert smallest in str(error.get()) or "not finite" in str(error.get())
+        error, _ = checked(x, w.at[0, 0].set(jnp.inf))
+        with pytest.raises(checkify.JaxRuntimeError, match="nmf: w must be non-negative and finite.* 1 entries"):
+            error.throw()
+
+
+def test_a_non_floating_input_is_a_type_error_naming_the_fix():
+    with pytest.raises(TypeError, match=r"x must be a floating array .* got int32; convert it, e.g. x.astype"):
+        ops.nmf(jnp.ones((3, 4), jnp.int32), jnp.ones((4, 2)))
