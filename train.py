@@ -42,12 +42,12 @@ def main(argv):
 
     with cli.exit_on_errors():
         # Before JAX computes anything: the CPU's devices, then the other processes.
-        distributed = FLAGS.config.distributed
-        processes = parallel.distributed_settings(distributed).get("num_processes", 1) if distributed.enabled else 1
-        parallel.use_cpu_devices_of(FLAGS.config, processes)
+        distributed = FLAGS.config.distributed.enabled
+        settings = parallel.distributed_settings(FLAGS.config.distributed) if distributed else {}
+        parallel.use_cpu_devices_of(FLAGS.config, settings.get("num_processes", 1))
         parallel.use_compilation_cache()
-        if distributed.enabled:
-            parallel.start_distributed(distributed)
+        if distributed:
+            parallel.start_distributed(settings)
         from nmfjax import training
 
         training.train_and_evaluate(

@@ -152,7 +152,7 @@ def measure_train_and_eval(
     ``devices`` devices (default: as many as divide the batch).
     """
     if devices is None:
-        devices = max(count for count in range(1, jax.device_count() + 1) if batch_size % count == 0)
+        devices = parallel.largest_dividing_count(jax.device_count(), (batch_size,))
     config = _config(model, batch_size, iterations)
     spec = configuration.validate_config(config, devices)
     trainer = training.Trainer(config, spec, parallel.data_mesh(jax.devices()[:devices]))
@@ -177,12 +177,11 @@ def measure_train_and_eval(
     eval_seconds = _median_seconds(eval_compiled, state.params, state.batch_stats, *eval_args[2:], repeats=repeats)
     loop_flops = uncounted_loop_flops(spec, batch_size)
     # XLA's cost analysis and memory analysis of a program split over devices are those of one device.
-    devices = trainer.mesh.size
     train_flops = _flops(train_compiled) * devices + loop_flops
     eval_flops = _flops(eval_compiled) * devices + loop_flops
     return {
         "model": model,
-        "devices": trainer.mesh.size,
+        "devices": devices,
         "batch_size": batch_size,
         "iterations": iterations,
         "train_images_per_second": batch_size / train_seconds,

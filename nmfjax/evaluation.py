@@ -130,6 +130,7 @@ class Evaluator:
     def __init__(self, graphdef: nnx.GraphDef, crop_size: int, batch_size: int, mesh: jax.sharding.Mesh):
         self.graphdef, self.crop_size, self.batch_size, self.mesh = graphdef, crop_size, batch_size, mesh
         self.step = jax.jit(self._step, static_argnames="preprocess")
+        self.one_program_at_a_time = parallel.one_program_at_a_time(mesh)
 
     def _step(
         self,
@@ -195,7 +196,7 @@ class Evaluator:
                 arguments,
                 preprocess=preprocess,
             )
-            if parallel.one_program_at_a_time(self.mesh):
+            if self.one_program_at_a_time:
                 jax.block_until_ready(totals)
             check_stop()
         means = mean_metrics(totals)

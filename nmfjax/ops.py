@@ -348,7 +348,9 @@ def nmf(
 
     Input contract: ``x`` and ``w`` non-negative and finite. The op does not
     check values by default (that would cost a pass over ``x``): an all-zero
-    row of ``x`` gives ``h = 0`` with finite gradients; negative entries have
+    row of ``x`` gives ``h = 0`` in the pure mode and ``h = 1/I`` (its start,
+    which ``h * (1 + epsilon * 0)`` leaves) with ``epsilon``, with finite
+    gradients in both; negative entries have
     no meaning for NMF, and what comes out is unspecified; a NaN or infinity
     gives NaN. To find such inputs, turn on ``check_inputs`` and wrap the
     function in ``checkify``, jitted or not::

@@ -47,9 +47,14 @@ def user_cpu_devices() -> int | None:
     return None
 
 
+def largest_dividing_count(limit: int, batch_sizes: tuple[int, ...]) -> int:
+    """The largest device count up to ``limit`` that divides every batch size."""
+    return max(count for count in range(1, limit + 1) if all(size % count == 0 for size in batch_sizes))
+
+
 def default_cpu_devices(batch_sizes: tuple[int, ...]) -> int:
     """One device per core, or the largest count below that divides every batch size."""
-    return max(count for count in range(1, cpu_cores() + 1) if all(size % count == 0 for size in batch_sizes))
+    return largest_dividing_count(cpu_cores(), batch_sizes)
 
 
 def use_cpu_devices(count: int | None, batch_sizes: tuple[int, ...] = ()) -> int:
@@ -147,11 +152,10 @@ def distributed_settings(distributed, environ: Mapping[str, str] = os.environ) -
     return settings
 
 
-def start_distributed(distributed, environ: Mapping[str, str] = os.environ) -> None:
+def start_distributed(settings: Mapping[str, Any]) -> None:
     """Joins this process to a multi-process run: ``jax.distributed.initialize`` with
-    :func:`distributed_settings`; call it before JAX computes anything.
+    :func:`distributed_settings`'s result; call it before JAX computes anything.
     """
-    settings = distributed_settings(distributed, environ)
     # The CPU devices of different processes all-reduce through gloo (TCP); without a
     # collectives implementation a multi-process CPU computation fails.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")

@@ -104,7 +104,7 @@ class Trainer:
             plateau=self.plateau_tx.init(jnp.zeros((), jnp.float32)),
         )
         self.initial_state = jax.device_put(state, parallel.replicated(mesh))
-        self.one_step_at_a_time = parallel.one_program_at_a_time(mesh)
+        self.one_program_at_a_time = parallel.one_program_at_a_time(mesh)
         self.train_step = jax.jit(self._train_step_impl, donate_argnums=0)
         self._plateau_step = jax.jit(self._plateau_step_impl)
 
@@ -191,7 +191,7 @@ class Trainer:
         for step in bar:
             key = self.step_key(epoch, step)
             state, totals = self.train_step(state, images, labels, permutation[step], key, totals)
-            if self.one_step_at_a_time:
+            if self.one_program_at_a_time:
                 jax.block_until_ready(totals)
             check_stop()
             if progress and (step + 1) % self.config.log_every_steps == 0:
