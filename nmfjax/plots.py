@@ -90,6 +90,54 @@ def plot_learning_curves(workdirs: list[str | pathlib.Path], output: str | pathl
 # --- experiments ---
 
 
+def plot_comparison(comparison: dict[str, Any], output: str | pathlib.Path) -> pathlib.Path:
+    """The paper's Figure 5: best test accuracy against parameter count, one point per run
+    (:func:`nmfjax.experiments.compare_runs`), with the accuracy the paper and the authors' README
+    report for the same network as open marks in its colour.
+
+    Networks of equal size (CNN and CNMF; CNN+1x1 and CNMF+1x1) are drawn a little apart,
+    the convolutional one to the left, so that their labels do not collide.
+    """
+    from matplotlib.lines import Line2D
+
+    figure = Figure(figsize=(8.5, 5.2))
+    axis = figure.subplots()
+    runs = comparison["runs"]
+    parameters = [run["parameters"] for run in runs]
+    span = max(parameters) - min(parameters) or max(parameters) / 10
+    sources = (("paper", "D", "paper"), ("authors_readme", "s", "README"))
+    for run, color in zip(runs, _colors(), strict=False):
+        side = 1 if run["nmf_parameters"] else -1
+        x = run["parameters"] + side * 0.04 * span
+        text = {"textcoords": "offset points", "color": color, "ha": "left" if side > 0 else "right", "va": "center"}
+        accuracy = 100 * run["best_test_accuracy"]
+        axis.plot(x, accuracy, "o", color=color, markersize=9)
+        axis.annotate(f"{run['name']}: {accuracy:.1f} %", (x, accuracy), (side * 9, 0), **text)
+        shown: set[float] = set()
+        for key, marker, label in sources:
+            value = comparison[key].get(run["model"])
+            if value is not None and value not in shown:
+                shown.add(value)
+                axis.plot(x, 100 * value, marker, color=color, markerfacecolor="none", markersize=8)
+                axis.annotate(f"{label} {100 * value:.1f} %", (x, 100 * value), (side * 8, 0), fontsize=8, **text)
+    legend = [Line2D([], [], color="grey", marker="o", linestyle="", label="nmfjax: best test accuracy")]
+    legend += [
+        Line2D([], [], color="grey", marker=marker, markerfacecolor="none", linestyle="", label=f"reported: {label}")
+        for _, marker, label in sources
+    ]
+    epochs = "/".join(map(str, sorted({run["epochs"] for run in runs})))
+    axis.set(
+        title=f"CIFAR-10: test accuracy against parameters (nmfjax after {epochs} epochs)",
+        xlabel="parameters",
+        ylabel="test accuracy (%)",
+        xlim=(min(parameters) - 0.6 * span, max(parameters) + 0.6 * span),
+    )
+    axis.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda value, _: f"{value / 1000:g}k"))
+    axis.grid(alpha=0.3)
+    axis.legend(handles=legend, fontsize=8, loc="upper center")
+    return save_figure(figure, output)
+
+
 def plot_noise_robustness(results: dict[str, Any], output: pathlib.Path) -> pathlib.Path:
     """Accuracy against the noise level, one panel per noise kind, one curve per run."""
     kinds = [kind for kind in results["kinds"] if any(kind in run for run in results["runs"].values())]

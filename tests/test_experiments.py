@@ -238,6 +238,115 @@ def test_nmf_pictures_refuse_a_cnn_naming_the_reason(workdirs, mock_data, tmp_pa
     assert _is_png(tmp_path / "weights.png")
 
 
+# --- comparison and exported networks ---
+
+
+def _copy_record(workdir: pathlib.Path, target: pathlib.Path, **config_changes) -> pathlib.Path:
+    """A run's record (config.json, metrics.jsonl) elsewhere, with config fields changed."""
+    target.mkdir(parents=True)
+    config = json.loads((workdir / "config.json").read_text())
+    config.update(config_changes)
+    (target / "config.json").write_text(json.dumps(config))
+    (target / "metrics.jsonl").write_text((workdir / "metrics.jsonl").read_text())
+    return target
+
+
+def test_compare_command_writes_the_table_figure5_curves_and_json(workdirs, tmp_path, capsys):
+    unfinished = _copy_record(workdirs / "cnmf_1x1", tmp_path / "unfinished", num_epochs=5)
+    output = tmp_path / "compare"
+    experiments.main(
+        ["compare", str(workdirs / "cnn"), str(workdirs / "cnmf_1x1"), str(unfinished), "--output", str(output)]
+    )
+    printed = capsys.readouterr().out
+    comparison = json.loads((output / "compare.json").read_text())
+    cnn, cnmf_1x1, partial = comparison["runs"]
+    # The paper's parameter counts (SPEC), split into NMF, convolution and BatchNorm parts.
+    assert (cnn["parameters"], cnn["nmf_parameters"], cnn["cnn_parameters"]) == (153_056, 0, 152_864)
+    assert (cnmf_1x1["parameters"], cnmf_1x1["nmf_parameters"], cnmf_1x1["cnn_parameters"]) == (
+        167_886,
+        152_864,
+        14_638,
+    )
+    assert cnmf_1x1["batch_norm_parameters"] == 384
+    for run, workdir in ((cnn, workdirs / "cnn"), (cnmf_1x1, workdirs / "cnmf_1x1")):
+        rows = read_metrics(workdir)
+        best = max(rows, key=lambda row: row["test_accuracy"])
+        assert run["epochs"] == run["num_epochs"] == 2
+        assert (run["best_test_accuracy"], run["best_epoch"]) == (best["test_accuracy"], best["epoch"])
+        assert run["final_test_accuracy"] == rows[-1]["test_accuracy"]
+        assert run["seconds"] == pytest.approx(sum(row["epoch_seconds"] for row in rows))
+        assert min(r["train_images_per_second"] for r in rows) <= run["train_images_per_second"]
+        assert run["train_images_per_second"] <= max(r["train_images_per_second"] for r in rows)
+    assert (cnn["paper_accuracy"], cnmf_1x1["paper_accuracy"]) == (0.81, 0.851)
+    assert (partial["epochs"], partial["num_epochs"]) == (2, 5)
+    table = (output / "compare.md").read_text()
+    assert table == printed[printed.index("| model |") :]
+    rows = table.splitlines()[2:]
+    assert len(rows) == 3 and rows[0].startswith("| CNN | cnn | 153,056 | 0 | 152,864 | 192 |")
+    assert "| 2 of 5 |" in rows[2] and "85.1 % (README 83.7 %)" in rows[1]
+    for name in ("figure5.png", "learning_curves.png"):
+        assert _is_png(output / name), name
+
+
+def test_compare_names_a_workdir_without_epochs(workdirs, tmp_path, capsys):
+    empty = _copy_record(workdirs / "cnn", tmp_path / "empty")
+    (empty / "metrics.jsonl").write_text("")
+    _assert_user_error(capsys, "metrics.jsonl holds no epochs", experiments.main, ["compare", str(empty)])
+    _assert_user_error(capsys, "does not exist", experiments.main, ["compare", str(tmp_path / "nowhere")])
+
+
+def _adam_counts(state) -> set[int]:
+    paths_and_leaves = jax.tree_util.tree_leaves_with_path(state.opt_state)
+    return {int(leaf) for path, leaf in paths_and_leaves if "count" in jax.tree_util.keystr(path)}
+
+
+def test_an_exported_network_loads_and_evaluates_as_its_checkpoint(workdirs, mock_data, tmp_path, capsys):
+    workdir, exported = workdirs / "cnmf_1x1", tmp_path / "exported"
+    experiments.main(["export", str(workdir), "--output", str(exported)])
+    assert sorted(path.name for path in exported.iterdir()) == ["config.json", "metrics.jsonl", "weights.npz"]
+    with np.load(exported / "weights.npz") as archive:
+        assert int(archive["epoch"]) == 2
+        assert archive["params/blocks/0/module_a/kernel"].shape == (5, 5, 3, 32)
+        assert archive["batch_stats/blocks/0/norm_a/mean"].shape == (32,)
+        assert sum(archive[name].size for name in archive.files if name.startswith("params/")) == 167_886
+    assert (exported / "weights.npz").stat().st_size < 1_000_000
+    _, original, original_state, _ = training.load_checkpoint(workdir, "latest")
+    config, model, state, epoch = training.load_checkpoint(exported)
+    assert epoch == 2 and config.model.architecture == "cnmf_1x1"
+    for ours, theirs in ((state.params, original_state.params), (state.batch_stats, original_state.batch_stats)):
+        jax.tree.map(np.testing.assert_array_equal, jax.device_get(ours), jax.device_get(theirs))
+    assert _adam_counts(state) == {0} and _adam_counts(original_state) == {4}  # no optimiser state: Adam starts afresh
+    split = experiments.load_test_split(config, None, None)
+    result = experiments.evaluator(model, split, batch_size=config.eval_batch_size)()
+    assert result["accuracy"] == read_metrics(workdir)[-1]["test_accuracy"]
+    # The analyses read it like a workdir.
+    experiments.main(["sparsity", str(exported), "--step", "latest", "--batch", "3", "--output", str(tmp_path)])
+    assert _is_png(tmp_path / "sparsity.png")
+
+
+def test_an_exported_network_refuses_another_epoch_and_damage_naming_the_file(workdirs, tmp_path, capsys):
+    exported = tmp_path / "exported"
+    training.export_network(workdirs / "cnn", exported, 1)
+    assert training.load_checkpoint(exported, 1)[3] == 1
+    _assert_user_error(
+        capsys,
+        "holds the exported weights of epoch 1 only",
+        experiments.main,
+        ["weights", str(exported), "--step", "2"],
+    )
+    with np.load(exported / "weights.npz") as archive:
+        arrays = {name: archive[name] for name in archive.files if name != "params/blocks/0/module_a/kernel"}
+    np.savez(exported / "weights.npz", **arrays)
+    _assert_user_error(
+        capsys,
+        "missing: params/blocks/0/module_a/kernel",
+        experiments.main,
+        ["weights", str(exported), "--step", "latest"],
+    )
+    (exported / "weights.npz").write_bytes(b"PK\x03\x04 cut short")
+    _assert_user_error(capsys, "weights.npz cannot be read", experiments.main, ["weights", str(exported)])
+
+
 # --- short trainings ---
 
 

@@ -9,6 +9,8 @@ On trained workdirs (written by ``train.py``)::
     python -m nmfjax.experiments weights runs/cnmf_1x1
     python -m nmfjax.experiments reconstructions runs/cnmf_1x1
     python -m nmfjax.experiments sparsity runs/cnmf_1x1
+    python -m nmfjax.experiments compare runs/cnn runs/cnn_1x1 runs/cnmf runs/cnmf_1x1 --output compare
+    python -m nmfjax.experiments export runs/cnmf_1x1 --output shipped/cnmf_1x1   # weights without optimiser state
 
 Short trainings, one workdir per variant under ``--root`` (rerunning resumes
 unfinished variants and skips finished ones; ``--config.FIELD=VALUE`` changes
@@ -23,7 +25,9 @@ Outputs go to ``--output`` (default: ``WORKDIR/experiments`` for one workdir,
 test images take ``--data_dir`` (default: the workdir's ``config.data_dir``)
 and ``--limit`` (the first test images only).
 
-One module per analysis (:mod:`~nmfjax.experiments.noise`,
+An exported network (``export``: ``config.json``, ``metrics.jsonl`` and
+``weights.npz``) is read wherever a workdir is. One module per analysis
+(:mod:`~nmfjax.experiments.compare`, :mod:`~nmfjax.experiments.noise`,
 :mod:`~nmfjax.experiments.iterations`, :mod:`~nmfjax.experiments.gradients`,
 :mod:`~nmfjax.experiments.pictures`, :mod:`~nmfjax.experiments.sweep`); each
 computes and returns plain data, which :mod:`nmfjax.plots` draws.
@@ -39,6 +43,14 @@ from nmfjax.experiments.common import (
     load_trained,
     with_nmf_options,
 )
+from nmfjax.experiments.compare import (
+    AUTHORS_README_ACCURACY,
+    MODEL_NAMES,
+    PAPER_ACCURACY,
+    compare_runs,
+    markdown_table,
+    summarize_run,
+)
 from nmfjax.experiments.gradients import GRADIENT_MODES, gradient_study, module_a_gradients
 from nmfjax.experiments.iterations import iterations_at_evaluation
 from nmfjax.experiments.noise import NOISE_KINDS, NOISE_LEVELS, Noise, add_noise, noise_robustness
@@ -52,12 +64,14 @@ from nmfjax.experiments.sweep import (
     SWEEP_GROUPS,
     SWEEP_WIDTHS,
     pareto_front,
-    summarize_run,
     sweep_variants,
     train_variants,
 )
 
 __all__ = [
+    "AUTHORS_README_ACCURACY",
+    "MODEL_NAMES",
+    "PAPER_ACCURACY",
     "GRADIENT_MODES",
     "NOISE_KINDS",
     "NOISE_LEVELS",
@@ -66,6 +80,7 @@ __all__ = [
     "Noise",
     "Trained",
     "add_noise",
+    "compare_runs",
     "evaluator",
     "first_layer_filters",
     "first_layer_reconstructions",
@@ -77,6 +92,7 @@ __all__ = [
     "load_test_split",
     "load_trained",
     "main",
+    "markdown_table",
     "module_a_gradients",
     "nmf_activation_sparsity",
     "noise_robustness",

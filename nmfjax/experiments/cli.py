@@ -11,9 +11,9 @@ from typing import Any
 
 import numpy as np
 
-from nmfjax import cli, configuration, data, plots
+from nmfjax import cli, configuration, data, plots, training
 from nmfjax.errors import ConfigError
-from nmfjax.experiments import gradients, iterations, noise, pictures, sweep
+from nmfjax.experiments import compare, gradients, iterations, noise, pictures, sweep
 from nmfjax.experiments.common import Trained, initialised, load_test_split, load_trained, write_json
 
 
@@ -146,9 +146,30 @@ def _command_sparsity(args) -> None:
         print(f"{layer}: mean Hoyer sparsity {stats['mean']:.3f} over {stats['positions']} positions")
 
 
+def _command_compare(args) -> None:
+    comparison = compare.compare_runs(args.workdirs)
+    output = _output_dir(args)
+    table = compare.markdown_table(comparison)
+    data_path = write_json(comparison, output / "compare.json")
+    (output / "compare.md").write_text(table)
+    _report(
+        data_path,
+        output / "compare.md",
+        plots.plot_comparison(comparison, output / "figure5.png"),
+        plots.plot_learning_curves(args.workdirs, output / "learning_curves.png"),
+    )
+    print(table, end="")
+
+
+def _command_export(args) -> None:
+    weights = training.export_network(args.workdir, args.output, args.step)
+    print(f"wrote {pathlib.Path(args.output) / 'config.json'}, {pathlib.Path(args.output) / 'metrics.jsonl'}")
+    print(f"wrote {weights} ({weights.stat().st_size / 1e6:.2f} MB)")
+
+
 def _train_and_summarize(args, config, variants) -> dict[str, dict[str, Any]]:
     directories = sweep.train_variants(config, variants, args.root, start_over=args.start_over)
-    return {name: sweep.summarize_run(workdir) for name, workdir in directories.items()}
+    return {name: compare.summarize_run(workdir) for name, workdir in directories.items()}
 
 
 def _command_train_iterations(args) -> None:
@@ -257,6 +278,20 @@ def build_parser() -> argparse.ArgumentParser:
     command.add_argument("--count", type=cli.positive_int, default=8, help="how many test images (default 8)")
     command = on_workdirs("sparsity", _command_sparsity, "histograms of the Hoyer sparsity of h per NMF layer")
     command.add_argument("--batch", type=cli.positive_int, default=200, help="test images (default 200)")
+
+    help_text = "the runs side by side: table, the paper's Figure 5 and learning curves"
+    command = commands.add_parser("compare", help=help_text, description=help_text)
+    command.add_argument("workdirs", nargs="+", metavar="WORKDIR", help="workdirs or exported networks")
+    command.add_argument("--output", help="output directory (default: experiments/, or WORKDIR/experiments for one)")
+    command.set_defaults(function=_command_compare, accepts_overrides=False)
+    help_text = "a trained network's weights, config and metrics, without optimiser state, for load_checkpoint"
+    command = commands.add_parser("export", help=help_text, description=help_text)
+    command.add_argument("workdir", metavar="WORKDIR", help="a workdir written by train.py")
+    command.add_argument("--output", required=True, help="directory to write (config.json, metrics.jsonl, weights.npz)")
+    command.add_argument(
+        "--step", default="latest", type=_step, help='checkpoint: "latest" (default), "best" or an epoch'
+    )
+    command.set_defaults(function=_command_export, accepts_overrides=False)
 
     def trainings(name, function, help_text):
         command = commands.add_parser(name, help=help_text, description=help_text)

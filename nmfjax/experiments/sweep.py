@@ -9,9 +9,8 @@ from collections.abc import Sequence
 from typing import Any
 
 import ml_collections
-from flax import nnx
 
-from nmfjax import configuration, models, training, workdirs
+from nmfjax import configuration, training, workdirs
 
 SWEEP_WIDTHS = (1, 2, 4, 8)  # paper section 3.1
 SWEEP_GROUPS = (1, 2, 4, 8, 16)
@@ -51,25 +50,6 @@ def train_variants(
         print(f"[{position}/{len(variants)}] {name}: training {overrides}", flush=True)
         training.train_and_evaluate(variant, workdir, start_over=start_over)
     return directories
-
-
-def summarize_run(workdir: pathlib.Path) -> dict[str, Any]:
-    """Parameters by group, final and best test accuracy, and time of a finished workdir."""
-    config = configuration.load_config(workdir)
-    rows = workdirs.read_metrics(workdir)
-    spec = configuration.network_spec(config)
-    parameters = models.parameters_by_group(nnx.eval_shape(lambda: models.Network(spec, rngs=nnx.Rngs(0))))
-    return {
-        "workdir": str(workdir),
-        "epochs": len(rows),
-        "final_test_accuracy": rows[-1]["test_accuracy"],
-        "best_test_accuracy": max(row["test_accuracy"] for row in rows),
-        "seconds": sum(row["epoch_seconds"] for row in rows),
-        "parameters": sum(parameters.values()),
-        "nmf_parameters": parameters["module_a"] if spec.uses_nmf else 0,
-        "cnn_parameters": parameters["mixing"] + (0 if spec.uses_nmf else parameters["module_a"]),
-        "batch_norm_parameters": parameters["batch_norm"],
-    }
 
 
 def _groups_where_they_divide(groups: int, inputs: Sequence[int], outputs: Sequence[int]) -> tuple[int, ...]:
