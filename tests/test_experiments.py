@@ -11,7 +11,7 @@ import tensorflow_datasets as tfds
 from flax import nnx
 
 from configs import cnmf_local
-from nmfjax import configuration, experiments, models, ops, training
+from nmfjax import configuration, data, errors, experiments, models, ops, training
 from nmfjax.workdirs import read_metrics
 from tests.conftest import tiny_config
 
@@ -322,6 +322,20 @@ def test_an_exported_network_loads_and_evaluates_as_its_checkpoint(workdirs, moc
     # The analyses read it like a workdir.
     experiments.main(["sparsity", str(exported), "--step", "latest", "--batch", "3", "--output", str(tmp_path)])
     assert _is_png(tmp_path / "sparsity.png")
+
+
+def test_running_statistics_classify_an_image_alone_as_in_a_batch(workdirs, mock_data):
+    workdir = workdirs / "cnmf_1x1"
+    config, model, _, _ = training.load_checkpoint(workdir, batch_norm_statistics="running")
+    assert config.model.batch_norm_statistics == "running"
+    split = experiments.load_test_split(config, None, 10)
+    images = data.center_crop(split.images, 28)
+    alone = jnp.concatenate([model(images[i : i + 1]) for i in range(len(images))])
+    np.testing.assert_allclose(alone, model(images), atol=1e-6)
+    _, authors, _, _ = training.load_checkpoint(workdir)  # batch statistics: an image alone is normalised by itself
+    assert not np.allclose(authors.logits(images[:1]), authors.logits(images)[:1], atol=1e-5)
+    with pytest.raises(errors.ConfigError, match="batch_norm_statistics must be one of"):
+        training.load_checkpoint(workdir, batch_norm_statistics="moving")
 
 
 def test_an_exported_network_refuses_another_epoch_and_damage_naming_the_file(workdirs, tmp_path, capsys):
