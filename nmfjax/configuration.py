@@ -206,22 +206,35 @@ _MODEL_FIELDS_BEFORE_0_2 = (
 )
 
 
+#: Fields added after 0.2, with the value that reproduces what a config.json written before them ran.
+_ADDED_FIELDS = {
+    "model.nmf.precision": "float32",  # 0.3 (the CPU ran every product in float32)
+}
+
+
 def upgrade_config(saved: Mapping[str, Any]) -> dict[str, Any]:
     """A ``config.json`` in today's layout: workdirs written before the model fields moved
     under ``config.model`` (``model`` was the architecture's name, the NMF options
-    ``config.nmf``) are converted; others are returned as they are.
+    ``config.nmf``) are converted, and fields added since are filled in with the value
+    that reproduces the old run (:data:`_ADDED_FIELDS`); others are returned as they are.
     """
     upgraded: dict[str, Any] = copy.deepcopy(dict(saved))
     if isinstance(upgraded.get("distributed"), bool):  # before config.distributed took its fields
         upgraded["distributed"] = {"enabled": upgraded["distributed"]}
-    if not isinstance(upgraded.get("model"), str):
-        return upgraded
-    model = {"architecture": upgraded.pop("model")}
-    model.update({name: upgraded.pop(name) for name in _MODEL_FIELDS_BEFORE_0_2 if name in upgraded})
-    nmf = dict(upgraded.pop("nmf", {}))
-    model["readout_learning"] = nmf.pop("readout_learning", None)
-    model["nmf"] = nmf
-    upgraded["model"] = model
+    if isinstance(upgraded.get("model"), str):
+        model = {"architecture": upgraded.pop("model")}
+        model.update({name: upgraded.pop(name) for name in _MODEL_FIELDS_BEFORE_0_2 if name in upgraded})
+        nmf = dict(upgraded.pop("nmf", {}))
+        model["readout_learning"] = nmf.pop("readout_learning", None)
+        model["nmf"] = nmf
+        upgraded["model"] = model
+    for name, value in _ADDED_FIELDS.items():
+        *parents, leaf = name.split(".")
+        section: Any = upgraded
+        for parent in parents:
+            section = section.get(parent) if isinstance(section, dict) else None
+        if isinstance(section, dict):
+            section.setdefault(leaf, value)
     return upgraded
 
 

@@ -38,6 +38,14 @@ from nmfjax.validation import check_positive_int
 
 GRADIENTS = ("approx", "unrolled", "implicit")
 LEARNING_RULES = ("backprop", "local_kl", "local_mse")
+PRECISIONS = ("float32", "tf32", "bfloat16")
+
+# The lower precisions: the dot algorithm an accelerator runs (operands rounded, float32 sums) and the
+# mantissa bits of its operands, which the CPU emulates by rounding them before a float32 product.
+_LOWER_PRECISIONS = {
+    "tf32": (lax.DotAlgorithmPreset.TF32_TF32_F32, 10),
+    "bfloat16": (lax.DotAlgorithmPreset.BF16_BF16_F32, 7),
+}
 
 # Guards of the authors' code: keep sums and reconstructions away from zero.
 _NORMALIZE_EPS = 1e-19
@@ -68,6 +76,39 @@ def _safe_divide_jvp(
     # Written with the numerator rather than the quotient: the residuals are then those of a plain
     # division (the quotient as a residual costs ~10 MB more in the CNMF+1x1 train step).
     return numerator / denominator, (numerator_tangent - numerator * (denominator_tangent / denominator)) / denominator
+
+
+def matmul(a: jax.Array, b: jax.Array, precision: str = "float32") -> jax.Array:
+    """``a @ b`` as every product of the NMF op runs it: operands in ``precision``, sums in float32.
+
+    ``"float32"``: full float32 on every platform (``lax.Precision.HIGHEST``: a
+    GPU's default for float32 products may be TF32). ``"tf32"`` (10 mantissa
+    bits) and ``"bfloat16"`` (7): on an accelerator the dot algorithm
+    ``TF32_TF32_F32`` or ``BF16_BF16_F32`` (tensor cores); on a CPU, which has
+    neither, an emulation that rounds both operands to that mantissa
+    (``lax.reduce_precision``) before a float32 product. The choice is made
+    when the program is lowered for its platform (``lax.platform_dependent``).
+
+    Args:
+      a: ``(..., M, K)``.
+      b: ``(K, N)`` (or batched as ``jnp.matmul`` allows).
+      precision: one of :data:`PRECISIONS`.
+
+    Returns:
+      ``(..., M, N)`` in the operands' dtype.
+    """
+    if precision == "float32":
+        return jnp.matmul(a, b, precision=lax.Precision.HIGHEST)
+    algorithm, mantissa_bits = _LOWER_PRECISIONS[precision]
+
+    def emulated(a: jax.Array, b: jax.Array) -> jax.Array:
+        rounded = functools.partial(lax.reduce_precision, exponent_bits=8, mantissa_bits=mantissa_bits)
+        return jnp.matmul(rounded(a), rounded(b), precision=lax.Precision.HIGHEST)
+
+    def native(a: jax.Array, b: jax.Array) -> jax.Array:
+        return jnp.matmul(a, b, precision=algorithm, preferred_element_type=a.dtype)
+
+    return lax.platform_dependent(a, b, cpu=emulated, default=native)
 
 
 def l1_normalize(x: jax.Array, axis: int = -1) -> jax.Array:
@@ -123,6 +164,10 @@ class NMFOptions:
         the input gradient then still follows ``gradient``.
       adjoint_iterations: iterations of the adjoint solve of ``"implicit"``
         (``None``: ``iterations``).
+      precision: the operands' precision in every matrix product of the op
+        (:func:`matmul`): ``"float32"`` (default, on every platform, so that a
+        GPU computes what a CPU does), ``"tf32"`` or ``"bfloat16"`` (an
+        accelerator's tensor cores; emulated on a CPU). Sums stay float32.
       check_inputs: a debug check that ``x`` and ``w`` are non-negative and
         finite, for a function wrapped in ``jax.experimental.checkify.checkify``
         (see :func:`nmf`). Off by default, and not a config field: a training
@@ -134,6 +179,7 @@ class NMFOptions:
     gradient: str = "approx"
     learning: str = "backprop"
     adjoint_iterations: int | None = None
+    precision: str = "float32"
     check_inputs: bool = dataclasses.field(default=False, metadata={"config": False})
 
     def __post_init__(self) -> None:
@@ -153,6 +199,8 @@ class NMFOptions:
             raise ValueError(f"gradient must be one of {GRADIENTS}, got {self.gradient!r}.")
         if self.learning not in LEARNING_RULES:
             raise ValueError(f"learning must be one of {LEARNING_RULES}, got {self.learning!r}.")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}.")
         if not isinstance(self.check_inputs, bool):
             raise TypeError(f"check_inputs must be True or False, got {self.check_inputs!r}.")
 
@@ -205,7 +253,9 @@ def _check_values(x: jax.Array, w: jax.Array) -> None:
         )
 
 
-def nmf_update(h: jax.Array, x: jax.Array, w: jax.Array, epsilon: float | None = None) -> jax.Array:
+def nmf_update(
+    h: jax.Array, x: jax.Array, w: jax.Array, epsilon: float | None = None, precision: str = "float32"
+) -> jax.Array:
     """One normalised multiplicative update of ``h`` (paper eq. 3, or eq. 6 with ``epsilon``).
 
     Args:
@@ -213,82 +263,79 @@ def nmf_update(h: jax.Array, x: jax.Array, w: jax.Array, epsilon: float | None =
       x: input, shape ``(..., S)``.
       w: positive weight, shape ``(S, I)``.
       epsilon: ``None`` for the pure update ``h * f``, else ``h * (1 + epsilon * f)``.
+      precision: of the two products ``W h`` and ``W^T (x / R)`` (see :func:`matmul`).
 
     Returns:
       The next ``h``, shape ``(..., I)``, non-negative and summing to one.
     """
-    reconstruction = h @ w.T + _RECONSTRUCTION_EPS
-    factor = safe_divide(x, reconstruction) @ w
+    reconstruction = matmul(h, w.T, precision) + _RECONSTRUCTION_EPS
+    factor = matmul(safe_divide(x, reconstruction), w, precision)
     h = h * factor if epsilon is None else h * (1 + epsilon * factor)
     return l1_normalize(h)
 
 
-def _iterate(x: jax.Array, w: jax.Array, iterations: int, epsilon: float | None) -> jax.Array:
+def _iterate(x: jax.Array, w: jax.Array, options: NMFOptions) -> jax.Array:
     dtype = jnp.result_type(x, w)
     num_hidden = w.shape[1]
     h = jnp.full(x.shape[:-1] + (num_hidden,), 1.0 / num_hidden, dtype)
-    return lax.fori_loop(0, iterations, lambda _, h: nmf_update(h, x, w, epsilon), h)
+    update = functools.partial(nmf_update, epsilon=options.epsilon, precision=options.precision)
+    return lax.fori_loop(0, options.iterations, lambda _, h: update(h, x, w), h)
 
 
-def _sum_positions(a: jax.Array, b: jax.Array) -> jax.Array:
+def _sum_positions(a: jax.Array, b: jax.Array, precision: str) -> jax.Array:
     """``sum_p a[p, s] * b[p, i]`` over all leading axes: shape ``(S, I)``."""
     # One plain GEMM over flattened positions; XLA handles several contracting axes less well.
-    return a.reshape(-1, a.shape[-1]).T @ b.reshape(-1, b.shape[-1])
+    return matmul(a.reshape(-1, a.shape[-1]).T, b.reshape(-1, b.shape[-1]), precision)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _nmf_approx(x: jax.Array, w: jax.Array, iterations: int, epsilon: float | None) -> jax.Array:
-    return _iterate(x, w, iterations, epsilon)
+# The custom VJPs take the (hashable, static) options as their last argument.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _nmf_approx(x: jax.Array, w: jax.Array, options: NMFOptions) -> jax.Array:
+    return _iterate(x, w, options)
 
 
-def _iterate_keeping_residuals(
-    x: jax.Array, w: jax.Array, iterations: int, epsilon: float | None, *_: Any
-) -> tuple[jax.Array, Residuals]:
+def _iterate_keeping_residuals(x: jax.Array, w: jax.Array, options: NMFOptions) -> tuple[jax.Array, Residuals]:
     """Forward pass of both custom VJPs: only ``x``, ``W`` and the final ``h`` are kept."""
-    h = _iterate(x, w, iterations, epsilon)
+    h = _iterate(x, w, options)
     return h, (x, w, h)
 
 
-def _nmf_approx_bwd(
-    iterations: int, epsilon: float | None, residuals: Residuals, g: jax.Array
-) -> tuple[jax.Array, jax.Array]:
+def _nmf_approx_bwd(options: NMFOptions, residuals: Residuals, g: jax.Array) -> tuple[jax.Array, jax.Array]:
     """The paper's one-step VJP at the returned ``h`` (eq. 17-19).
 
     ``dx[s] = sum_i W[s,i] h[i] g[i] / R[s]`` and
     ``dW[s,i] = sum_positions h[i] x[s] / R[s] * (g[i] - dx[s])``.
+    The one-step formula is the same for the pure and the ``epsilon`` update.
     """
-    del iterations, epsilon  # the one-step formula is the same for every mode
     x, w, h = residuals
-    reconstruction = h @ w.T + _RECONSTRUCTION_EPS
+    precision = options.precision
+    reconstruction = matmul(h, w.T, precision) + _RECONSTRUCTION_EPS
     weighted_error = h * g
-    dx = (weighted_error @ w.T) / reconstruction
+    dx = matmul(weighted_error, w.T, precision) / reconstruction
     ratio = x / reconstruction
-    dw = _sum_positions(ratio, weighted_error) - _sum_positions(ratio * dx, h)
+    dw = _sum_positions(ratio, weighted_error, precision) - _sum_positions(ratio * dx, h, precision)
     return dx.astype(x.dtype), dw.astype(w.dtype)
 
 
 _nmf_approx.defvjp(_iterate_keeping_residuals, _nmf_approx_bwd)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def _nmf_implicit(
-    x: jax.Array, w: jax.Array, iterations: int, epsilon: float | None, adjoint_iterations: int
-) -> jax.Array:
-    return _iterate(x, w, iterations, epsilon)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _nmf_implicit(x: jax.Array, w: jax.Array, options: NMFOptions) -> jax.Array:
+    return _iterate(x, w, options)
 
 
-def _nmf_implicit_bwd(
-    iterations: int, epsilon: float | None, adjoint_iterations: int, residuals: Residuals, g: jax.Array
-) -> tuple[jax.Array, jax.Array]:
+def _nmf_implicit_bwd(options: NMFOptions, residuals: Residuals, g: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Implicit-function VJP at ``h* = F(h*, x, W)``: ``v = g + (dF/dh)^T v`` is
     iterated ``adjoint_iterations`` times from ``v = g`` (a truncated Neumann
     series), then ``(dx, dW) = (dF/dx, dF/dW)^T v``.
     """
-    del iterations
     x, w, h = residuals
-    _, vjp_h = jax.vjp(lambda h_: nmf_update(h_, x, w, epsilon), h)
+    update = functools.partial(nmf_update, epsilon=options.epsilon, precision=options.precision)
+    _, vjp_h = jax.vjp(lambda h_: update(h_, x, w), h)
+    adjoint_iterations = options.adjoint_iterations or options.iterations
     adjoint = lax.fori_loop(0, adjoint_iterations, lambda _, v: g + vjp_h(v)[0], g)
-    _, vjp_inputs = jax.vjp(lambda x_, w_: nmf_update(h, x_, w_, epsilon), x, w)
+    _, vjp_inputs = jax.vjp(lambda x_, w_: update(h, x_, w_), x, w)
     return vjp_inputs(adjoint)
 
 
@@ -296,24 +343,24 @@ _nmf_implicit.defvjp(_iterate_keeping_residuals, _nmf_implicit_bwd)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _with_local_weight_gradient(h: jax.Array, x: jax.Array, w: jax.Array, rule: str) -> jax.Array:
+def _with_local_weight_gradient(h: jax.Array, x: jax.Array, w: jax.Array, options: NMFOptions) -> jax.Array:
     return h
 
 
-def _local_fwd(h: jax.Array, x: jax.Array, w: jax.Array, rule: str) -> tuple[jax.Array, Residuals]:
+def _local_fwd(h: jax.Array, x: jax.Array, w: jax.Array, options: NMFOptions) -> tuple[jax.Array, Residuals]:
     return h, (x, w, h)
 
 
-def _local_bwd(rule: str, residuals: Residuals, g: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+def _local_bwd(options: NMFOptions, residuals: Residuals, g: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Passes ``g`` through to ``h`` and hands ``w`` a local NMF rule (the KL update of paper eq. 4, or MSE):
     ``local_kl: -h x / R``, ``local_mse: -2 h (x - R)``, summed over positions.
     """
     x, w, h = residuals
-    reconstruction = h @ w.T
-    if rule == "local_kl":
-        dw = -_sum_positions(x / (reconstruction + _RECONSTRUCTION_EPS), h)
+    reconstruction = matmul(h, w.T, options.precision)
+    if options.learning == "local_kl":
+        dw = -_sum_positions(x / (reconstruction + _RECONSTRUCTION_EPS), h, options.precision)
     else:
-        dw = -2 * _sum_positions(x - reconstruction, h)
+        dw = -2 * _sum_positions(x - reconstruction, h, options.precision)
     return g, jnp.zeros_like(x), dw.astype(w.dtype)
 
 
@@ -368,6 +415,11 @@ def nmf(
     if options.check_inputs:
         _check_values(x, w)
     dtype = compute_dtype(x, w)
+    if options.precision != "float32" and dtype != jnp.float32:
+        raise TypeError(
+            f"precision={options.precision!r} rounds float32 operands, but x and w compute in {dtype}; "
+            "use precision='float32' with float64."
+        )
     x, w = x.astype(dtype), w.astype(dtype)
     # All positions as the rows of one matrix, so that every product is a plain GEMM.
     h = _nmf(x.reshape(-1, x.shape[-1]), w, options)
@@ -377,14 +429,13 @@ def nmf(
 # Jitted so that eager calls run as one compiled program; inside a caller's jit it is inlined.
 @functools.partial(jax.jit, static_argnums=2)
 def _nmf(x: jax.Array, w: jax.Array, options: NMFOptions) -> jax.Array:
-    iterations, epsilon = options.iterations, options.epsilon
     core_w = w if options.learning == "backprop" else lax.stop_gradient(w)
     if options.gradient == "approx":
-        h = _nmf_approx(x, core_w, iterations, epsilon)
+        h = _nmf_approx(x, core_w, options)
     elif options.gradient == "unrolled":
-        h = _iterate(x, core_w, iterations, epsilon)
+        h = _iterate(x, core_w, options)
     else:
-        h = _nmf_implicit(x, core_w, iterations, epsilon, options.adjoint_iterations or iterations)
+        h = _nmf_implicit(x, core_w, options)
     if options.learning != "backprop":
-        h = _with_local_weight_gradient(h, x, w, options.learning)
+        h = _with_local_weight_gradient(h, x, w, options)
     return h

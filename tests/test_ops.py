@@ -252,11 +252,59 @@ def test_shape_mismatch_raises(x_shape, w_shape, match):
             ValueError,
             r"learning must be one of \('backprop', 'local_kl', 'local_mse'\), got 'hebb'",
         ),
+        (
+            {"precision": "float16"},
+            ValueError,
+            r"precision must be one of \('float32', 'tf32', 'bfloat16'\), got 'float16'",
+        ),
     ],
 )
 def test_bad_options_raise_clear_errors(options, error, match):
     with pytest.raises(error, match=match):
         ops.nmf(jnp.ones((4, 12)), jnp.ones((12, 4)) / 12, **options)
+
+
+# --- precision of the products ---
+
+
+@pytest.mark.parametrize("precision, dtype", [("bfloat16", jnp.bfloat16), ("tf32", None)])
+def test_lower_precision_products_round_their_operands_on_the_cpu(precision, dtype):
+    a = jax.random.uniform(jax.random.key(0), (16, 24))
+    b = jax.random.uniform(jax.random.key(1), (24, 8))
+    product = jax.jit(ops.matmul, static_argnums=2)(a, b, precision)
+    if dtype is not None:  # rounding to bfloat16's 7 mantissa bits is a cast to bfloat16
+        rounded = jnp.matmul(a.astype(dtype).astype(jnp.float32), b.astype(dtype).astype(jnp.float32))
+        np.testing.assert_array_equal(product, rounded)
+    exact = np.asarray(a, np.float64) @ np.asarray(b, np.float64)
+    error = np.max(np.abs(product - exact) / exact)
+    unit_roundoff = 2.0 ** -(8 if precision == "bfloat16" else 11)
+    assert 1e-6 < error < 2 * unit_roundoff, error
+    np.testing.assert_array_equal(ops.matmul(a, b), jnp.matmul(a, b))  # float32 is the plain product on a CPU
+
+
+@pytest.mark.parametrize("mode", GRADIENTS)
+def test_h_and_gradients_in_lower_precision_stay_near_float32(mode):
+    x, w, g = (jnp.asarray(v, jnp.float32) for v in random_problem(3, positions=40, features=30, hidden=8))
+
+    def results(precision):
+        h, vjp = jax.vjp(lambda x, w: ops.nmf(x, w, gradient=mode, precision=precision), x, w)
+        return (h, *vjp(g))
+
+    full = results("float32")
+    errors = {}
+    for precision in ("tf32", "bfloat16"):
+        lower = results(precision)
+        errors[precision] = [
+            float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b)) for a, b in zip(lower, full, strict=True)
+        ]
+        assert all(np.isfinite(a).all() for a in lower)
+    for tf32, bfloat16 in zip(errors["tf32"], errors["bfloat16"], strict=True):  # h, dx, dw
+        assert 0 < tf32 < bfloat16 < 0.05, errors
+
+
+def test_lower_precision_of_float64_is_a_type_error(x64):
+    with pytest.raises(TypeError, match="precision='tf32' rounds float32 operands, but x and w compute in float64"):
+        ops.nmf(jnp.ones((4, 12)), jnp.ones((12, 4)) / 12, precision="tf32")
 
 
 # --- the core behaviours, with and without jit ---

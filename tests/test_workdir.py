@@ -248,8 +248,12 @@ def test_a_config_json_from_before_the_model_section_is_converted(tmp_path):
     old["nmf"] = {**model.pop("nmf"), "readout_learning": model.pop("readout_learning")}
     old["model"] = model.pop("architecture")
     old.update(model)  # kernel_sizes, features, ... at the top level
+    del old["nmf"]["precision"]  # added in 0.3
     (tmp_path / "config.json").write_text(json.dumps(old))
     assert configuration.load_config(tmp_path).to_dict() == json.loads(config.to_json_best_effort())
     assert configuration.config_differences(old, config) == []
     changed = _config(**{"model.nmf.iterations": 7})
     assert configuration.config_differences(old, changed) == [("model.nmf.iterations", 3, 7)]
+    assert configuration.config_differences(old, _config(**{"model.nmf.precision": "tf32"})) == [
+        ("model.nmf.precision", "float32", "tf32")
+    ]

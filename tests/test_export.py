@@ -1,0 +1,77 @@
+"""The programs a GPU would run, lowered for CUDA on this CPU-only machine with ``jax.export``.
+
+A host callback, a CPU-only custom call or a CPU-only branch in the steps or the
+op fails here: ``jax.export`` refuses custom calls without a compatibility
+guarantee, and the CUDA module must hold the accelerator's dot algorithms.
+"""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import export
+
+from nmfjax import evaluation, models, ops, parallel, training
+from tests.conftest import tiny_config
+
+CUDA = ("cuda",)
+
+
+def _abstract(tree):
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=getattr(a, "sharding", None)), tree)
+
+
+def _module(exported: export.Exported) -> str:
+    assert exported.platforms == CUDA
+    return exported.mlir_module()
+
+
+def _custom_call_targets(module: str) -> set[str]:
+    return set(re.findall(r"stablehlo\.custom_call @(\w+)", module)) | set(
+        re.findall(r'call_target_name = "(\w+)"', module)
+    )
+
+
+@pytest.mark.parametrize("model", list(models.ARCHITECTURES))
+def test_train_and_eval_steps_of_each_network_lower_for_cuda(model):
+    config = tiny_config(model, batch_size=4, eval_batch_size=4)
+    config.model.nmf.iterations = 20
+    trainer = training.Trainer(config, training.configuration.validate_config(config), parallel.data_mesh())
+    state = trainer.initial_state
+    images = trainer.put_replicated(np.zeros((8, 32, 32, 3), np.uint8))
+    labels = trainer.put_replicated(np.zeros((8,), np.int32))
+    batch = jax.ShapeDtypeStruct((4,), jnp.int32)
+    totals = evaluation.no_metrics(trainer.mesh)
+    train = export.export(trainer.train_step, platforms=CUDA)(
+        _abstract(state), images, labels, batch, trainer.step_key(0, 0), totals
+    )
+    evaluate = export.export(trainer.evaluator.step, platforms=CUDA)(
+        _abstract(state.params), _abstract(state.batch_stats), images, labels, batch, totals, np.int32(0)
+    )
+    for exported in (train, evaluate):
+        module = _module(exported)
+        assert "callback" not in module and not _custom_call_targets(module), _custom_call_targets(module)
+    # The state comes back in the structure it went in (what a GPU run would checkpoint).
+    assert train.out_tree == jax.tree.structure((state, totals))
+    assert [aval.shape for aval in train.out_avals] == [leaf.shape for leaf in jax.tree.leaves((state, totals))]
+
+
+@pytest.mark.parametrize("mode", ops.GRADIENTS)
+@pytest.mark.parametrize("precision", ops.PRECISIONS)
+def test_the_op_and_its_gradients_lower_for_cuda_in_each_precision(mode, precision):
+    def loss(x, w):
+        return jnp.sum(ops.nmf(x, w, gradient=mode, precision=precision) ** 2)
+
+    x = jax.ShapeDtypeStruct((64, 75), jnp.float32)
+    w = jax.ShapeDtypeStruct((75, 32), jnp.float32)
+    module = _module(export.export(jax.jit(jax.value_and_grad(loss, argnums=(0, 1))), platforms=CUDA)(x, w))
+    assert "callback" not in module and not _custom_call_targets(module)
+    # The accelerator's own dot algorithm, not the CPU's emulation (rounding the operands).
+    assert ("reduce_precision" in module) is False
+    algorithm = {"float32": None, "tf32": "tf32", "bfloat16": "bf16"}[precision]
+    if algorithm is None:
+        assert "HIGHEST" in module and "algorithm" not in module
+    else:
+        assert "algorithm" in module and f"lhs_precision_type = {algorithm}" in module
