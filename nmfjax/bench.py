@@ -15,6 +15,22 @@ call; compile time is reported apart. Prints tables and writes
   and of the CNMF network with the "unrolled", "approx" and "implicit"
   backward, relative to the CNN, at N in {5, 20, 50}.
 * ``scaling``: train-step time of CNMF+1x1 against N and against batch size.
+
+Two more suites, each its own JSON::
+
+    python -m nmfjax.bench --precision --output bench   # the op in tf32 and bfloat16 against float32
+    python -m nmfjax.bench --gpu --data_dir DIR --output bench   # on a machine with a GPU: its table
+
+* ``--precision`` (``precision.json``): the relative error of ``h`` and of the
+  input and weight gradients of each backward mode when every product of the
+  op runs in TF32 or bfloat16 instead of float32, at N in {5, 20, 50}, on a
+  first-block-sized problem. On a CPU the lower precisions are emulated
+  (operands rounded to their mantissa, float32 sums; see :func:`nmfjax.ops.matmul`).
+* ``--gpu`` (``gpu.json``): the op's results on the GPU against the CPU's
+  (float32, and TF32 and bfloat16 on the GPU's own tensor cores), train and
+  eval images/s of the four networks at batch 50 and 500 (CNMF+1x1 in each
+  precision), and one short ``train.py`` epoch on ``--data_dir``. Without a
+  GPU it stops with an error (exit status 2).
 """
 
 from __future__ import annotations
@@ -26,6 +42,7 @@ import math
 import pathlib
 import platform
 import statistics
+import tempfile
 import time
 from typing import Any
 
@@ -129,12 +146,13 @@ def _peak_bytes(compiled) -> int:
     )
 
 
-def _config(model: str, batch_size: int, iterations: int = 20, gradient: str = "approx"):
+def _config(model: str, batch_size: int, iterations: int = 20, gradient: str = "approx", precision: str = "float32"):
     config = configuration.default_config()
     config.model.architecture = model
     config.batch_size = config.eval_batch_size = batch_size
     config.model.nmf.iterations = iterations
     config.model.nmf.gradient = gradient
+    config.model.nmf.precision = precision
     return config
 
 
@@ -146,14 +164,20 @@ def _synthetic_data(trainer: training.Trainer, count: int):
 
 
 def measure_train_and_eval(
-    model: str, batch_size: int, repeats: int, peak_gflops: float, iterations: int = 20, devices: int | None = None
+    model: str,
+    batch_size: int,
+    repeats: int,
+    peak_gflops: float,
+    iterations: int = 20,
+    devices: int | None = None,
+    precision: str = "float32",
 ) -> dict:
     """Train-step and eval throughput of one model at one batch size, data-parallel over the first
-    ``devices`` devices (default: as many as divide the batch).
+    ``devices`` devices (default: as many as divide the batch), the NMF products in ``precision``.
     """
     if devices is None:
         devices = parallel.largest_dividing_count(jax.device_count(), (batch_size,))
-    config = _config(model, batch_size, iterations)
+    config = _config(model, batch_size, iterations, precision=precision)
     spec = configuration.validate_config(config, devices)
     trainer = training.Trainer(config, spec, parallel.data_mesh(jax.devices()[:devices]))
     images, labels = _synthetic_data(trainer, 2 * batch_size)
@@ -184,6 +208,7 @@ def measure_train_and_eval(
         "devices": devices,
         "batch_size": batch_size,
         "iterations": iterations,
+        "precision": precision,
         "train_images_per_second": batch_size / train_seconds,
         "eval_images_per_second": batch_size / eval_seconds,
         "train_step_ms": 1e3 * train_seconds,
@@ -259,6 +284,168 @@ def scaling(sizes: Sizes, peak_gflops: float) -> dict[str, list[dict]]:
     }
 
 
+# --- precision of the NMF products ---
+
+PRECISION_ITERATIONS = (5, 20, 50)
+
+
+def op_problem(positions: int = 4096, features: int = 75, hidden: int = 32, seed: int = 0):
+    """A first-block-sized NMF problem: L1-normalised patches ``x (positions, S)``, ``W (S, I)``
+    from Uniform(0, 1) as the layers start, and an upstream gradient ``g (positions, I)``.
+    """
+    x_key, w_key, g_key = jax.random.split(jax.random.key(seed), 3)
+    x = ops.l1_normalize(jax.random.uniform(x_key, (positions, features)))
+    w = ops.positive_weights(jax.random.uniform(w_key, (features, hidden)))
+    return x, w, jax.random.normal(g_key, (positions, hidden))
+
+
+def op_results(problem, iterations: int, precision: str, device) -> dict[str, np.ndarray]:
+    """``h`` and, per backward mode, ``dx`` and ``dW`` of ``<g, h>``, computed on ``device``."""
+    x, w, g = jax.device_put(problem, device)
+    results = {}
+    for mode in ops.GRADIENTS:
+        options = ops.NMFOptions(iterations=iterations, gradient=mode, precision=precision)
+
+        def forward_and_backward(x, w, g, options=options):
+            h, vjp = jax.vjp(lambda x, w: ops.nmf(x, w, options), x, w)
+            return h, *vjp(g)
+
+        h, dx, dw = jax.device_get(jax.jit(forward_and_backward)(x, w, g))
+        results.update({"h": h, f"{mode}_dx": dx, f"{mode}_dw": dw})
+    return results
+
+
+def _relative_error(value: np.ndarray, reference: np.ndarray) -> float:
+    return float(np.linalg.norm(value - reference) / np.linalg.norm(reference))
+
+
+def op_errors(device, reference_device, precisions, iterations=PRECISION_ITERATIONS, problem=None) -> list[dict]:
+    """Relative error (Frobenius) of the op on ``device`` in each of ``precisions`` against float32
+    on ``reference_device``: of ``h`` and of each backward mode's ``dx`` and ``dW``.
+    """
+    problem = op_problem() if problem is None else problem
+    rows = []
+    for n in iterations:
+        reference = op_results(problem, n, "float32", reference_device)
+        for precision in precisions:
+            results = op_results(problem, n, precision, device)
+            errors = {name: _relative_error(value, reference[name]) for name, value in results.items()}
+            rows.append({"iterations": n, "precision": precision, "device": str(device), **errors})
+    return rows
+
+
+PRECISION_COLUMNS = [
+    ("N", "iterations", "d"),
+    ("precision", "precision", "s"),
+    ("h", "h", ".1e"),
+    *[(f"{mode} dW", f"{mode}_dw", ".1e") for mode in ops.GRADIENTS],
+    *[(f"{mode} dx", f"{mode}_dx", ".1e") for mode in ops.GRADIENTS],
+]
+
+
+def precision_study(output: pathlib.Path, iterations=PRECISION_ITERATIONS, positions: int = 4096) -> list[dict]:
+    """``--precision``: the op's error in TF32 and bfloat16 against float32 on this machine's first
+    device (emulated on a CPU); prints the table and writes ``precision.json``.
+    """
+    device = jax.devices()[0]
+    rows = op_errors(device, device, ("tf32", "bfloat16"), iterations, op_problem(positions))
+    emulated = device.platform == "cpu"
+    print(
+        f"\nRelative error against float32 on {device.device_kind}"
+        + (" (tf32 and bfloat16 emulated: operands rounded, float32 sums)" if emulated else "")
+        + ":\n"
+        + _table(rows, PRECISION_COLUMNS),
+        flush=True,
+    )
+    output.mkdir(parents=True, exist_ok=True)
+    payload = {"device": str(device.device_kind), "platform": device.platform, "emulated": emulated, "rows": rows}
+    (output / "precision.json").write_text(json.dumps(payload, indent=2))
+    print(f"\nwrote {output / 'precision.json'}")
+    return rows
+
+
+# --- the GPU table ---
+
+
+@dataclasses.dataclass(frozen=True)
+class GPUSizes:
+    """What ``--gpu`` measures (the full table, or tiny sizes that keep the code working on a CPU)."""
+
+    models: tuple[str, ...]
+    batch_sizes: tuple[int, ...]
+    precision_model: str
+    iterations: tuple[int, ...]
+    problem_positions: int
+    train: dict[str, Any]  # config overrides of the training run (CNMF+1x1, one epoch)
+    repeats: int
+
+
+GPU_FULL = GPUSizes(
+    models=("cnn", "cnmf", "cnn_1x1", "cnmf_1x1"),
+    batch_sizes=(50, 500),
+    precision_model="cnmf_1x1",
+    iterations=PRECISION_ITERATIONS,
+    problem_positions=28_800,  # block 1 of a batch of 50
+    train={"num_train_examples": 10_000},
+    repeats=5,
+)
+GPU_TINY = GPUSizes(
+    models=("cnmf_1x1",),
+    batch_sizes=(4,),
+    precision_model="cnmf_1x1",
+    iterations=(2,),
+    problem_positions=64,
+    train={"num_train_examples": 20, "batch_size": 4, "eval_batch_size": 4, "model.nmf.iterations": 2},
+    repeats=1,
+)
+
+
+def gpu_suite(
+    device, data_dir: str | None, output: pathlib.Path, sizes: GPUSizes = GPU_FULL, peak_gflops: float = math.nan
+) -> dict:
+    """``--gpu``: the op on ``device`` against the CPU, the throughput table on the default
+    backend's devices, and a short training run (one epoch of CNMF+1x1 on ``data_dir``, with
+    ``sizes.train``); prints the tables and writes ``gpu.json``. ``device`` is normally a GPU;
+    the tests pass a CPU device, so that every step runs where there is no GPU.
+    """
+    output.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    results: dict[str, Any] = {
+        "device": str(device.device_kind),
+        "platform": device.platform,
+        "device_count": jax.device_count(),
+        "jax": jax.__version__,
+    }
+    problem = op_problem(positions=sizes.problem_positions)
+    results["op_against_cpu"] = op_errors(device, jax.devices("cpu")[0], ops.PRECISIONS, sizes.iterations, problem)
+    print(
+        f"\nThe op on {device.device_kind} against float32 on the CPU:\n"
+        + _table(results["op_against_cpu"], PRECISION_COLUMNS),
+        flush=True,
+    )
+    cases = [(model, batch, "float32") for model in sizes.models for batch in sizes.batch_sizes]
+    cases += [
+        (sizes.precision_model, batch, p) for batch in sizes.batch_sizes for p in ops.PRECISIONS if p != "float32"
+    ]
+    results["throughput"] = [
+        measure_train_and_eval(model, batch, sizes.repeats, peak_gflops, precision=precision)
+        for model, batch, precision in cases
+    ]
+    print("\nThroughput (N=20):\n" + _table(results["throughput"], GPU_THROUGHPUT_COLUMNS), flush=True)
+    overrides = {"data_dir": data_dir, "download": False, "num_epochs": 1, **sizes.train}
+    config = configuration.apply_overrides(configuration.default_config(), overrides)
+    with tempfile.TemporaryDirectory() as workdir:
+        row = training.train_and_evaluate(config, workdir)
+    command = "python train.py --config configs/cnmf_1x1.py " + " ".join(
+        f"--config.{k}={v}" for k, v in overrides.items()
+    )
+    results["train"] = {"command": command, **row}
+    results["seconds"] = time.perf_counter() - started
+    (output / "gpu.json").write_text(json.dumps(results, indent=2))
+    print(f"\nwrote {output / 'gpu.json'} ({results['seconds']:.0f} s in all)")
+    return results
+
+
 def _table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
     header = " | ".join(title for title, _, _ in columns)
     lines = [f"| {header} |", "|" + "|".join("---" for _ in columns) + "|"]
@@ -282,6 +469,14 @@ THROUGHPUT_COLUMNS = [
     ("compile s (train/eval)", "train_compile_seconds", ".1f"),
 ]
 SCALING_COLUMNS = [("N", "iterations", "d"), *THROUGHPUT_COLUMNS[1:6]]
+GPU_THROUGHPUT_COLUMNS = [
+    *THROUGHPUT_COLUMNS[:3],
+    ("precision", "precision", "s"),
+    *THROUGHPUT_COLUMNS[3:5],
+    ("train GFLOP/s", "train_gflop_per_second", ".0f"),
+    ("eval GFLOP/s", "eval_gflop_per_second", ".0f"),
+    *THROUGHPUT_COLUMNS[9:],
+]
 
 FIGURE1_COLUMNS = [
     ("N", "iterations", "d"),
@@ -336,21 +531,51 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tiny", action="store_true", help="tiny sizes (a smoke test, not a measurement)")
     parser.add_argument("--repeats", type=cli.positive_int, help="timed calls per figure (default 5; tiny: 2)")
     parser.add_argument(
-        "--peak_gflops", type=cli.positive_float, default=DEFAULT_PEAK_GFLOPS, help="the machine's peak GFLOP/s"
+        "--peak_gflops",
+        type=cli.positive_float,
+        help=f"the machine's peak GFLOP/s (default {DEFAULT_PEAK_GFLOPS:g}, two AVX2 cores; --gpu: none)",
     )
     parser.add_argument(
         "--cpu_devices", type=cli.positive_int, help="XLA devices on a CPU (default: one per core; XLA_FLAGS wins)"
     )
+    suite = parser.add_mutually_exclusive_group()
+    suite.add_argument("--precision", action="store_true", help="the op in tf32 and bfloat16 against float32")
+    suite.add_argument("--gpu", action="store_true", help="the GPU table (needs a GPU and --data_dir)")
+    parser.add_argument("--data_dir", help="TFDS data directory with CIFAR-10, for --gpu's training run")
     args = parser.parse_args(argv)
     # One device per core; each measurement uses as many of them as divide its batch.
     parallel.use_cpu_devices(args.cpu_devices)
     output = pathlib.Path(args.output)
     if output.exists() and not output.is_dir():
         cli.fail(f"--output {output} is a file; give a folder for bench.json and bench.png.")
+    with cli.exit_on_errors():
+        if args.gpu:
+            gpu = _gpus()[0]
+            if not args.data_dir:
+                cli.fail("--gpu trains for one epoch on CIFAR-10: give its TFDS data directory as --data_dir.")
+            gpu_sizes = GPU_TINY if args.tiny else GPU_FULL
+            repeats = args.repeats or gpu_sizes.repeats
+            peak = args.peak_gflops or math.nan
+            gpu_suite(gpu, args.data_dir, output, dataclasses.replace(gpu_sizes, repeats=repeats), peak)
+            return
+        if args.precision:
+            precision_study(output, *(((2,), 64) if args.tiny else ()))
+            return
     sizes = TINY if args.tiny else FULL
     if args.repeats:
         sizes = dataclasses.replace(sizes, repeats=args.repeats)
-    run(sizes, output, args.peak_gflops)
+    run(sizes, output, args.peak_gflops or DEFAULT_PEAK_GFLOPS)
+
+
+def _gpus() -> list:
+    """The GPUs JAX sees; with none, the command stops with one line saying so."""
+    try:
+        return jax.devices("gpu")
+    except RuntimeError:
+        cli.fail(
+            f"no GPU is present: JAX sees only {jax.default_backend()} devices ({jax.devices()[0].device_kind}). "
+            "On a machine with an NVIDIA GPU, install with pip install -e '.[cuda12]' and run again."
+        )
 
 
 if __name__ == "__main__":

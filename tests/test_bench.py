@@ -2,6 +2,9 @@
 
 import json
 
+import jax
+import pytest
+
 from nmfjax import bench, models, ops
 
 
@@ -22,3 +25,41 @@ def test_loop_flops_match_a_hand_count_for_the_default_cnmf():
     expected = 19 * sum(p * (4 * s * i + 2 * s + 4 * i) for p, s, i in layers)
     assert bench.uncounted_loop_flops(spec, batch_size=1) == expected
     assert bench.uncounted_loop_flops(models.NetworkSpec(architecture="cnn"), batch_size=1) == 0
+
+
+def test_precision_study_orders_the_precisions_and_writes_json(tmp_path, capsys):
+    bench.main(["--precision", "--tiny", "--output", str(tmp_path)])
+    results = json.loads((tmp_path / "precision.json").read_text())
+    assert results["emulated"] and [row["precision"] for row in results["rows"]] == ["tf32", "bfloat16"]
+    tf32, bfloat16 = results["rows"]
+    for key in ("h", *(f"{mode}_{part}" for mode in ops.GRADIENTS for part in ("dx", "dw"))):
+        assert 0 < tf32[key] < bfloat16[key] < 0.05, key
+    assert "emulated" in capsys.readouterr().out
+
+
+def test_gpu_suite_says_there_is_no_gpu_on_a_cpu(capsys):
+    with pytest.raises(SystemExit) as raised:
+        bench.main(["--gpu", "--data_dir", "somewhere"])
+    assert raised.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: no GPU is present: JAX sees only cpu devices") and "Traceback" not in err
+    assert "pip install -e '.[cuda12]'" in err
+
+
+def test_every_step_of_the_gpu_suite_runs_on_a_cpu_device(shared_tfds, tmp_path, capsys):
+    results = bench.gpu_suite(jax.devices("cpu")[0], shared_tfds, tmp_path, bench.GPU_TINY)
+    written = json.loads((tmp_path / "gpu.json").read_text())
+    assert written["op_against_cpu"] == results["op_against_cpu"] and written["train"] == results["train"]
+    rows = results["op_against_cpu"]
+    assert [row["precision"] for row in rows] == list(ops.PRECISIONS)
+    float32 = rows[0]
+    assert all(
+        float32[key] == 0.0 for key in float32 if key not in ("iterations", "precision", "device")
+    )  # same device
+    assert all(row["h"] > 0 for row in rows[1:])
+    cases = {(row["model"], row["batch_size"], row["precision"]) for row in results["throughput"]}
+    assert cases == {("cnmf_1x1", 4, precision) for precision in ops.PRECISIONS}
+    assert all(row["train_images_per_second"] > 0 for row in results["throughput"])
+    assert results["train"]["epoch"] == 1 and 0 <= results["train"]["test_accuracy"] <= 1
+    assert "--config.model.nmf.iterations=2" in results["train"]["command"]
+    assert "Throughput" in capsys.readouterr().out
