@@ -216,7 +216,7 @@ def upgrade_config(saved: Mapping[str, Any]) -> dict[str, Any]:
     """A ``config.json`` in today's layout: workdirs written before the model fields moved
     under ``config.model`` (``model`` was the architecture's name, the NMF options
     ``config.nmf``) are converted, and fields added since are filled in with the value
-    that reproduces the old run (:data:`_ADDED_FIELDS`); others are returned as they are.
+    that reproduces the old run (``_ADDED_FIELDS``); others are returned as they are.
     """
     upgraded: dict[str, Any] = copy.deepcopy(dict(saved))
     if isinstance(upgraded.get("distributed"), bool):  # before config.distributed took its fields

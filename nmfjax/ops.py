@@ -92,7 +92,7 @@ def matmul(a: jax.Array, b: jax.Array, precision: str = "float32") -> jax.Array:
     Args:
       a: ``(..., M, K)``.
       b: ``(K, N)`` (or batched as ``jnp.matmul`` allows).
-      precision: one of :data:`PRECISIONS`.
+      precision: ``"float32"``, ``"tf32"`` or ``"bfloat16"``.
 
     Returns:
       ``(..., M, N)`` in the operands' dtype.

@@ -329,7 +329,7 @@ def export_network(
     workdir: str | pathlib.Path, output: str | pathlib.Path, step: int | str | None = "latest"
 ) -> pathlib.Path:
     """Writes a trained network to ``output`` in the exported format, which
-    :func:`load_checkpoint` (and so every analysis of :mod:`nmfjax.experiments`) reads like a workdir.
+    :func:`load_checkpoint` (and so every analysis of ``nmfjax.experiments``) reads like a workdir.
 
     ``output`` receives ``config.json`` and ``metrics.jsonl`` (copies of the
     workdir's) and :data:`EXPORTED_WEIGHTS`, a NumPy ``.npz`` archive with one
