@@ -51,7 +51,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from nmfjax import cli, configuration, evaluation, models, ops, parallel, plots, training
+from nmfjax import cli, configuration, evaluation, models, ops, parallel, plots, training, workdirs
 
 # Two AVX2 cores with two FMA units each at ~3 GHz: 2 x 2 x 8 lanes x 2 flops x 3e9.
 DEFAULT_PEAK_GFLOPS = 190.0
@@ -357,9 +357,8 @@ def precision_study(output: pathlib.Path, iterations=PRECISION_ITERATIONS, posit
         + _table(rows, PRECISION_COLUMNS),
         flush=True,
     )
-    output.mkdir(parents=True, exist_ok=True)
     payload = {"device": str(device.device_kind), "platform": device.platform, "emulated": emulated, "rows": rows}
-    (output / "precision.json").write_text(json.dumps(payload, indent=2))
+    workdirs.write_output(output / "precision.json", json.dumps(payload, indent=2))
     print(f"\nwrote {output / 'precision.json'}")
     return rows
 
@@ -408,7 +407,6 @@ def gpu_suite(
     ``sizes.train``); prints the tables and writes ``gpu.json``. ``device`` is normally a GPU;
     the tests pass a CPU device, so that every step runs where there is no GPU.
     """
-    output.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     results: dict[str, Any] = {
         "device": str(device.device_kind),
@@ -441,7 +439,7 @@ def gpu_suite(
     )
     results["train"] = {"command": command, **row}
     results["seconds"] = time.perf_counter() - started
-    (output / "gpu.json").write_text(json.dumps(results, indent=2))
+    workdirs.write_output(output / "gpu.json", json.dumps(results, indent=2))
     print(f"\nwrote {output / 'gpu.json'} ({results['seconds']:.0f} s in all)")
     return results
 
@@ -492,7 +490,6 @@ FIGURE1_COLUMNS = [
 
 def run(sizes: Sizes, output: pathlib.Path, peak_gflops: float) -> dict:
     """The whole suite: prints its tables and writes ``bench.json`` and ``bench.png`` to ``output``."""
-    output.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {
         "device": str(jax.devices()[0].device_kind),
         "platform": jax.default_backend(),
@@ -516,7 +513,7 @@ def run(sizes: Sizes, output: pathlib.Path, peak_gflops: float) -> dict:
     results["scaling"] = scaling(sizes, peak_gflops)
     for name, rows in results["scaling"].items():
         print(f"\nCNMF+1x1 against {name}:\n" + _table(rows, SCALING_COLUMNS), flush=True)
-    (output / "bench.json").write_text(json.dumps(results, indent=2))
+    workdirs.write_output(output / "bench.json", json.dumps(results, indent=2))
     plots.plot_bench(results, output / "bench.png")
     print(f"\nwrote {output / 'bench.json'} and {output / 'bench.png'}")
     return results
@@ -548,6 +545,8 @@ def main(argv: list[str] | None = None) -> None:
     output = pathlib.Path(args.output)
     if output.exists() and not output.is_dir():
         cli.fail(f"--output {output} is a file; give a folder for bench.json and bench.png.")
+    with cli.exit_on_errors(), workdirs.storage_errors(output, "Choose another --output."):
+        output.mkdir(parents=True, exist_ok=True)  # before minutes of measuring
     with cli.exit_on_errors():
         if args.gpu:
             gpu = _gpus()[0]

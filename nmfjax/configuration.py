@@ -182,6 +182,12 @@ def validate_config(config: ml_collections.ConfigDict, device_count: int | None 
         nnx.eval_shape(lambda: models.Network(spec, rngs=nnx.Rngs(0)))
     except (TypeError, ValueError) as error:
         raise ConfigError(str(error)) from None
+    if config.num_train_examples is not None and config.num_train_examples < config.batch_size:
+        raise ConfigError(
+            f"config.num_train_examples={config.num_train_examples} is smaller than config.batch_size="
+            f"{config.batch_size}: an epoch would have no step. Train on at least {config.batch_size} examples, "
+            "or lower config.batch_size."
+        )
     devices = device_count or jax.device_count()
     for name in ("batch_size", "eval_batch_size"):
         if config[name] % devices:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import pathlib
 import socket
 from collections.abc import Iterator
 
@@ -25,7 +26,7 @@ import tensorflow_datasets as tfds
 from absl import logging as absl_logging
 from tqdm.auto import tqdm
 
-from nmfjax.errors import ConfigError, DatasetUnavailableError, describe
+from nmfjax.errors import ConfigError, DatasetUnavailableError, causes, describe
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,22 +75,12 @@ _NO_NETWORK = (
 )
 
 
-def _causes(error: BaseException) -> Iterator[BaseException]:
-    """``error`` and the exceptions it was raised from, outermost first."""
-    seen = set()
-    cause: BaseException | None = error
-    while cause is not None and id(cause) not in seen:
-        seen.add(id(cause))
-        yield cause
-        cause = cause.__cause__ or cause.__context__
-
-
 def _download_failure(name: str, where: str, error: Exception) -> DatasetUnavailableError:
     """The error for a failed download and preparation, naming its real cause."""
     offline = f"offline, set --config.data_dir to a TFDS data directory that already holds {name}"
     if name == "cifar10":
         offline += " (the CIFAR-10 subset beside this repository: --config.data_dir=../shared/tfds)"
-    for cause in _causes(error):
+    for cause in causes(error):
         if isinstance(cause, ModuleNotFoundError):
             return DatasetUnavailableError(
                 f"downloading and preparing {name!r} into {where} needs the Python module {cause.name!r}, "
@@ -172,6 +163,21 @@ def _read_records(source, keys: range) -> list[dict]:
         return [source[key] for key in keys]
 
 
+def _damaged(name: str, split: str, source, error: Exception) -> DatasetUnavailableError:
+    """The error for a split whose files cannot be read back (overwritten bytes, a cut-off copy)."""
+    info = getattr(source, "dataset_info", None)
+    files = [str(path) for path in info.splits[split].filepaths] if info is not None else []
+    version = pathlib.Path(files[0]).parent if files else None
+    where = ", ".join(files) if files else f"the {name} data directory"
+    remedy = (
+        f"Move {version} aside (mv {version} {version}.damaged) and rerun with --config.download=True, which "
+        f"downloads and prepares {name} again, or copy an intact {version.name} there"
+        if version is not None
+        else "Prepare the dataset again into a new data directory (--config.data_dir=NEW_DIR --config.download=True)"
+    )
+    return DatasetUnavailableError(f"the {split} split of {name!r} is damaged: {where} ({describe(error)}). {remedy}.")
+
+
 def load_split(
     name: str,
     split: str,
@@ -199,7 +205,12 @@ def load_split(
     with tqdm(total=count, desc=f"decoding {name} {split}", unit="img", leave=False) as bar:
         # Reads in chunks: one read of many records is about twice as fast as one read per record.
         for first in range(0, count, DECODE_CHUNK):
-            records += _read_records(source, range(first, min(first + DECODE_CHUNK, count)))
+            try:
+                records += _read_records(source, range(first, min(first + DECODE_CHUNK, count)))
+            except RuntimeError as error:  # array_record's reader: "Corrupted Riegeli/records file: ..."
+                if "Riegeli" not in str(error):
+                    raise
+                raise _damaged(name, split, source, error) from None
             bar.update(len(records) - bar.n)
     images = np.stack([record["image"] for record in records]).astype(np.uint8)
     return Split(images, np.asarray([record["label"] for record in records], np.int32))

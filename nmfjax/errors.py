@@ -10,7 +10,10 @@ file), so ``except ValueError`` keeps working.
 
 from __future__ import annotations
 
+import errno
+import re
 import signal
+from collections.abc import Iterator
 
 
 class UserError(Exception):
@@ -35,6 +38,45 @@ class TrainingDiverged(UserError, FloatingPointError):
 
 class WorkdirError(UserError):
     """A workdir that does not fit the run: another config, or no checkpoint that can be restored."""
+
+
+class StorageError(UserError, OSError):
+    """A file could not be written because of where it goes: a full disk, a read-only file system."""
+
+
+def causes(error: BaseException) -> Iterator[BaseException]:
+    """``error`` and the exceptions it was raised from, outermost first."""
+    seen = set()
+    cause: BaseException | None = error
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        yield cause
+        cause = cause.__cause__ or cause.__context__
+
+
+# The failed writes that the storage causes, not the program: what each one means for the user.
+_STORAGE_PROBLEMS = {
+    errno.ENOSPC: "the disk is full",
+    errno.EDQUOT: "the disk quota is used up",
+    errno.EFBIG: "the file would exceed the size limit for files",
+    errno.EROFS: "the file system is read-only",
+    errno.EACCES: "permission is denied",
+    errno.EPERM: "the operation is not permitted",
+}
+_OS_ERROR_CODE = re.compile(r"os_error_code='?(\d+)")  # how TensorStore (orbax's writer) names the errno
+
+
+def storage_problem(error: BaseException) -> str | None:
+    """What a failed write says about its storage (``"the disk is full"``, ...), or None when the
+    failure is not the storage's. Reads ``OSError.errno`` and the errno TensorStore puts in its messages.
+    """
+    for cause in causes(error):
+        code = cause.errno if isinstance(cause, OSError) else None
+        match = _OS_ERROR_CODE.search(str(cause))
+        code = code if code in _STORAGE_PROBLEMS else int(match.group(1)) if match else None
+        if code in _STORAGE_PROBLEMS:
+            return _STORAGE_PROBLEMS[code]
+    return None
 
 
 def describe(error: BaseException) -> str:

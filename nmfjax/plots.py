@@ -15,6 +15,7 @@ backend and needs no display.
 from __future__ import annotations
 
 import argparse
+import io
 import itertools
 import math
 import pathlib
@@ -28,16 +29,15 @@ from matplotlib.figure import Figure
 
 from nmfjax import cli
 from nmfjax.errors import MissingFileError
-from nmfjax.workdirs import read_metrics
+from nmfjax.workdirs import read_metrics, write_output
 
 
 def save_figure(figure: Figure, output: str | pathlib.Path) -> pathlib.Path:
-    """Lays out ``figure`` and writes it as PNG to ``output`` (creating its folder)."""
-    output = pathlib.Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
+    """Lays out ``figure`` and writes it as PNG to ``output`` (atomically, creating its folder)."""
     figure.tight_layout()
-    figure.savefig(output, dpi=120)
-    return output
+    picture = io.BytesIO()
+    figure.savefig(picture, format="png", dpi=120)
+    return write_output(output, picture.getvalue())
 
 
 def _colors():

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import io
 import math
-import os
 import pathlib
 import signal
 import sys
@@ -348,15 +348,12 @@ def export_network(
     """
     workdir, output = pathlib.Path(workdir), pathlib.Path(output)
     _, _, state, epoch = load_checkpoint(workdir, step)
-    output.mkdir(parents=True, exist_ok=True)
     for name in ("config.json", "metrics.jsonl"):
-        workdirs.write_atomically(output / name, (workdir / name).read_text())
-    partial = output / f".{EXPORTED_WEIGHTS}.partial"
-    with open(partial, "wb") as weights_file:
-        arrays: dict[str, Any] = {"epoch": np.int32(epoch), **_flat_arrays(state)}
-        np.savez(weights_file, **arrays)
-    os.replace(partial, output / EXPORTED_WEIGHTS)
-    return output / EXPORTED_WEIGHTS
+        workdirs.write_output(output / name, (workdir / name).read_text())
+    weights = io.BytesIO()
+    arrays: dict[str, Any] = {"epoch": np.int32(epoch), **_flat_arrays(state)}
+    np.savez(weights, **arrays)
+    return workdirs.write_output(output / EXPORTED_WEIGHTS, weights.getvalue())
 
 
 def _load_exported(directory: pathlib.Path, step: int | str | None, initial: TrainState) -> tuple[TrainState, int]:
@@ -439,7 +436,7 @@ def _restore_checkpoint(
                 else f"no checkpoint in {workdir / 'checkpoints'}: train with train.py first."
             )
         try:
-            with workdirs.quiet_restore():
+            with workdirs.quiet_failure():
                 restored = manager.restore(epoch, args=_restore_args(initial, 0))
         except Exception as error:  # orbax and tensorstore raise many types for unreadable data
             raise WorkdirError(
@@ -491,16 +488,21 @@ def train_and_evaluate(
             workdirs.start_over(workdir)
         workdirs.check_same_run(workdir, config)
         if is_main_process:
-            workdir.mkdir(parents=True, exist_ok=True)
-            workdirs.write_atomically(workdir / "config.json", config.to_json_best_effort(indent=2) + "\n")
+            with workdirs.storage_errors(workdir / "config.json", "Free space, or train into another --workdir."):
+                workdirs.write_atomically(workdir / "config.json", config.to_json_best_effort(indent=2) + "\n")
 
         trainer = Trainer(config, spec, parallel.data_mesh())
         manager = workdirs.checkpoint_manager(workdir, config.checkpoints_to_keep)
         try:
-            return _train(config, workdir, trainer, manager, signals, is_main_process)
-        finally:
-            manager.wait_until_finished()  # a save in progress completes before the process ends
-            manager.close()
+            row = _train(config, workdir, trainer, manager, signals, is_main_process)
+        except BaseException:
+            # The run's own error is the one to report, not what finishing a failed save says again.
+            with contextlib.suppress(Exception), workdirs.quiet_failure():
+                manager.wait_until_finished()
+                manager.close()
+            raise
+        manager.close()
+        return row
 
 
 @contextlib.contextmanager
@@ -568,6 +570,11 @@ def _train(
         config.dataset, "train", data_dir=config.data_dir, download=config.download, limit=config.num_train_examples
     )
     test = data.load_split(config.dataset, "test", data_dir=config.data_dir, download=config.download)
+    if len(train) < config.batch_size:
+        raise ConfigError(
+            f"the train split of {config.dataset!r} holds {len(train)} examples, fewer than config.batch_size="
+            f"{config.batch_size}: an epoch would have no step. Lower config.batch_size, or use a larger dataset."
+        )
     check_stop()
     train_images, train_labels = trainer.put_replicated(train.images), trainer.put_replicated(train.labels)
     test_images, test_labels = trainer.put_replicated(test.images), trainer.put_replicated(test.labels)
@@ -582,11 +589,7 @@ def _train(
             flush=True,
         )
 
-    writer: Any = None
-    if is_main_process:
-        from tensorboardX import SummaryWriter  # TensorFlow-free event writer
-
-        writer = SummaryWriter(str(workdir / "tensorboard"))
+    scalars = workdirs.ScalarLog(workdir / "tensorboard") if is_main_process else None
     row: dict[str, Any] = {}
     max_rate = max(config.learning_rates[group] for group in models.PARAMETER_GROUPS)
     try:
@@ -617,18 +620,26 @@ def _train(
                 "epoch_seconds": time.perf_counter() - epoch_start,
             }
             # The row goes into the checkpoint too, so that a crash between the two writes loses nothing.
-            manager.save(
-                epoch, args=ocp.args.StandardSave({"state": state, "epoch": epoch, "seed": config.seed}), metrics=row
-            )
+            with workdirs.saving_checkpoint(manager, epoch, completed, state):
+                manager.save(
+                    epoch,
+                    args=ocp.args.StandardSave({"state": state, "epoch": epoch, "seed": config.seed}),
+                    metrics=row,
+                )
+                manager.wait_until_finished()  # a write that fails is reported now, for this epoch
             completed = epoch
             if is_main_process:
-                workdirs.append_metrics(workdir, row)
-                for name, value in row.items():
-                    if name != "epoch" and isinstance(value, float) and math.isfinite(value):
-                        writer.add_scalar(name, value, epoch)
-                writer.flush()
+                remedy = (
+                    f"The checkpoint of epoch {epoch} is complete and holds the epoch's metrics: free space and rerun "
+                    f"the same command, which resumes after epoch {epoch} and writes its row to metrics.jsonl."
+                )
+                with workdirs.storage_errors(workdir / "metrics.jsonl", remedy):
+                    workdirs.append_metrics(workdir, row)
+                assert scalars is not None
+                with workdirs.storage_errors(scalars.directory, f"{remedy} (TensorBoard will lack epoch {epoch}.)"):
+                    scalars.add(row, epoch)
                 print(_format_epoch(row, config.num_epochs), flush=True)
     finally:
-        if writer is not None:
-            writer.close()
+        if scalars is not None:
+            scalars.close()
     return row

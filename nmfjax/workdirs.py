@@ -15,6 +15,7 @@ import datetime
 import fcntl
 import gc
 import json
+import math
 import os
 import pathlib
 import shutil
@@ -22,24 +23,56 @@ import socket
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
+import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
 from nmfjax.configuration import RESUMABLE_FIELDS, config_differences
-from nmfjax.errors import WorkdirError, describe
+from nmfjax.errors import StorageError, WorkdirError, describe, storage_problem
 
 DAMAGED_CHECKPOINTS = "damaged_checkpoints"  # where checkpoints that cannot be restored are moved
 _COMMIT_MARKER = "commit_success.txt"  # orbax writes it last, on every file system
 
 
-def write_atomically(path: pathlib.Path, text: str) -> None:
-    """Replaces ``path`` in one rename, so a crash leaves the old or the new file, never half of one."""
+@contextlib.contextmanager
+def storage_errors(path: str | pathlib.Path, remedy: str) -> Iterator[None]:
+    """Reports a write to ``path`` that failed because of its storage (a full disk, a read-only
+    file system, no permission) as a :class:`~nmfjax.errors.StorageError` naming the path, the
+    problem and ``remedy``; other errors pass unchanged.
+    """
+    try:
+        yield
+    except Exception as error:
+        problem = storage_problem(error)
+        if problem is None:
+            raise
+        raise StorageError(f"writing {path} failed: {problem} ({describe(error)}). {remedy}") from None
+
+
+def write_atomically(path: pathlib.Path, content: str | bytes) -> None:
+    """Replaces ``path`` in one rename, so a crash or a full disk leaves the old or the new file,
+    never half of one (the partial file is removed).
+    """
     partial = path.with_name(f".{path.name}.partial")
-    partial.write_text(text)
-    os.replace(partial, path)
+    try:
+        partial.write_bytes(content.encode() if isinstance(content, str) else content)
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+def write_output(path: str | pathlib.Path, content: str | bytes) -> pathlib.Path:
+    """Writes a command's output file atomically (creating its folder); a full disk or a read-only
+    place is a :class:`~nmfjax.errors.StorageError`. Returns the path.
+    """
+    path = pathlib.Path(path)
+    with storage_errors(path, "Free space or choose another --output, and run the command again."):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomically(path, content)
+    return path
 
 
 def _replaced_name(workdir: pathlib.Path) -> pathlib.Path:
@@ -69,10 +102,12 @@ def locked(workdir: pathlib.Path) -> Iterator[None]:
       WorkdirError: another run holds the workdir, naming it and the remedies.
     """
     _check_is_directory(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
     path = workdir / LOCK
+    remedy = "Train into a directory that is writable and has room (--workdir)."
     while True:
-        descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        with storage_errors(path, remedy):
+            workdir.mkdir(parents=True, exist_ok=True)
+            descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -100,8 +135,9 @@ def locked(workdir: pathlib.Path) -> Iterator[None]:
                 flush=True,
             )
         started = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
-        os.ftruncate(descriptor, 0)
-        os.write(descriptor, json.dumps({"host": host, "pid": os.getpid(), "started": started}).encode())
+        with storage_errors(path, remedy):
+            os.ftruncate(descriptor, 0)
+            os.write(descriptor, json.dumps({"host": host, "pid": os.getpid(), "started": started}).encode())
         try:
             yield
         finally:
@@ -197,32 +233,45 @@ def _unfinished(step_directory: pathlib.Path) -> str | None:
 
 
 @contextlib.contextmanager
-def quiet_restore() -> Iterator[None]:
-    """Silences what a failed restore leaves behind: tensorstore's reader threads report dozens of
-    "Event loop is closed" errors, to file descriptor 2 and to ``sys.unraisablehook``, for a moment after
-    the exception. Both go to a sink while a checkpoint is tried; the exception itself is reported.
+def quiet_failure(is_reported: Callable[[BaseException], bool] = lambda error: True) -> Iterator[None]:
+    """Keeps what orbax and TensorStore print about a failure they raise off the terminal.
+
+    When a restore or a save fails, their threads log the error with tracebacks and, for a
+    moment after the exception, report dozens of "Event loop is closed" errors, to file
+    descriptor 2 and to ``sys.unraisablehook``. Both go to a sink while the block runs. If it
+    ends normally, or with an error ``is_reported`` rejects (it will not become one line),
+    what was held is written to stderr after all; if it ends with an error that is reported,
+    the sink is dropped once it has stopped growing (at most a few seconds).
     """
     sys.stderr.flush()
     saved_descriptor, saved_hook = os.dup(2), sys.unraisablehook
     with tempfile.TemporaryFile() as sink:
         os.dup2(sink.fileno(), 2)
         sys.unraisablehook = lambda unraisable: None
+        held_back = True
         try:
             yield
-        except Exception:
-            # Wait until the reader threads are quiet (the sink stops growing), at most a few seconds, and
-            # collect the failed read tasks, whose "exception was never retrieved" reports go to the sink too.
-            size, deadline = -1, time.monotonic() + 5
-            while os.fstat(sink.fileno()).st_size != size and time.monotonic() < deadline:
-                size = os.fstat(sink.fileno()).st_size
-                time.sleep(0.2)
-                gc.collect()
+        except Exception as error:
+            held_back = is_reported(error)
+            if held_back:
+                # Wait until the threads are quiet (the sink stops growing), and collect the failed
+                # tasks, whose "exception was never retrieved" reports go to the sink too.
+                size, deadline = -1, time.monotonic() + 5
+                while os.fstat(sink.fileno()).st_size != size and time.monotonic() < deadline:
+                    size = os.fstat(sink.fileno()).st_size
+                    time.sleep(0.2)
+                    gc.collect()
             raise
+        else:
+            held_back = False
         finally:
             sys.stderr.flush()
             sys.unraisablehook = saved_hook
             os.dup2(saved_descriptor, 2)
             os.close(saved_descriptor)
+            if not held_back:
+                sink.seek(0)
+                os.write(2, sink.read())
 
 
 def _set_aside(step_directory: pathlib.Path, workdir: pathlib.Path) -> pathlib.Path:
@@ -262,7 +311,7 @@ def restore_newest(
         problem = _unfinished(step_directory)
         if problem is None:
             try:
-                with quiet_restore():
+                with quiet_failure():
                     restored = manager.restore(step, args=args)
                 break
             except Exception as error:  # orbax and tensorstore raise many types for unreadable data
@@ -279,6 +328,70 @@ def restore_newest(
     if set_aside:
         manager.reload()
     return restored, set_aside
+
+
+@contextlib.contextmanager
+def saving_checkpoint(manager: ocp.CheckpointManager, epoch: int, completed: int, state: Any) -> Iterator[None]:
+    """Around the save of epoch ``epoch``'s checkpoint (``completed``: the last one saved): a save
+    the storage makes fail (a full disk, ...) is a :class:`~nmfjax.errors.StorageError` saying
+    what it needed, with the partial checkpoint removed and nothing else touched.
+    """
+    try:
+        with quiet_failure(lambda error: storage_problem(error) is not None):
+            yield
+    except Exception as error:
+        problem = storage_problem(error)
+        if problem is None:
+            raise
+        directory = pathlib.Path(manager.directory)
+        for partial in directory.glob(f"{epoch}.orbax-checkpoint-tmp*"):
+            shutil.rmtree(partial, ignore_errors=True)
+        needed = sum(getattr(leaf, "nbytes", 0) for leaf in jax.tree.leaves(state)) / 1e6
+        free = shutil.disk_usage(directory).free / 1e6
+        kept = f"the checkpoint of epoch {completed}" if completed else "no earlier checkpoint"
+        resume = f"resumes after epoch {completed}" if completed else "starts from the first epoch"
+        raise StorageError(
+            f"saving the checkpoint of epoch {epoch} in {directory} failed: {problem} (it needs about "
+            f"{needed:.1f} MB; {free:.1f} MB are free now). Nothing is lost: {kept} and metrics.jsonl are as they "
+            f"were. Free space (or move the workdir elsewhere) and rerun the same command: it {resume}."
+        ) from None
+
+
+class ScalarLog:
+    """A run's TensorBoard scalars in ``directory`` (tensorboardX's event files, no TensorFlow).
+
+    Each epoch's row is written and flushed before :meth:`add` returns, in the
+    calling thread: a full disk raises here, instead of killing the writer thread
+    of ``tensorboardX.SummaryWriter``, which then blocks the run.
+    """
+
+    def __init__(self, directory: pathlib.Path):
+        from tensorboardX.event_file_writer import EventsWriter
+
+        self.directory = directory
+        with storage_errors(directory, "Free space, or train into another --workdir."):
+            directory.mkdir(parents=True, exist_ok=True)
+            self._writer = EventsWriter(str(directory / "events"))
+
+    def add(self, row: Mapping[str, Any], step: int) -> None:
+        """One event with every finite float of ``row`` (but ``epoch``) as a scalar at ``step``."""
+        from tensorboardX import summary
+        from tensorboardX.proto import event_pb2
+
+        values = [
+            value
+            for name, number in row.items()
+            if name != "epoch" and isinstance(number, float) and math.isfinite(number)
+            for value in summary.scalar(name, number).value
+        ]
+        event = event_pb2.Event(wall_time=time.time(), step=step, summary=summary.Summary(value=values))
+        self._writer.write_event(event)
+        self._writer.flush()
+
+    def close(self) -> None:
+        """Closes the event file (errors closing it are not the run's: its events are flushed)."""
+        with contextlib.suppress(OSError):
+            self._writer.close()
 
 
 def read_metrics(workdir: str | pathlib.Path) -> list[dict[str, Any]]:

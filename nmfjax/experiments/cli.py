@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from nmfjax import cli, configuration, data, plots, training
+from nmfjax import cli, configuration, data, plots, training, workdirs
 from nmfjax.errors import ConfigError
 from nmfjax.experiments import compare, gradients, iterations, noise, pictures, sweep
 from nmfjax.experiments.common import Trained, initialised, load_test_split, load_trained, write_json
@@ -150,11 +150,9 @@ def _command_compare(args) -> None:
     comparison = compare.compare_runs(args.workdirs)
     output = _output_dir(args)
     table = compare.markdown_table(comparison)
-    data_path = write_json(comparison, output / "compare.json")
-    (output / "compare.md").write_text(table)
     _report(
-        data_path,
-        output / "compare.md",
+        write_json(comparison, output / "compare.json"),
+        workdirs.write_output(output / "compare.md", table),
         plots.plot_comparison(comparison, output / "figure5.png"),
         plots.plot_learning_curves(args.workdirs, output / "learning_curves.png"),
     )

@@ -11,7 +11,7 @@ from typing import Any
 import ml_collections
 from flax import nnx
 
-from nmfjax import configuration, data, evaluation, models, parallel, training
+from nmfjax import configuration, data, evaluation, models, parallel, training, workdirs
 
 
 @dataclasses.dataclass
@@ -86,7 +86,5 @@ def evaluator(model: models.Network, split: data.Split, *, batch_size: int) -> C
 
 
 def write_json(payload: Any, output: pathlib.Path) -> pathlib.Path:
-    """Writes an analysis's results as indented JSON (creating the folder); returns the path."""
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(payload, indent=2) + "\n")
-    return output
+    """Writes an analysis's results as indented JSON (atomically, creating the folder); returns the path."""
+    return workdirs.write_output(output, json.dumps(payload, indent=2) + "\n")
