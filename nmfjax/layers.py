@@ -9,6 +9,7 @@ own learning rate.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
@@ -80,16 +81,30 @@ class NMFDense(nnx.Module):
         return ops.positive_weights(self.kernel[...])
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        """``(..., in_features)`` non-negative -> ``(..., out_features)``: :func:`nmfjax.ops.nmf` of each row."""
-        chex.assert_axis_dimension(
-            x,
-            -1,
-            self.in_features,
-            custom_message=f"NMFDense expects inputs with in_features={self.in_features} on the last axis, "
-            f"got shape {x.shape}.",
-            exception_type=ValueError,
-        )
-        return ops.nmf(ops.l1_normalize(x), self.nmf_weights(), self.options)
+        """``(..., in_features)`` non-negative -> ``(..., out_features)``: :func:`nmf_dense` of each row."""
+        return nmf_dense(x, self.kernel[...], self.options)
+
+
+def nmf_dense(x: jax.Array, kernel: jax.Array, options: ops.NMFOptions) -> jax.Array:
+    """Dense NMF: ``nmf(x / sum(x), positive_weights(kernel))`` over the last axis.
+
+    Args:
+      x: ``(..., S)`` non-negative input.
+      kernel: the raw weight ``u``, ``(S, I)``.
+      options: the op's options.
+
+    Returns:
+      ``(..., I)``, non-negative and summing to one.
+    """
+    chex.assert_axis_dimension(
+        x,
+        -1,
+        kernel.shape[0],
+        custom_message=f"NMFDense expects inputs with in_features={kernel.shape[0]} on the last axis, "
+        f"got shape {x.shape}.",
+        exception_type=ValueError,
+    )
+    return ops.nmf(ops.l1_normalize(x), ops.positive_weights(kernel), options)
 
 
 def _pair(name: str, value: int | Sequence[int]) -> tuple[int, int]:
@@ -154,13 +169,107 @@ def extract_patches(
     return jnp.stack(rows, axis=3)
 
 
+@dataclasses.dataclass(frozen=True)
+class PatchGeometry:
+    """How a patch-wise layer sees its NHWC input: every output position takes its
+    ``k x k`` patch (stride, padding and dilation as for a convolution) and
+    L1-normalises it. With ``feature_group_count = G`` the input channels and the
+    outputs split into ``G`` groups with separate weights; each group's part of the
+    patch is normalised on its own. Kernels have Flax's convolution layout
+    ``(kh, kw, C / G, I)``. Build it with :meth:`of`, which checks the values;
+    the Flax NNX layers here and those of :mod:`nmfjax.linen` share it.
+    """
+
+    in_features: int
+    out_features: int
+    kernel_size: tuple[int, int]
+    strides: tuple[int, int]
+    padding: str | tuple[tuple[int, int], ...]
+    kernel_dilation: tuple[int, int]
+    feature_group_count: int
+
+    @classmethod
+    def of(
+        cls,
+        in_features: int,
+        out_features: int,
+        kernel_size: int | Sequence[int],
+        strides: int | Sequence[int] = 1,
+        padding: PaddingLike = "VALID",
+        kernel_dilation: int | Sequence[int] = 1,
+        feature_group_count: int = 1,
+    ) -> PatchGeometry:
+        """The geometry of a layer's arguments, as ``nnx.Conv`` takes them (ints or pairs)."""
+        check_positive_int("in_features", in_features)
+        check_positive_int("out_features", out_features)
+        check_positive_int("feature_group_count", feature_group_count)
+        if in_features % feature_group_count or out_features % feature_group_count:
+            raise ValueError(
+                f"feature_group_count={feature_group_count} must divide in_features={in_features} and "
+                f"out_features={out_features}."
+            )
+        return cls(
+            in_features,
+            out_features,
+            _pair("kernel_size", kernel_size),
+            _pair("strides", strides),
+            _padding_pairs(padding),
+            _pair("kernel_dilation", kernel_dilation),
+            feature_group_count,
+        )
+
+    @property
+    def kernel_shape(self) -> tuple[int, int, int, int]:
+        """``(kh, kw, C / G, I)``."""
+        return (*self.kernel_size, self.in_features // self.feature_group_count, self.out_features)
+
+    def patches(self, x: jax.Array, layer: str = "the layer") -> jax.Array:
+        """``(B, H, W, C)`` -> ``(B, H', W', G, kh * kw * C/G)``: each output position's patch
+        split into the groups' parts, not normalised (a linear map of ``x``).
+        """
+        message = f"{layer} expects NHWC inputs with in_features={self.in_features} channels, got shape {x.shape}."
+        chex.assert_rank(x, 4, custom_message=message, exception_type=ValueError)
+        chex.assert_axis_dimension(x, -1, self.in_features, custom_message=message, exception_type=ValueError)
+        patches = extract_patches(x, self.kernel_size, self.strides, self.padding, self.kernel_dilation)
+        groups = self.feature_group_count
+        if groups > 1:  # (..., kh, kw, C) -> (..., G, kh, kw, C/G)
+            patches = jnp.moveaxis(patches.reshape(*patches.shape[:-1], groups, -1), -2, -4)
+        return patches.reshape(*patches.shape[:3], groups, -1)
+
+    def grouped(self, kernel: jax.Array) -> jax.Array:
+        """``(kh, kw, C/G, I)`` -> ``(G, kh * kw * C/G, I/G)``, rows in the patch order ``(dy, dx, c)``."""
+        groups = self.feature_group_count
+        kernel = kernel.reshape(-1, groups, self.out_features // groups)
+        return jnp.transpose(kernel, (1, 0, 2))
+
+    def merge_groups(self, y: jax.Array) -> jax.Array:
+        """``(..., G, I/G)`` -> ``(..., I)``."""
+        return y.reshape(*y.shape[:-2], self.out_features)
+
+
+def nmf_conv(x: jax.Array, kernel: jax.Array, geometry: PatchGeometry, options: ops.NMFOptions) -> jax.Array:
+    """Convolutional NMF (paper section 2.4.1): the NMF op on every L1-normalised patch, per group.
+
+    Args:
+      x: ``(B, H, W, C)`` non-negative input.
+      kernel: the raw weight ``u``, ``geometry.kernel_shape``; the op uses ``positive_weights(u)``.
+      geometry: the patches and groups.
+      options: the op's options.
+
+    Returns:
+      ``(B, H', W', I)``.
+    """
+    patches = ops.l1_normalize(geometry.patches(x, "NMFConv"))
+    weights = geometry.grouped(ops.positive_weights(kernel))
+    if geometry.feature_group_count == 1:  # vmap over one group would only add transposes
+        return ops.nmf(patches[..., 0, :], weights[0], options)
+    group_nmf = jax.vmap(lambda p, w: ops.nmf(p, w, options), in_axes=(-2, 0), out_axes=-2)
+    return geometry.merge_groups(group_nmf(patches, weights))
+
+
 class _PatchLayer(nnx.Module):
-    """Patch geometry shared by the patch-wise layers: every output position takes
-    its ``k x k`` patch of an NHWC input (stride, padding and dilation as for a
-    convolution) and L1-normalises it. With ``feature_group_count = G`` the input
-    channels and outputs split into ``G`` groups with separate weights; each
-    group's part of the patch is normalised on its own. ``kernel`` has Flax's
-    convolution layout ``(kh, kw, C / G, I)``.
+    """The patch geometry of the NNX patch-wise layers (:class:`PatchGeometry`); its fields are
+    attributes of the layer too (``kernel_size``, ``feature_group_count``, ...).
     """
 
     def _init_patches(
@@ -173,50 +282,20 @@ class _PatchLayer(nnx.Module):
         kernel_dilation: int | Sequence[int],
         groups: int,
     ) -> tuple[int, ...]:
-        check_positive_int("in_features", in_features)
-        check_positive_int("out_features", out_features)
-        check_positive_int("feature_group_count", groups)
-        if in_features % groups or out_features % groups:
-            raise ValueError(
-                f"feature_group_count={groups} must divide in_features={in_features} and out_features={out_features}."
-            )
-        self.in_features = in_features
-        self.out_features = out_features
-        self.kernel_size = _pair("kernel_size", kernel_size)
-        self.strides = _pair("strides", strides)
-        self.padding = _padding_pairs(padding)
-        self.kernel_dilation = _pair("kernel_dilation", kernel_dilation)
-        self.feature_group_count = groups
-        return (*self.kernel_size, in_features // groups, out_features)
+        self.geometry = PatchGeometry.of(
+            in_features, out_features, kernel_size, strides, padding, kernel_dilation, groups
+        )
+        geometry = self.geometry
+        self.in_features, self.out_features = geometry.in_features, geometry.out_features
+        self.kernel_size, self.strides, self.padding = geometry.kernel_size, geometry.strides, geometry.padding
+        self.kernel_dilation, self.feature_group_count = geometry.kernel_dilation, geometry.feature_group_count
+        return geometry.kernel_shape
 
     def grouped_patches(self, x: jax.Array) -> jax.Array:
         """``(B, H, W, C)`` -> ``(B, H', W', G, kh * kw * C/G)``: each output position's patch
         split into the groups' parts, not normalised (a linear map of ``x``).
         """
-        message = (
-            f"{type(self).__name__} expects NHWC inputs with in_features={self.in_features} channels, "
-            f"got shape {x.shape}."
-        )
-        chex.assert_rank(x, 4, custom_message=message, exception_type=ValueError)
-        chex.assert_axis_dimension(x, -1, self.in_features, custom_message=message, exception_type=ValueError)
-        patches = extract_patches(x, self.kernel_size, self.strides, self.padding, self.kernel_dilation)
-        groups = self.feature_group_count
-        if groups > 1:  # (..., kh, kw, C) -> (..., G, kh, kw, C/G)
-            patches = jnp.moveaxis(patches.reshape(*patches.shape[:-1], groups, -1), -2, -4)
-        return patches.reshape(*patches.shape[:3], groups, -1)
-
-    def _normalised_patches(self, x: jax.Array) -> jax.Array:
-        """:meth:`grouped_patches` with each group's patch summing to one."""
-        return ops.l1_normalize(self.grouped_patches(x))
-
-    def _grouped(self, kernel: jax.Array) -> jax.Array:
-        """``(kh, kw, C/G, I)`` -> ``(G, kh * kw * C/G, I/G)``, rows in the patch order ``(dy, dx, c)``."""
-        groups = self.feature_group_count
-        kernel = kernel.reshape(-1, groups, self.out_features // groups)
-        return jnp.transpose(kernel, (1, 0, 2))
-
-    def _merge_groups(self, y: jax.Array) -> jax.Array:
-        return y.reshape(*y.shape[:-2], self.out_features)
+        return self.geometry.patches(x, type(self).__name__)
 
 
 class NMFConv(_PatchLayer):
@@ -268,15 +347,11 @@ class NMFConv(_PatchLayer):
 
         Rows follow the patch order ``(dy, dx, c)`` of :func:`extract_patches`.
         """
-        return self._grouped(ops.positive_weights(self.kernel[...]))
+        return self.geometry.grouped(ops.positive_weights(self.kernel[...]))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """``(B, H, W, C)`` non-negative -> ``(B, H', W', features)``: the NMF of every patch, per group."""
-        patches, weights = self._normalised_patches(x), self.nmf_weights()
-        if self.feature_group_count == 1:  # vmap over one group would only add transposes
-            return ops.nmf(patches[..., 0, :], weights[0], self.options)
-        group_nmf = jax.vmap(lambda p, w: ops.nmf(p, w, self.options), in_axes=(-2, 0), out_axes=-2)
-        return self._merge_groups(group_nmf(patches, weights))
+        return nmf_conv(x, self.kernel[...], self.geometry, self.options)
 
     def reconstruct(self, x: jax.Array) -> jax.Array:
         """The input rebuilt from the layer's output: ``R = W h`` at every position.
@@ -330,5 +405,6 @@ class PatchConv(_PatchLayer):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """``(B, H, W, C) -> (B, H', W', features)``: each normalised patch times the kernel, per group."""
-        patches = self._normalised_patches(x)
-        return self._merge_groups(jnp.einsum("...gs,gsi->...gi", patches, self._grouped(self.kernel[...])))
+        patches = ops.l1_normalize(self.grouped_patches(x))
+        kernel = self.geometry.grouped(self.kernel[...])
+        return self.geometry.merge_groups(jnp.einsum("...gs,gsi->...gi", patches, kernel))
