@@ -372,7 +372,8 @@ class GPUSizes:
 
     models: tuple[str, ...]
     batch_sizes: tuple[int, ...]
-    precision_model: str
+    precision_model: str  # measured in each of ``precisions`` as well
+    precisions: tuple[str, ...]
     iterations: tuple[int, ...]
     problem_positions: int
     train: dict[str, Any]  # config overrides of the training run (CNMF+1x1, one epoch)
@@ -383,6 +384,7 @@ GPU_FULL = GPUSizes(
     models=("cnn", "cnmf", "cnn_1x1", "cnmf_1x1"),
     batch_sizes=(50, 500),
     precision_model="cnmf_1x1",
+    precisions=ops.PRECISIONS,
     iterations=PRECISION_ITERATIONS,
     problem_positions=28_800,  # block 1 of a batch of 50
     train={"num_train_examples": 10_000},
@@ -392,6 +394,7 @@ GPU_TINY = GPUSizes(
     models=("cnmf_1x1",),
     batch_sizes=(4,),
     precision_model="cnmf_1x1",
+    precisions=("float32", "tf32"),
     iterations=(2,),
     problem_positions=64,
     train={"num_train_examples": 20, "batch_size": 4, "eval_batch_size": 4, "model.nmf.iterations": 2},
@@ -423,7 +426,7 @@ def gpu_suite(
     )
     cases = [(model, batch, "float32") for model in sizes.models for batch in sizes.batch_sizes]
     cases += [
-        (sizes.precision_model, batch, p) for batch in sizes.batch_sizes for p in ops.PRECISIONS if p != "float32"
+        (sizes.precision_model, batch, p) for batch in sizes.batch_sizes for p in sizes.precisions if p != "float32"
     ]
     results["throughput"] = [
         measure_train_and_eval(model, batch, sizes.repeats, peak_gflops, precision=precision)

@@ -331,8 +331,9 @@ def export_network(
     """Writes a trained network to ``output`` in the exported format, which
     :func:`load_checkpoint` (and so every analysis of ``nmfjax.experiments``) reads like a workdir.
 
-    ``output`` receives ``config.json`` and ``metrics.jsonl`` (copies of the
-    workdir's) and :data:`EXPORTED_WEIGHTS`, a NumPy ``.npz`` archive with one
+    ``output`` receives ``config.json`` (the run's config, with ``data_dir``
+    cleared: a path on the machine that trained it), ``metrics.jsonl`` (a copy)
+    and :data:`EXPORTED_WEIGHTS`, a NumPy ``.npz`` archive with one
     float32 array per variable of the network, named by its path
     (``params/blocks/0/module_a/kernel``, ``batch_stats/blocks/0/norm_a/mean``,
     ...), and ``epoch``, the epoch they are from. Optimiser and plateau state
@@ -347,9 +348,10 @@ def export_network(
       The path of the weights file.
     """
     workdir, output = pathlib.Path(workdir), pathlib.Path(output)
-    _, _, state, epoch = load_checkpoint(workdir, step)
-    for name in ("config.json", "metrics.jsonl"):
-        workdirs.write_output(output / name, (workdir / name).read_text())
+    config, _, state, epoch = load_checkpoint(workdir, step)
+    config.data_dir = None  # a path on the machine that trained it; elsewhere tfds's default directory
+    workdirs.write_output(output / "config.json", config.to_json_best_effort(indent=2) + "\n")
+    workdirs.write_output(output / "metrics.jsonl", (workdir / "metrics.jsonl").read_text())
     weights = io.BytesIO()
     arrays: dict[str, Any] = {"epoch": np.int32(epoch), **_flat_arrays(state)}
     np.savez(weights, **arrays)

@@ -2,6 +2,7 @@
 
 import json
 import pathlib
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -301,7 +302,10 @@ def _adam_counts(state) -> set[int]:
 
 
 def test_an_exported_network_loads_and_evaluates_as_its_checkpoint(workdirs, mock_data, tmp_path, capsys):
-    workdir, exported = workdirs / "cnmf_1x1", tmp_path / "exported"
+    workdir, exported = tmp_path / "trained", tmp_path / "exported"
+    shutil.copytree(workdirs / "cnmf_1x1", workdir)  # trained on a machine whose data were in /data/tfds
+    config = json.loads((workdir / "config.json").read_text())
+    (workdir / "config.json").write_text(json.dumps({**config, "data_dir": "/data/tfds"}))
     experiments.main(["export", str(workdir), "--output", str(exported)])
     assert sorted(path.name for path in exported.iterdir()) == ["config.json", "metrics.jsonl", "weights.npz"]
     with np.load(exported / "weights.npz") as archive:
@@ -312,7 +316,7 @@ def test_an_exported_network_loads_and_evaluates_as_its_checkpoint(workdirs, moc
     assert (exported / "weights.npz").stat().st_size < 1_000_000
     _, original, original_state, _ = training.load_checkpoint(workdir, "latest")
     config, model, state, epoch = training.load_checkpoint(exported)
-    assert epoch == 2 and config.model.architecture == "cnmf_1x1"
+    assert epoch == 2 and config.model.architecture == "cnmf_1x1" and config.data_dir is None
     for ours, theirs in ((state.params, original_state.params), (state.batch_stats, original_state.batch_stats)):
         jax.tree.map(np.testing.assert_array_equal, jax.device_get(ours), jax.device_get(theirs))
     assert _adam_counts(state) == {0} and _adam_counts(original_state) == {4}  # no optimiser state: Adam starts afresh
