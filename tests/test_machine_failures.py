@@ -14,7 +14,7 @@ import subprocess
 
 import pytest
 
-from nmfjax import experiments
+from nmfjax import bench, experiments
 from tests.conftest import MOCK_DATA, ROOT, run_process, train_command
 from tests.test_cli import _assert_one_error_line
 
@@ -72,13 +72,18 @@ def test_a_disk_that_fills_during_a_save_loses_nothing_and_the_rerun_ends_as_an_
         assert _rows(workdir) == _rows(tmp_path / "uninterrupted")
 
 
-def test_a_read_only_workdir_is_one_line(tmp_path):
+def test_a_read_only_workdir_is_one_line_and_the_benchmark_says_so_before_measuring(tmp_path, capsys):
     with _tmpfs(tmp_path / "disk", "1m") as disk:
         (disk / "run").mkdir()
         subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
         child = _train(disk / "run", tmp_path / "logs", "--config.num_epochs=1")
+        with pytest.raises(SystemExit) as raised:
+            bench.main(["--tiny", "--output", str(disk / "bench")])
     _assert_one_error_line(child, "the file system is read-only")
     assert "run/lock failed" in child.stderr and "--workdir" in child.stderr
+    assert raised.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: writing ") and "read-only" in err and "Choose another --output" in err, err
 
 
 @pytest.fixture
