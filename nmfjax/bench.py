@@ -44,6 +44,7 @@ import platform
 import statistics
 import tempfile
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -271,16 +272,22 @@ def figure1(sizes: Sizes) -> list[dict]:
     return rows
 
 
-def scaling(sizes: Sizes, peak_gflops: float) -> dict[str, list[dict]]:
-    """CNMF+1x1 throughput against N (at a middle batch size) and against the batch size (N = 20)."""
+def scaling(sizes: Sizes, peak_gflops: float, measured: Sequence[dict] = ()) -> dict[str, list[dict]]:
+    """CNMF+1x1 throughput against N (at a middle batch size) and against the batch size (N = 20).
+
+    A row of ``measured`` with the same model, batch size, N and device count is reused, not measured again.
+    """
+    known = {(row["model"], row["batch_size"], row["iterations"], row["devices"]): row for row in measured}
+
+    def measure(batch_size: int, iterations: int = 20) -> dict:
+        devices = parallel.largest_dividing_count(jax.device_count(), (batch_size,))
+        row = known.get(("cnmf_1x1", batch_size, iterations, devices))
+        return row or measure_train_and_eval("cnmf_1x1", batch_size, sizes.repeats, peak_gflops, iterations, devices)
+
     batch = sizes.scaling_batch_sizes[len(sizes.scaling_batch_sizes) // 2]
     return {
-        "iterations": [
-            measure_train_and_eval("cnmf_1x1", batch, sizes.repeats, peak_gflops, n) for n in sizes.scaling_iterations
-        ],
-        "batch_size": [
-            measure_train_and_eval("cnmf_1x1", b, sizes.repeats, peak_gflops) for b in sizes.scaling_batch_sizes
-        ],
+        "iterations": [measure(batch, n) for n in sizes.scaling_iterations],
+        "batch_size": [measure(b) for b in sizes.scaling_batch_sizes],
     }
 
 
@@ -513,7 +520,7 @@ def run(sizes: Sizes, output: pathlib.Path, peak_gflops: float) -> dict:
     print("\nThroughput (N=20):\n" + _table(results["throughput"], THROUGHPUT_COLUMNS), flush=True)
     results["figure1"] = figure1(sizes)
     print("\nFigure 1 (backward of the whole network):\n" + _table(results["figure1"], FIGURE1_COLUMNS), flush=True)
-    results["scaling"] = scaling(sizes, peak_gflops)
+    results["scaling"] = scaling(sizes, peak_gflops, results["throughput"])
     for name, rows in results["scaling"].items():
         print(f"\nCNMF+1x1 against {name}:\n" + _table(rows, SCALING_COLUMNS), flush=True)
     workdirs.write_output(output / "bench.json", json.dumps(results, indent=2))
