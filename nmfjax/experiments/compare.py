@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import pathlib
+import statistics
 from collections.abc import Sequence
 from typing import Any
 
@@ -32,8 +33,10 @@ def summarize_run(workdir: str | pathlib.Path) -> dict[str, Any]:
       ``workdir``, ``model`` (the architecture), ``epochs`` (trained) and
       ``num_epochs`` (configured), ``final_test_accuracy``,
       ``best_test_accuracy`` and ``best_epoch``, ``seconds`` (the epochs'
-      wall time, evaluation included), ``train_images_per_second`` and
-      ``eval_images_per_second`` (over all epochs), and the parameter counts:
+      wall time, evaluation included), ``median_epoch_seconds``,
+      ``train_images_per_second`` and ``eval_images_per_second`` (medians over
+      the epochs: an epoch slowed by other work on the machine, or the first
+      one's compilation, does not move them), and the parameter counts:
       ``parameters`` in all, ``nmf_parameters`` (NMF module a),
       ``cnn_parameters`` (convolutions: module a of the CNNs and the 1x1
       mixing convolutions) and ``batch_norm_parameters``.
@@ -49,8 +52,6 @@ def summarize_run(workdir: str | pathlib.Path) -> dict[str, Any]:
     spec = configuration.network_spec(config)
     parameters = models.parameters_by_group(nnx.eval_shape(lambda: models.Network(spec, rngs=nnx.Rngs(0))))
     best = max(rows, key=lambda row: row["test_accuracy"])
-    train_seconds = sum(row["train_seconds"] for row in rows)
-    eval_seconds = sum(row["eval_seconds"] for row in rows)
     return {
         "workdir": str(workdir),
         "model": config.model.architecture,
@@ -60,10 +61,9 @@ def summarize_run(workdir: str | pathlib.Path) -> dict[str, Any]:
         "best_test_accuracy": best["test_accuracy"],
         "best_epoch": best["epoch"],
         "seconds": sum(row["epoch_seconds"] for row in rows),
-        "train_images_per_second": sum(row["train_images_per_second"] * row["train_seconds"] for row in rows)
-        / train_seconds,
-        "eval_images_per_second": sum(row["eval_images_per_second"] * row["eval_seconds"] for row in rows)
-        / eval_seconds,
+        "median_epoch_seconds": statistics.median(row["epoch_seconds"] for row in rows),
+        "train_images_per_second": statistics.median(row["train_images_per_second"] for row in rows),
+        "eval_images_per_second": statistics.median(row["eval_images_per_second"] for row in rows),
         "parameters": sum(parameters.values()),
         "nmf_parameters": parameters["module_a"] if spec.uses_nmf else 0,
         "cnn_parameters": parameters["mixing"] + (0 if spec.uses_nmf else parameters["module_a"]),
@@ -105,8 +105,8 @@ def markdown_table(comparison: dict[str, Any]) -> str:
     """The comparison as a Markdown table, one row per run."""
     lines = [
         "| model | run | parameters | NMF | convolution | BatchNorm | best test accuracy (epoch) "
-        "| last test accuracy | epochs | training time | train img/s | paper |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| last test accuracy | epochs | training time | epoch (median) | train img/s (median) | paper |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for run in comparison["runs"]:
         epochs = f"{run['epochs']}" + ("" if run["epochs"] >= run["num_epochs"] else f" of {run['num_epochs']}")
@@ -116,7 +116,8 @@ def markdown_table(comparison: dict[str, Any]) -> str:
             f"| {run['batch_norm_parameters']:,} "
             f"| {100 * run['best_test_accuracy']:.2f} % ({run['best_epoch']}) "
             f"| {100 * run['final_test_accuracy']:.2f} % "
-            f"| {epochs} | {_duration(run['seconds'])} | {run['train_images_per_second']:.0f} "
+            f"| {epochs} | {_duration(run['seconds'])} | {run['median_epoch_seconds']:.0f} s "
+            f"| {run['train_images_per_second']:.0f} "
             f"| {_reported(run['model'])} |"
         )
     return "\n".join(lines) + "\n"
