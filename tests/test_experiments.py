@@ -15,7 +15,7 @@ from flax import nnx
 from configs import cnmf_local
 from nmfjax import configuration, data, errors, experiments, models, ops, training
 from nmfjax.workdirs import read_metrics
-from tests.conftest import tiny_config
+from tests.conftest import ROOT, tiny_config
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 MOCK_EXAMPLES = 20
@@ -221,7 +221,7 @@ def _assert_user_error(capsys, expected, main, argv):
 
 
 def test_gradients_command_on_a_network_at_its_initialisation(mock_data, tmp_path, capsys):
-    config = str(pathlib.Path(__file__).resolve().parents[1] / "configs" / "cnmf.py")
+    config = str(ROOT / "configs" / "cnmf.py")
     small = ["--config.model.features=(4, 8, 8, 10)", "--config.model.nmf.iterations=2"]
     experiments.main(
         ["gradients", "--config", config, *small, "--values", "3", "--batch", "4", "--output", str(tmp_path)]
@@ -376,7 +376,7 @@ def _set(*assignments):
 
 
 def test_training_commands_train_each_variant_once(mock_data, tmp_path, capsys):
-    config = str(pathlib.Path(__file__).resolve().parents[1] / "configs" / "cnmf_1x1.py")
+    config = str(ROOT / "configs" / "cnmf_1x1.py")
     sweep = [
         "sweep",
         "--config",
@@ -451,7 +451,7 @@ def test_training_commands_train_each_variant_once(mock_data, tmp_path, capsys):
     ],
 )
 def test_config_overrides_are_parsed_and_checked_as_train_py_does(assignment, expected, tmp_path, capsys):
-    config = str(pathlib.Path(__file__).resolve().parents[1] / "configs" / "cnmf_1x1.py")
+    config = str(ROOT / "configs" / "cnmf_1x1.py")
     argv = ["train-iterations", "--config", config, "--root", str(tmp_path), f"--config.{assignment}"]
     _assert_user_error(capsys, expected, experiments.main, argv)
     assert not any(tmp_path.iterdir())
@@ -460,7 +460,7 @@ def test_config_overrides_are_parsed_and_checked_as_train_py_does(assignment, ex
 def test_config_overrides_give_fields_their_types_as_train_py_does():
     from nmfjax import cli
 
-    config = configuration.config_from_file(pathlib.Path(__file__).resolve().parents[1] / "configs" / "cnmf_1x1.py")
+    config = configuration.config_from_file(ROOT / "configs" / "cnmf_1x1.py")
     changed = cli.override_config(
         config,
         [

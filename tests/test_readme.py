@@ -1,11 +1,11 @@
 """The README's promises: its example runs, and CI runs its test command."""
 
-import pathlib
 import re
 
 import pytest
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+from tests.conftest import ROOT, SHARED_TFDS
+
 README = (ROOT / "README.md").read_text()
 
 
@@ -24,8 +24,8 @@ def test_the_readme_has_python_examples():
 def test_readme_python_example_runs(block, monkeypatch):
     # The examples' paths are relative to the repository root, where a user starts after cloning.
     monkeypatch.chdir(ROOT)
-    if "../shared/" in block and not (ROOT.parent / "shared").is_dir():
-        pytest.skip(f"the example reads ../shared beside the checkout ({ROOT.parent / 'shared'}; CI has it)")
+    if "../shared/" in block and not SHARED_TFDS.parent.is_dir():
+        pytest.skip(f"the example reads ../shared beside the checkout ({SHARED_TFDS.parent}; CI has it)")
     exec(compile(block, "README.md", "exec"), {"__name__": "readme_example"})
 
 

@@ -10,12 +10,12 @@ import pytest
 
 from nmfjax import data, experiments, training
 from nmfjax.workdirs import read_metrics
+from tests.conftest import ROOT, SHARED_TFDS
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 RECORD = ROOT / "docs" / "reproduction"
 # The paper's Figure 5 networks whose full-data training has ended (CNMF is still training: issue 18).
 NETWORKS = ("cnn", "cnn_1x1", "cnmf_1x1")
-FULL_CIFAR10 = ROOT.parent / "shared" / "cifar10_full"
+FULL_CIFAR10 = SHARED_TFDS.parent / "cifar10_full"
 
 
 @pytest.mark.parametrize("model", NETWORKS)
