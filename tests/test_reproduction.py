@@ -1,5 +1,6 @@
 """The record of the full-data trainings in docs/reproduction: the shipped networks load, evaluate to
-their recorded accuracy, and the comparison there is what the compare command makes of the records.
+their recorded accuracy, the comparison there is what the compare command makes of the records, and the
+analyses in docs/experiments that the README shows are of these networks.
 """
 
 import json
@@ -13,9 +14,15 @@ from nmfjax.workdirs import read_metrics
 from tests.conftest import ROOT, SHARED_TFDS
 
 RECORD = ROOT / "docs" / "reproduction"
-# The paper's Figure 5 networks whose full-data training has ended (CNMF is still training: issue 18).
-NETWORKS = ("cnn", "cnn_1x1", "cnmf_1x1")
+ANALYSES = ROOT / "docs" / "experiments"
+# The four networks of the paper's Figure 5, trained on all of CIFAR-10.
+NETWORKS = ("cnn", "cnn_1x1", "cnmf", "cnmf_1x1")
 FULL_CIFAR10 = SHARED_TFDS.parent / "cifar10_full"
+
+
+def _skip_without_full_cifar10():
+    if not (FULL_CIFAR10 / "cifar10").is_dir():
+        pytest.skip(f"all of CIFAR-10 is not at {FULL_CIFAR10} (../shared/cifar10_full beside the checkout; CI has it)")
 
 
 @pytest.mark.parametrize("model", NETWORKS)
@@ -50,8 +57,7 @@ def test_the_record_is_what_the_compare_command_makes_of_it(tmp_path):
 
 @pytest.mark.slow
 def test_the_shipped_cnmf_1x1_gets_its_recorded_accuracy_on_the_cifar10_test_split():
-    if not (FULL_CIFAR10 / "cifar10").is_dir():
-        pytest.skip(f"all of CIFAR-10 is not at {FULL_CIFAR10} (../shared/cifar10_full beside the checkout; CI has it)")
+    _skip_without_full_cifar10()
     config, network, _, epoch = training.load_checkpoint(RECORD / "cnmf_1x1")
     recorded = {row["epoch"]: row for row in read_metrics(RECORD / "cnmf_1x1")}[epoch]
     split = data.load_split("cifar10", "test", data_dir=str(FULL_CIFAR10), download=False)
@@ -60,3 +66,62 @@ def test_the_shipped_cnmf_1x1_gets_its_recorded_accuracy_on_the_cifar10_test_spl
     # two in training: the sums differ in float round-off only.
     assert abs(result["accuracy"] - recorded["test_accuracy"]) <= 3 / len(split), (result, recorded)
     np.testing.assert_allclose(result["loss"], recorded["test_loss"], rtol=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("analysis", "model"),
+    [("weights", "cnmf_1x1"), ("weights_cnn", "cnn"), ("reconstructions", "cnmf_1x1"), ("sparsity", "cnmf_1x1")],
+)
+def test_the_readme_pictures_are_of_the_shipped_networks_as_trained(analysis, model):
+    analysed = json.loads((ANALYSES / f"{analysis}.json").read_text())
+    assert (analysed["workdir"], analysed["epoch"]) == (f"docs/reproduction/{model}", len(read_metrics(RECORD / model)))
+
+
+def test_the_noise_robustness_is_of_the_four_shipped_networks_as_trained():
+    runs = json.loads((ANALYSES / "noise.json").read_text())["runs"].values()
+    assert {(run["workdir"], run["epoch"]) for run in runs} == {
+        (f"docs/reproduction/{model}", len(read_metrics(RECORD / model))) for model in NETWORKS
+    }
+
+
+@pytest.mark.parametrize(
+    ("analysis", "test_images"), [("weights", False), ("reconstructions", True), ("sparsity", True)]
+)
+def test_the_readmes_picture_commands_reproduce_the_recorded_analyses(analysis, test_images, tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)  # the README's commands, from the repository root
+    data_dir = ["--data_dir", "../shared/cifar10_full"] if test_images else []
+    if test_images:
+        _skip_without_full_cifar10()
+    arguments = [analysis, "docs/reproduction/cnmf_1x1", "--step", "latest", *data_dir, "--output", str(tmp_path)]
+    experiments.main(arguments)
+    made = json.loads((tmp_path / f"{analysis}.json").read_text())
+    assert made == json.loads((ANALYSES / f"{analysis}.json").read_text())
+
+
+def test_the_readmes_noise_command_reproduces_the_recorded_accuracies(tmp_path, monkeypatch):
+    _skip_without_full_cifar10()
+    monkeypatch.chdir(ROOT)
+    recorded = json.loads((ANALYSES / "noise.json").read_text())
+    # Each test batch gets the noise of (seed, batch) alone, so one level of one network reproduces its entry.
+    level = 0.5
+    arguments = ["noise", "docs/reproduction/cnmf", "--step", "latest", "--data_dir", "../shared/cifar10_full"]
+    experiments.main([*arguments, "--limit", "1000", "--levels", str(level), "--output", str(tmp_path)])
+    (made,) = json.loads((tmp_path / "noise.json").read_text())["runs"].values()
+    (run,) = [run for run in recorded["runs"].values() if run["workdir"] == "docs/reproduction/cnmf"]
+    for kind in recorded["kinds"]:
+        assert made[kind] == [run[kind][recorded["levels"].index(level)]], kind
+
+
+@pytest.mark.parametrize("document", ["README.md", "docs/reproduction/README.md"])
+def test_the_full_data_tables_give_the_recorded_numbers(document):
+    text = (ROOT / document).read_text()
+    for run in json.loads((RECORD / "compare.json").read_text())["runs"]:
+        row = next(line for line in text.splitlines() if line.startswith(f"| {run['name']} | "))
+        cells = [cell.strip() for cell in row.strip("|").split("|")]
+        assert cells[2:7] == [
+            f"{100 * run['best_test_accuracy']:.2f} % ({run['best_epoch']})",
+            f"{100 * run['final_test_accuracy']:.2f} %",
+            str(run["epochs"]),
+            f"{run['parameters']:,}",
+            f"{run['median_epoch_seconds']:.0f} s",
+        ], document
