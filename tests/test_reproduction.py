@@ -20,6 +20,11 @@ NETWORKS = ("cnn", "cnn_1x1", "cnmf", "cnmf_1x1")
 FULL_CIFAR10 = SHARED_TFDS.parent / "cifar10_full"
 
 
+def _as_trained(model):
+    """How an analysis names a shipped network at its last epoch: (workdir as the README gives it, epoch)."""
+    return f"docs/reproduction/{model}", len(read_metrics(RECORD / model))
+
+
 def _skip_without_full_cifar10():
     if not (FULL_CIFAR10 / "cifar10").is_dir():
         pytest.skip(f"all of CIFAR-10 is not at {FULL_CIFAR10} (../shared/cifar10_full beside the checkout; CI has it)")
@@ -74,24 +79,22 @@ def test_the_shipped_cnmf_1x1_gets_its_recorded_accuracy_on_the_cifar10_test_spl
 )
 def test_the_readme_pictures_are_of_the_shipped_networks_as_trained(analysis, model):
     analysed = json.loads((ANALYSES / f"{analysis}.json").read_text())
-    assert (analysed["workdir"], analysed["epoch"]) == (f"docs/reproduction/{model}", len(read_metrics(RECORD / model)))
+    assert (analysed["workdir"], analysed["epoch"]) == _as_trained(model)
 
 
 def test_the_noise_robustness_is_of_the_four_shipped_networks_as_trained():
     runs = json.loads((ANALYSES / "noise.json").read_text())["runs"].values()
-    assert {(run["workdir"], run["epoch"]) for run in runs} == {
-        (f"docs/reproduction/{model}", len(read_metrics(RECORD / model))) for model in NETWORKS
-    }
+    assert {(run["workdir"], run["epoch"]) for run in runs} == {_as_trained(model) for model in NETWORKS}
 
 
 @pytest.mark.parametrize(
     ("analysis", "test_images"), [("weights", False), ("reconstructions", True), ("sparsity", True)]
 )
 def test_the_readmes_picture_commands_reproduce_the_recorded_analyses(analysis, test_images, tmp_path, monkeypatch):
-    monkeypatch.chdir(ROOT)  # the README's commands, from the repository root
-    data_dir = ["--data_dir", "../shared/cifar10_full"] if test_images else []
     if test_images:
         _skip_without_full_cifar10()
+    monkeypatch.chdir(ROOT)  # the README's commands, from the repository root
+    data_dir = ["--data_dir", "../shared/cifar10_full"] if test_images else []
     arguments = [analysis, "docs/reproduction/cnmf_1x1", "--step", "latest", *data_dir, "--output", str(tmp_path)]
     experiments.main(arguments)
     made = json.loads((tmp_path / f"{analysis}.json").read_text())
