@@ -237,7 +237,8 @@ def _restore_args(state: TrainState, seed: int) -> ocp.args.StandardRestore:
     return ocp.args.StandardRestore(_abstract({"state": state, "epoch": 0, "seed": seed}))
 
 
-def _format_epoch(row: dict[str, Any], num_epochs: int) -> str:
+def epoch_line(row: dict[str, Any], num_epochs: int) -> str:
+    """The line ``train.py`` prints after an epoch, from its row of ``metrics.jsonl``."""
     return (
         f"epoch {row['epoch']:>3}/{num_epochs}  "
         f"train loss {row['train_loss']:.4f} acc {100 * row['train_accuracy']:5.2f}%  "
@@ -281,6 +282,16 @@ class _StopSignals:
 
 #: The weights file of an exported network (:func:`export_network`), beside its ``config.json``.
 EXPORTED_WEIGHTS = "weights.npz"
+
+
+def is_exported_network(directory: str | pathlib.Path) -> bool:
+    """Whether ``directory`` holds an exported network (:func:`export_network`: one epoch's
+    weights, no checkpoints) rather than a workdir of ``train.py``.
+    """
+    directory = pathlib.Path(directory)
+    return (directory / EXPORTED_WEIGHTS).exists() and not (directory / "checkpoints").exists()
+
+
 _STATE_PARTS = ("params", "batch_stats")
 
 
@@ -411,7 +422,7 @@ def load_checkpoint(
         config.model.batch_norm_statistics = batch_norm_statistics
     spec = configuration.network_spec(config)
     trainer = Trainer(config, spec, parallel.data_mesh())
-    if (workdir / EXPORTED_WEIGHTS).exists() and not (workdir / "checkpoints").exists():
+    if is_exported_network(workdir):
         state, epoch = _load_exported(workdir, step, trainer.initial_state)
     else:
         state, epoch = _restore_checkpoint(workdir, config, step, trainer.initial_state)
@@ -640,7 +651,7 @@ def _train(
                 assert scalars is not None
                 with workdirs.storage_errors(scalars.directory, f"{remedy} (TensorBoard will lack epoch {epoch}.)"):
                     scalars.add(row, epoch)
-                print(_format_epoch(row, config.num_epochs), flush=True)
+                print(epoch_line(row, config.num_epochs), flush=True)
     finally:
         if scalars is not None:
             scalars.close()

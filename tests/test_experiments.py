@@ -368,6 +368,46 @@ def test_an_exported_network_refuses_another_epoch_and_damage_naming_the_file(wo
     _assert_user_error(capsys, "weights.npz cannot be read", experiments.main, ["weights", str(exported)])
 
 
+def test_analyses_take_an_exported_networks_one_epoch_by_default_and_say_which(workdirs, tmp_path, capsys):
+    exported = tmp_path / "exported"
+    training.export_network(workdirs / "cnn", exported, 1)
+    rows = read_metrics(exported)  # the copied record: make epoch 2 the best, so that "best" is not exported
+    rows[1]["test_accuracy"] = rows[0]["test_accuracy"] + 0.1
+    (exported / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    capsys.readouterr()
+    experiments.main(["weights", str(exported), "--output", str(tmp_path / "out")])
+    assert f"{exported}: epoch 1 (the exported network's one epoch)" in capsys.readouterr().out
+    assert json.loads((tmp_path / "out" / "weights.json").read_text())["epoch"] == 1
+    _assert_user_error(
+        capsys,
+        "holds the exported weights of epoch 1 only (the best test accuracy was epoch 2's), not 'best'",
+        experiments.main,
+        ["weights", str(exported), "--step", "best"],
+    )
+    best = max(read_metrics(workdirs / "cnn"), key=lambda row: row["test_accuracy"])["epoch"]
+    experiments.main(["weights", str(workdirs / "cnn"), "--output", str(tmp_path / "workdir")])
+    assert f"epoch {best} (the best test accuracy; --step picks another)" in capsys.readouterr().out
+
+
+def test_evaluate_command_gives_the_recorded_accuracy_and_both_batchnorm_statistics(workdirs, mock_data, tmp_path):
+    workdir = workdirs / "cnmf_1x1"
+    experiments.main(["evaluate", str(workdir), "--step", "latest", "--output", str(tmp_path)])
+    result = json.loads((tmp_path / "evaluate.json").read_text())
+    recorded = read_metrics(workdir)[-1]
+    assert (result["epoch"], result["images"], result["batch_size"]) == (recorded["epoch"], MOCK_EXAMPLES, 10)
+    assert result["recorded"] == {"test_loss": recorded["test_loss"], "test_accuracy": recorded["test_accuracy"]}
+    by_statistics = result["batch_norm_statistics"]
+    assert by_statistics["batch"]["accuracy"] == recorded["test_accuracy"]  # computed as in training
+    np.testing.assert_allclose(by_statistics["batch"]["loss"], recorded["test_loss"], rtol=1e-6)
+    assert by_statistics["running"]["loss"] != by_statistics["batch"]["loss"]
+    experiments.main(
+        ["evaluate", str(workdir), "--statistics", "running", "--batch_size", "5", "--output", str(tmp_path)]
+    )
+    alone = json.loads((tmp_path / "evaluate.json").read_text())["batch_norm_statistics"]
+    assert list(alone) == ["running"]  # running statistics: the batch size changes round-off only
+    np.testing.assert_allclose(alone["running"]["loss"], by_statistics["running"]["loss"], rtol=1e-5)
+
+
 # --- short trainings ---
 
 

@@ -11,10 +11,17 @@ from typing import Any
 
 import numpy as np
 
-from nmfjax import cli, configuration, data, plots, training, workdirs
+from nmfjax import cli, configuration, data, models, plots, training, workdirs
 from nmfjax.errors import ConfigError
 from nmfjax.experiments import compare, gradients, iterations, noise, pictures, sweep
-from nmfjax.experiments.common import Trained, initialised, load_test_split, load_trained, write_json
+from nmfjax.experiments.common import (
+    Trained,
+    evaluator,
+    initialised,
+    load_test_split,
+    load_trained,
+    write_json,
+)
 
 
 def _step(text: str) -> int | str:
@@ -38,8 +45,20 @@ def _report(*paths: pathlib.Path) -> None:
         print(f"wrote {path}")
 
 
-def _load_runs(args) -> list[Trained]:
-    return [load_trained(workdir, args.step) for workdir in args.workdirs]
+def _load_runs(args, **options) -> list[Trained]:
+    """The networks of ``args.workdirs`` at ``args.step``, each named with the epoch it is from."""
+    runs = []
+    for workdir in args.workdirs:
+        run = load_trained(workdir, args.step, **options)
+        if args.step is not None:
+            chosen = f"--step {args.step}"
+        elif training.is_exported_network(workdir):
+            chosen = "the exported network's one epoch"
+        else:
+            chosen = "the best test accuracy; --step picks another"
+        print(f"{workdir}: epoch {run.epoch} ({chosen})")
+        runs.append(run)
+    return runs
 
 
 def _images(run: Trained, args, limit: int | None = None) -> data.Split:
@@ -146,6 +165,29 @@ def _command_sparsity(args) -> None:
         print(f"{layer}: mean Hoyer sparsity {stats['mean']:.3f} over {stats['positions']} positions")
 
 
+def _command_evaluate(args) -> None:
+    (run,) = _load_runs(args)
+    split = _images(run, args)
+    recorded = {row["epoch"]: row for row in workdirs.read_metrics(run.workdir)}.get(run.epoch, {})
+    results: dict[str, Any] = {
+        "workdir": str(run.workdir),
+        "epoch": run.epoch,
+        "images": len(split),
+        "batch_size": args.batch_size or run.config.eval_batch_size,
+        "recorded": {key: recorded[key] for key in ("test_loss", "test_accuracy") if key in recorded},
+        "batch_norm_statistics": {},
+    }
+    for statistics in args.statistics:
+        network = load_trained(run.workdir, run.epoch, batch_norm_statistics=statistics).model
+        result = evaluator(network, split, batch_size=results["batch_size"])()
+        results["batch_norm_statistics"][statistics] = {"loss": result["loss"], "accuracy": result["accuracy"]}
+        print(
+            f"{statistics} statistics: test accuracy {100 * result['accuracy']:.2f}%, "
+            f"loss {result['loss']:.4f} ({len(split):,} images, batches of {results['batch_size']})"
+        )
+    _report(write_json(results, _output_dir(args) / "evaluate.json"))
+
+
 def _command_compare(args) -> None:
     comparison = compare.compare_runs(args.workdirs)
     output = _output_dir(args)
@@ -244,7 +286,10 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument("workdirs", nargs=workdirs, metavar="WORKDIR", help="workdir(s) written by train.py")
         command.add_argument("--output", help="output directory (default: WORKDIR/experiments)")
         command.add_argument(
-            "--step", default="best", type=_step, help='checkpoint: "best" (default), "latest" or an epoch'
+            "--step",
+            type=_step,
+            help='checkpoint: "best" (the default for a workdir), "latest" or an epoch; '
+            "an exported network holds one epoch, which is the default",
         )
         command.add_argument("--data_dir", help="TFDS data directory (default: the workdir's config.data_dir)")
         command.add_argument("--limit", type=cli.positive_int, help="use only the first LIMIT test images")
@@ -276,6 +321,19 @@ def build_parser() -> argparse.ArgumentParser:
     command.add_argument("--count", type=cli.positive_int, default=8, help="how many test images (default 8)")
     command = on_workdirs("sparsity", _command_sparsity, "histograms of the Hoyer sparsity of h per NMF layer")
     command.add_argument("--batch", type=cli.positive_int, default=200, help="test images (default 200)")
+
+    help_text = "test loss and accuracy, with the BatchNorm statistics of the batch or those kept in training"
+    command = on_workdirs("evaluate", _command_evaluate, help_text)
+    command.add_argument(
+        "--statistics",
+        nargs="+",
+        default=["batch", "running"],
+        choices=models.BATCH_NORM_STATISTICS,
+        help="BatchNorm statistics: the test batch's own (the authors') and/or the running averages",
+    )
+    command.add_argument(
+        "--batch_size", type=cli.positive_int, help="test batch size (default: the run's eval_batch_size)"
+    )
 
     help_text = "the runs side by side: table, the paper's Figure 5 and learning curves"
     command = commands.add_parser("compare", help=help_text, description=help_text)

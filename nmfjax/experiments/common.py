@@ -31,9 +31,16 @@ class Trained:
         return f"{self.workdir.name} ({self.config.model.architecture}, epoch {self.epoch})"
 
 
-def load_trained(workdir: str | pathlib.Path, step: int | str | None = "best") -> Trained:
-    """The network of a workdir at ``step``: an epoch, ``"best"`` or ``"latest"``."""
-    config, model, _, epoch = training.load_checkpoint(workdir, step)
+def load_trained(
+    workdir: str | pathlib.Path, step: int | str | None = None, *, batch_norm_statistics: str | None = None
+) -> Trained:
+    """The network of a workdir at ``step``: an epoch, ``"best"`` or ``"latest"``; by default
+    (``None``) the best epoch of a workdir, and the one epoch an exported network holds.
+    ``batch_norm_statistics`` is as for :func:`nmfjax.training.load_checkpoint`.
+    """
+    if step is None and not training.is_exported_network(workdir):
+        step = "best"
+    config, model, _, epoch = training.load_checkpoint(workdir, step, batch_norm_statistics=batch_norm_statistics)
     return Trained(pathlib.Path(workdir), config, model, epoch)
 
 
