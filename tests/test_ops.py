@@ -267,18 +267,42 @@ def test_bad_options_raise_clear_errors(options, error, match):
 # --- precision of the products ---
 
 
-@pytest.mark.parametrize("precision, dtype", [("bfloat16", jnp.bfloat16), ("tf32", None)])
-def test_lower_precision_products_round_their_operands_on_the_cpu(precision, dtype):
+def _round_mantissa(x: np.ndarray, bits: int) -> np.ndarray:
+    """float32 rounded to ``bits`` mantissa bits, to nearest with ties to even, by integer arithmetic
+    on the bit pattern (independent of ``lax.reduce_precision``; no overflow for values below 1e38).
+    """
+    pattern = np.asarray(x, np.float32).view(np.uint32)
+    dropped = 23 - bits
+    if dropped == 0:
+        return np.asarray(x, np.float32)
+    odd = (pattern >> dropped) & 1
+    rounded = (pattern + ((1 << (dropped - 1)) - 1) + odd) & ~np.uint32((1 << dropped) - 1)
+    return rounded.astype(np.uint32).view(np.float32)
+
+
+def test_mantissa_rounding_of_the_tests_rounds_to_nearest_even():
+    one_ulp_of_10_bits = 2.0**-10
+    values = np.float32([1 + one_ulp_of_10_bits / 2, 1 + 3 * one_ulp_of_10_bits / 2, 1 + 0.6 * one_ulp_of_10_bits])
+    np.testing.assert_array_equal(_round_mantissa(values, 10), [1, 1 + 2 * one_ulp_of_10_bits, 1 + one_ulp_of_10_bits])
+    np.testing.assert_array_equal(_round_mantissa(values, 23), values)
+
+
+@pytest.mark.parametrize("precision, mantissa_bits", [("bfloat16", 7), ("tf32", 10)])
+def test_lower_precision_products_round_their_operands_on_the_cpu(precision, mantissa_bits):
     a = jax.random.uniform(jax.random.key(0), (16, 24))
     b = jax.random.uniform(jax.random.key(1), (24, 8))
     product = jax.jit(ops.matmul, static_argnums=2)(a, b, precision)
-    if dtype is not None:  # rounding to bfloat16's 7 mantissa bits is a cast to bfloat16
-        rounded = jnp.matmul(a.astype(dtype).astype(jnp.float32), b.astype(dtype).astype(jnp.float32))
-        np.testing.assert_array_equal(product, rounded)
-    exact = np.asarray(a, np.float64) @ np.asarray(b, np.float64)
-    error = np.max(np.abs(product - exact) / exact)
-    unit_roundoff = 2.0 ** -(8 if precision == "bfloat16" else 11)
-    assert 1e-6 < error < 2 * unit_roundoff, error
+
+    def product_of_operands_rounded_to(bits):
+        rounded_a, rounded_b = (jnp.asarray(_round_mantissa(np.asarray(v), bits)) for v in (a, b))
+        return jnp.matmul(rounded_a, rounded_b, precision=jax.lax.Precision.HIGHEST)
+
+    np.testing.assert_array_equal(product, product_of_operands_rounded_to(mantissa_bits))
+    for other_bits in (mantissa_bits - 1, mantissa_bits + 1):  # one bit more or less is another product
+        assert not np.array_equal(product, product_of_operands_rounded_to(other_bits)), other_bits
+    if precision == "bfloat16":  # rounding to bfloat16's mantissa is a cast to bfloat16
+        cast = jnp.matmul(a.astype(jnp.bfloat16).astype(jnp.float32), b.astype(jnp.bfloat16).astype(jnp.float32))
+        np.testing.assert_array_equal(product, cast)
     np.testing.assert_array_equal(ops.matmul(a, b), jnp.matmul(a, b))  # float32 is the plain product on a CPU
 
 
