@@ -1,0 +1,811 @@
+"""Every number in README.md and docs/ comes from a committed record: each check below formats the
+figures from the file that a command wrote and finds them in the text, and a number that no check
+accounts for fails the test (see tests/documents.py). The records themselves (metrics.jsonl, the
+benchmark's and the analyses' JSON, the GPU log) are what commands wrote; the measurement log of the
+GPU (docs/gpu/*/README.md) is such a record, not a page to check.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import statistics
+from collections.abc import Callable
+
+import jax
+import pytest
+
+from nmfjax import bench, configuration, data, evaluation, training
+from nmfjax.workdirs import read_metrics
+from tests.conftest import ROOT
+from tests.documents import Document, markdown_table, percent
+
+DOCS = ROOT / "docs"
+GPU = DOCS / "gpu" / "h200-2026-12-04"
+RUNS = DOCS / "runs"
+
+
+def _json(path):
+    return json.loads(path.read_text())
+
+
+def _gpu_epochs() -> list[dict]:
+    return [json.loads(line) for line in (GPU / "train-cnmf_1x1-subset-3ep.metrics.jsonl").read_text().splitlines()]
+
+
+def _range(values, fmt: str, unit: str = "") -> str:
+    """``low-high`` of ``values`` as the documents write a range."""
+    low, high = (format(value, fmt) for value in (min(values), max(values)))
+    return f"{low}{unit}" if low == high else f"{low}-{high}{unit}"
+
+
+# --- docs/performance.md ---
+
+GPU_THROUGHPUT_COLUMNS = [
+    ("model", "model", "s"),
+    ("batch", "batch_size", "d"),
+    ("precision", "precision", "s"),
+    ("train img/s", "train_images_per_second", ",.0f"),
+    ("eval img/s", "eval_images_per_second", ",.0f"),
+    ("train step (ms)", "train_step_ms", ".2f"),
+    ("train GFLOP/s", "train_gflop_per_second", ",.0f"),
+]
+OP_ERROR_COLUMNS = [
+    ("N", "iterations", "d"),
+    ("precision", "precision", "s"),
+    *[(title, key, ".1e") for title, key, _ in bench.PRECISION_COLUMNS[2:]],
+]
+EPOCH_COLUMNS = [
+    ("epoch", "epoch", "d"),
+    ("train img/s", "train_images_per_second", ",.0f"),
+    ("eval img/s", "eval_images_per_second", ",.0f"),
+    ("epoch (s)", "epoch_seconds", ".2f"),
+    ("test accuracy", lambda row: percent(row["test_accuracy"]), "s"),
+]
+CPU_THROUGHPUT_COLUMNS = [
+    ("model", "model", "s"),
+    ("devices", "devices", "d"),
+    ("batch", "batch_size", "d"),
+    ("train img/s", "train_images_per_second", ".0f"),
+    ("eval img/s", "eval_images_per_second", ".0f"),
+    ("train GFLOP/s", "train_gflop_per_second", ".1f"),
+    ("eval GFLOP/s", "eval_gflop_per_second", ".1f"),
+    ("train peak MB/device", "train_peak_memory_mb", ".0f"),
+]
+FIGURE1_COLUMNS = [
+    ("N", "iterations", "d"),
+    ("model", "model", "s"),
+    ("backward", "gradient", "s"),
+    ("forward ms", "forward_ms", ".1f"),
+    ("backward ms", "backward_ms", ".1f"),
+    ("backward time vs CNN", "backward_time_vs_cnn", ".2f"),
+    ("backward temp MB", "backward_temp_memory_mb", ".1f"),
+    ("backward memory vs CNN", "backward_memory_vs_cnn", ".2f"),
+]
+PRECISION_EPOCH_COLUMNS = [
+    ("run", "run", "s"),
+    ("train loss", "train_loss", ".4f"),
+    ("train accuracy", lambda row: percent(row["train_accuracy"]), "s"),
+    ("test loss", "test_loss", ".4f"),
+    ("test accuracy", lambda row: percent(row["test_accuracy"]), "s"),
+]
+PRECISION_RUNS = {"float32": "precision_float32", "tf32": "precision_tf32", "bfloat16": "precision_bfloat16"}
+SEED_RUNS = {"seed 0": "precision_float32", "seed 1": "seed_1", "seed 2": "seed_2"}
+DEVICE_RUNS = {2: "subset_cnmf_1x1_3_epochs", 1: "one_device"}
+
+
+def _first_epoch(run: str) -> dict:
+    return read_metrics(RUNS / run)[0]
+
+
+def _scaling_table(rows, first: tuple[str, str]) -> str:
+    columns = [first, ("train img/s", "train_images_per_second"), ("eval img/s", "eval_images_per_second")]
+    lines = ["| " + " | ".join([columns[0][0], *(str(row[columns[0][1]]) for row in rows)]) + " |"]
+    lines.append("|" + "---|" * (len(rows) + 1))
+    for title, key in columns[1:]:
+        lines.append("| " + " | ".join([title, *(f"{row[key]:.0f}" for row in rows)]) + " |")
+    return "\n".join(lines)
+
+
+def gpu_tables() -> dict[str, str]:
+    record = _json(GPU / "bench-gpu.json")
+    return {
+        "throughput": markdown_table(record["throughput"], GPU_THROUGHPUT_COLUMNS),
+        "op": markdown_table(record["op_against_cpu"], OP_ERROR_COLUMNS),
+        "epochs": markdown_table(_gpu_epochs(), EPOCH_COLUMNS),
+    }
+
+
+def cpu_tables() -> dict[str, str]:
+    record = _json(DOCS / "bench_cpu" / "bench.json")
+    devices = [{"devices": count, **_first_epoch(run)} for count, run in DEVICE_RUNS.items()]
+    precision_rows = [{"run": name, **_first_epoch(run)} for name, run in {**PRECISION_RUNS, **SEED_RUNS}.items()]
+    before = _json(DOCS / "bench_cpu_before_devices" / "bench.json")
+    return {
+        "devices": markdown_table(
+            devices,
+            [
+                ("devices", "devices", "d"),
+                ("train img/s", "train_images_per_second", ".0f"),
+                ("eval img/s", "eval_images_per_second", ".0f"),
+                ("epoch (s)", "epoch_seconds", ".1f"),
+                ("compile (s)", "compile_seconds", ".1f"),
+            ],
+        ),
+        "throughput": markdown_table(record["throughput"], CPU_THROUGHPUT_COLUMNS),
+        "iterations": _scaling_table(record["scaling"]["iterations"], ("N", "iterations")),
+        "batch": _scaling_table(record["scaling"]["batch_size"], ("batch", "batch_size")),
+        "figure1": markdown_table(record["figure1"], FIGURE1_COLUMNS),
+        "op": markdown_table(_json(DOCS / "bench_cpu" / "precision.json")["rows"], OP_ERROR_COLUMNS),
+        "precision": markdown_table(precision_rows[:3], PRECISION_EPOCH_COLUMNS),
+        "seeds": markdown_table(precision_rows[3:], PRECISION_EPOCH_COLUMNS),
+        "before": markdown_table(before["throughput"], [c for c in CPU_THROUGHPUT_COLUMNS if c[0] != "devices"]),
+    }
+
+
+# --- README.md ---
+
+REPRODUCTION = DOCS / "reproduction"
+ANALYSES = DOCS / "experiments"
+NETWORKS = ("cnn", "cnn_1x1", "cnmf", "cnmf_1x1")
+# CIFAR-10's definition (not a measurement): its training and test split sizes.
+CIFAR10_TRAIN, CIFAR10_TEST = 50_000, 10_000
+# The subset in ../shared/tfds (its README): a fifth of CIFAR-10.
+SUBSET_TRAIN, SUBSET_TEST = 10_000, 2_000
+
+
+def _compare_runs() -> dict[str, dict]:
+    return {run["model"]: run for run in _json(REPRODUCTION / "compare.json")["runs"]}
+
+
+def _gpu_log() -> str:
+    return " ".join((GPU / "README.md").read_text().split())
+
+
+def _from_log(pattern: str) -> tuple[str, ...]:
+    """Numbers of the GPU log, as it writes them."""
+    match = re.search(pattern, _gpu_log())
+    assert match, f"the GPU log no longer says {pattern!r}"
+    return match.groups()
+
+
+def _authors_train_range() -> tuple[float, float]:
+    low, high = _from_log(r"CNMF\+1x1 trained at ([\d,]+)-([\d,]+) img/s")
+    return float(low.replace(",", "")), float(high.replace(",", ""))
+
+
+def _ours_vs_authors() -> dict[str, str]:
+    ours = [row["train_images_per_second"] for row in _gpu_epochs()]
+    authors = _authors_train_range()
+    return {
+        "ours": _range(ours, ",.0f"),
+        "ratio": f"{min(ours) / authors[1]:.1f}-{max(ours) / authors[0]:.1f}",
+    }
+
+
+def _gpu_cnmf_1x1(batch: int, precision: str = "float32") -> dict:
+    (row,) = [
+        row
+        for row in _json(GPU / "bench-gpu.json")["throughput"]
+        if (row["model"], row["batch_size"], row["precision"]) == ("cnmf_1x1", batch, precision)
+    ]
+    return row
+
+
+def _max_op_error(rows, precision: str) -> float:
+    columns = [key for _, key, _ in OP_ERROR_COLUMNS[2:]]
+    return max(row[key] for row in rows if row["precision"] == precision for key in columns)
+
+
+def readme_installation_and_training(doc: Document) -> None:
+    config = configuration.default_config()
+    rates = config.learning_rates
+    doc.claim(
+        "Adam with learning rates {} (NMF or convolution kernels), {} (1x1 convolutions) and {} (BatchNorm)",
+        *(str(rate) for rate in (rates.module_a, rates.mixing, rates.batch_norm)),
+    )
+    doc.claim("(factor {}, patience 10)", str(config.plateau.factor))
+    doc.claim("every learning rate is below {}", f"{config.min_learning_rate:.0e}".replace("e-09", "e-9"))
+    doc.given("the loss is `(CE + 0.5 MSE) / 1.5`", "paper eq. 21 and the authors' scaling, pinned in test_training")
+    subset = f"({SUBSET_TRAIN:,} train / {SUBSET_TEST:,} test images)"
+    doc.given(subset, "the subset's definition, ../shared/README.md")
+
+
+def readme_example_output(doc: Document) -> None:
+    rows = read_metrics(RUNS / "subset_cnmf_1x1_3_epochs")
+    config = _json(RUNS / "subset_cnmf_1x1_3_epochs" / "config.json")
+    assert (config["num_epochs"], config["data_dir"], config["model"]["architecture"]) == (
+        3,
+        "../shared/tfds",
+        "cnmf_1x1",
+    )
+    doc.claim("``` {} ```", " ".join(training.epoch_line(row, 3) for row in rows))
+
+
+def _device_ratios() -> tuple[str, str]:
+    two, one = (_first_epoch(run) for run in DEVICE_RUNS.values())
+    return tuple(f"{two[key] / one[key]:.1f}" for key in ("train_images_per_second", "eval_images_per_second"))
+
+
+def readme_devices_and_gpu(doc: Document) -> None:
+    bench_rows = {
+        row["devices"]: row
+        for row in _json(DOCS / "bench_cpu" / "bench.json")["throughput"]
+        if (row["model"], row["batch_size"]) == ("cnmf_1x1", 50)
+    }
+    doc.claim(
+        "CNMF + 1x1 train step ran at {}x the rate of one device, `train.py`'s subset epoch at {}x in training "
+        "and {}x in evaluation",
+        f"{bench_rows[2]['train_images_per_second'] / bench_rows[1]['train_images_per_second']:.1f}",
+        *_device_ratios(),
+    )
+    warm, cold = _first_epoch("seed_1")["compile_seconds"], _first_epoch("precision_float32")["compile_seconds"]
+    doc.claim("CNMF + 1x1 on 2 CPU cores: {} instead of {};", f"{warm:.1f} s", f"{cold:.1f} s")
+    cifar10 = data.check_dataset("cifar10")
+    image_bytes = cifar10.image_size**2 * cifar10.channels
+    doc.claim(
+        "(CIFAR-10's {} x {} x {} bytes an image: {} train, {} test)",
+        str(cifar10.image_size),
+        str(cifar10.image_size),
+        str(cifar10.channels),
+        f"{CIFAR10_TRAIN * image_bytes / 1e6:.0f} MB",
+        f"{CIFAR10_TEST * image_bytes / 1e6:.0f} MB",
+    )
+    gpu = _json(GPU / "bench-gpu.json")
+    doc.claim(
+        "TF32 stayed within {} of float32 on an H200 up to N = 50, in bfloat16 within {}",
+        f"{_max_op_error(gpu['op_against_cpu'], 'tf32'):.1e}",
+        f"{_max_op_error(gpu['op_against_cpu'], 'bfloat16'):.1e}",
+    )
+    doc.claim("`python -m nmfjax.bench --gpu` ({} on an H200)", f"{gpu['seconds']:.0f} s")
+    comparison = _ours_vs_authors()
+    doc.claim(
+        "trains at {} img/s in the benchmark's step and at {} img/s in `train.py` on the subset, {}x the authors'",
+        f"{_gpu_cnmf_1x1(50)['train_images_per_second']:,.0f}",
+        comparison["ours"],
+        comparison["ratio"],
+    )
+    doc.claim("trains one epoch of CNMF+1x1 on {} images", f"{bench.GPU_FULL.train['num_train_examples']:,}")
+
+
+def _paper_cell(model: str) -> str:
+    """The paper's accuracy as the tables give it: the paper's own figure (and the authors' README's,
+    where it differs), quoted in nmfjax.experiments.compare, not a measurement of ours.
+    """
+    compared = _json(REPRODUCTION / "compare.json")
+    paper, readme = compared["paper"].get(model), compared["authors_readme"].get(model)
+    if paper is None:
+        return "not reported"
+    return percent(paper, 1) + (f" (authors' README {percent(readme, 1)})" if readme != paper else "")
+
+
+def full_data_table(doc: Document) -> None:
+    """The table of README.md and docs/reproduction/README.md: compare.json's numbers."""
+    for run in _json(REPRODUCTION / "compare.json")["runs"]:
+        doc.claim(
+            f"| {run['name']} | {{}} | {{}} ({run['best_epoch']}) | {{}} | {run['epochs']} | {{}} | {{}} |",
+            _paper_cell(run["model"]),
+            percent(run["best_test_accuracy"]),
+            percent(run["final_test_accuracy"]),
+            f"{run['parameters']:,}",
+            f"{run['median_epoch_seconds']:.0f} s",
+        )
+
+
+def readme_full_data(doc: Document) -> None:
+    full_data_table(doc)
+    runs = _compare_runs()
+    for nmf, cnn in (("cnmf", "cnn"), ("cnmf_1x1", "cnn_1x1")):
+        assert runs[nmf]["parameters"] == runs[cnn]["parameters"]
+        assert runs[nmf]["best_test_accuracy"] > runs[cnn]["best_test_accuracy"]
+    doc.claim(
+        "CNMF is above the CNN ({} against {}, both {} parameters) and CNMF + 1x1 above the CNN + 1x1 "
+        "({} against {}, both {})",
+        percent(runs["cnmf"]["best_test_accuracy"], 1),
+        percent(runs["cnn"]["best_test_accuracy"], 1),
+        f"{runs['cnn']['parameters']:,}",
+        percent(runs["cnmf_1x1"]["best_test_accuracy"], 1),
+        percent(runs["cnn_1x1"]["best_test_accuracy"], 1),
+        f"{runs['cnn_1x1']['parameters']:,}",
+    )
+    first = {model: read_metrics(REPRODUCTION / model)[0]["test_accuracy"] for model in NETWORKS}
+    doc.claim(
+        "(CNMF {} and CNMF + 1x1 {} after one epoch, against the CNN's {})",
+        *(percent(first[model], 1) for model in ("cnmf", "cnmf_1x1", "cnn")),
+    )
+    cnmf_losses = [row["test_loss"] for row in read_metrics(REPRODUCTION / "cnmf")[4:]]
+    assert max(cnmf_losses) - min(cnmf_losses) < 0.05, cnmf_losses  # "stays near" after the first epochs
+    doc.claim("The CNMF's test loss stays near {} while", f"{statistics.median(cnmf_losses):.2f}")
+    # A perfect classifier whose logits are h: one-hot (h sums to one), so its softmax cannot exceed e / (e + 9).
+    one_hot = evaluation.composite_loss(jax.numpy.eye(10)[:1], jax.numpy.zeros(1, int))
+    doc.claim("(the loss of a perfect classifier is about {} there)", f"{float(one_hot[0]):.2f}")
+    gaps = [run["paper_accuracy"] - run["best_test_accuracy"] for run in runs.values() if run["paper_accuracy"]]
+    doc.claim("The gaps to the paper ({}-{} points)", f"{100 * min(gaps):.0f}", f"{100 * max(gaps):.0f}")
+    plateau = configuration.default_config().plateau
+    doc.claim(
+        "the plateau rule (learning rate down {}x after {} epochs without progress) never",
+        f"{1 / plateau.factor:.0f}",
+        str(plateau.patience),
+    )
+    for run in runs.values():  # every curve still rising: no learning rate was lowered
+        assert {row["learning_rate_module_a"] for row in read_metrics(REPRODUCTION / run["model"])} == {0.01}
+    doc.claim(
+        "a median epoch of CNMF took {}x that of the CNN, and one of CNMF + 1x1 {}x that of the CNN + 1x1",
+        *(
+            f"{runs[nmf]['median_epoch_seconds'] / runs[cnn]['median_epoch_seconds']:.1f}"
+            for nmf, cnn in (("cnmf", "cnn"), ("cnmf_1x1", "cnn_1x1"))
+        ),
+    )
+    sizes = [(REPRODUCTION / model / training.EXPORTED_WEIGHTS).stat().st_size / 1e6 for model in NETWORKS]
+    doc.claim("parameters and BatchNorm statistics, {} each", _range(sizes, ".1f", " MB"))
+    evaluated = _json(ANALYSES / "evaluate.json")
+    assert (evaluated["workdir"], evaluated["images"], evaluated["batch_size"]) == (
+        "docs/reproduction/cnmf_1x1",
+        CIFAR10_TEST,
+        50,
+    )
+    doc.claim(
+        "the shipped CNMF + 1x1 gets {} this way, against {} with the authors' per-batch statistics "
+        "(training recorded {})",
+        percent(evaluated["batch_norm_statistics"]["running"]["accuracy"]),
+        percent(evaluated["batch_norm_statistics"]["batch"]["accuracy"]),
+        percent(evaluated["recorded"]["test_accuracy"]),
+    )
+    doc.given(f"trained on the {CIFAR10_TRAIN:,} training images and tested on the {CIFAR10_TEST:,} test", "CIFAR-10")
+    doc.given(f"in `../shared/tfds` ({SUBSET_TRAIN:,} training and {SUBSET_TEST:,} test images", "the subset")
+    doc.given(f"On the {CIFAR10_TEST:,} test images, in batches of 50", "CIFAR-10")
+
+
+def _noise() -> tuple[dict, dict[str, dict]]:
+    record = _json(ANALYSES / "noise.json")
+    return record, {run["workdir"].rsplit("/", 1)[-1]: run for run in record["runs"].values()}
+
+
+def readme_noise(doc: Document) -> None:
+    record, runs = _noise()
+    levels = record["levels"]
+
+    def at(model: str, kind: str, eta: float) -> float:
+        return runs[model][kind][levels.index(eta)]
+
+    columns = [("model", lambda row: f"{row['model']} (epoch {row['epoch']})", "s"), ("clean", "clean", "s")]
+    columns += [(f"{kind} {eta}", f"{kind} {eta}", "s") for kind in ("uniform", "holes") for eta in (0.25, 0.5, 0.75)]
+    rows = [
+        {
+            "model": model,
+            "epoch": runs[model]["epoch"],
+            "clean": percent(at(model, "uniform", 0.0), 1),
+            **{
+                f"{kind} {eta}": percent(at(model, kind, eta), 1)
+                for kind in ("uniform", "holes")
+                for eta in (0.25, 0.5, 0.75)
+            },
+        }
+        for model in NETWORKS
+    ]
+    doc.table(markdown_table(rows, columns))
+    doc.given(f"the first {record['test_images']:,} of the {CIFAR10_TEST:,} test images", "the command's --limit")
+    step = levels[1] - levels[0]
+    assert levels == [round(step * i, 2) for i in range(len(levels))] and levels[-1] == 1
+    doc.claim("for eta = 0, {}, ..., 1 (`--levels`)", f"{step:g}")
+    below = [eta for eta in levels if eta <= 0.2]
+    assert all(at("cnmf", "uniform", eta) > at("cnn", "uniform", eta) for eta in levels)
+    assert all(at("cnmf", "uniform", eta) >= at("cnmf", "uniform", 0.0) for eta in below)
+    doc.claim(
+        "up to eta = {} ({} there, against {} clean) and keeps {} at eta = {}, where the CNN has {}",
+        "0.2",
+        percent(at("cnmf", "uniform", 0.2), 1),
+        percent(at("cnmf", "uniform", 0.0), 1),
+        percent(at("cnmf", "uniform", 0.5), 1),
+        "0.5",
+        percent(at("cnn", "uniform", 0.5), 1),
+    )
+    assert at("cnmf_1x1", "uniform", 0.0) == at("cnn_1x1", "uniform", 0.0)
+    assert all(abs(at("cnmf_1x1", "uniform", eta) - at("cnn_1x1", "uniform", eta)) <= 0.003 for eta in (0.05, 0.1))
+    assert all(at("cnmf_1x1", "uniform", eta) > at("cnn_1x1", "uniform", eta) for eta in levels if 0.15 <= eta <= 0.75)
+    lead = {eta: 100 * (at("cnmf_1x1", "uniform", eta) - at("cnn_1x1", "uniform", eta)) for eta in (0.25, 0.5)}
+    doc.claim(
+        "CNMF + 1x1 and CNN + 1x1 start equal ({}) and are level up to eta = {}; from {} to {} the NMF "
+        "network leads (by {} points at eta = {}, {} at {})",
+        percent(at("cnn_1x1", "uniform", 0.0), 1),
+        "0.1",
+        "0.15",
+        "0.75",
+        f"{lead[0.25]:.1f}",
+        "0.25",
+        f"{lead[0.5]:.1f}",
+        "0.5",
+    )
+    for mixed, plain, first in (("cnmf_1x1", "cnmf", 0.3), ("cnn_1x1", "cnn", 0.4)):
+        below_plain = [eta for eta in levels if 0 < eta < 1 and at(mixed, "uniform", eta) < at(plain, "uniform", eta)]
+        assert min(below_plain) == first and all(eta in below_plain for eta in levels if first <= eta <= 0.75)
+    doc.claim("CNMF + 1x1 falls below CNMF from eta = {}, CNN + 1x1 below the CNN from {}.", "0.3", "0.4")
+    lost = [1 - at(model, "holes", 0.2) / at(model, "holes", 0.0) for model in NETWORKS]
+    doc.claim(
+        "at eta = {} every network has lost {} of its accuracy", "0.2", _range([100 * x for x in lost], ".0f", " %")
+    )
+    others = [model for model in NETWORKS if model != "cnn"]
+    for eta in (eta for eta in levels if 0.2 <= eta <= 0.95):
+        assert all(at("cnn", "holes", eta) > at(model, "holes", eta) for model in others), eta
+    doc.claim(
+        "from there to eta = {} the plain CNN holds best ({} at eta = {}, against CNMF's {})",
+        "0.95",
+        percent(at("cnn", "holes", 0.25), 1),
+        "0.25",
+        percent(at("cnmf", "holes", 0.25), 1),
+    )
+    assert all(at("cnmf_1x1", "holes", eta) >= at("cnn_1x1", "holes", eta) for eta in levels if eta <= 0.5)
+    doc.claim("CNMF + 1x1 stays at or above CNN + 1x1 up to eta = {}.", "0.5")
+
+
+def readme_local_learning(doc: Document) -> None:
+    rows = []
+    for run, learning in (("cnmf_local", "backprop"), ("cnmf_local_readout", "local_kl")):
+        config, metrics = _json(RUNS / run / "config.json"), read_metrics(RUNS / run)
+        assert (config["model"]["nmf"]["learning"], config["model"]["readout_learning"]) == ("local_kl", learning)
+        best = max(metrics, key=lambda row: row["test_accuracy"])
+        rows.append(
+            {
+                "classifier": learning,
+                "accuracy": percent(best["test_accuracy"]),
+                "epochs": len(metrics),
+                "minutes": f"{sum(row['epoch_seconds'] for row in metrics) / 60:.1f} min",
+            }
+        )
+    columns = [
+        ("blocks 1-3", lambda row: "local_kl", "s"),
+        ("classifier (block 4)", "classifier", "s"),
+        ("best test accuracy", "accuracy", "s"),
+        ("epochs", "epochs", "d"),
+        ("training time", "minutes", "s"),
+    ]
+    doc.table(markdown_table(rows, columns))
+    doc.given("chance (10 % for ten classes)", "CIFAR-10's ten classes")
+    doc.given("the paper reports about 32 % with the local rule", "paper section 4.2")
+
+
+def readme_iterations(doc: Document) -> None:
+    evaluated = _json(ANALYSES / "iterations.json")
+    trained = _json(ANALYSES / "train_iterations.json")
+    assert (evaluated["workdir"], evaluated["trained_iterations"]) == ("runs/cnmf_1x1", 20)
+    accuracy = dict(zip(evaluated["iterations"], evaluated["accuracy"], strict=True))
+    runs = {run["workdir"]: run for run in trained["runs"].values()}
+    by_n = {n: runs[f"runs/iterations/iterations{n}"] for n in trained["iterations"]}
+    header = "| N | " + " | ".join(str(n) for n in evaluated["iterations"]) + " |"
+    trained_cells = [percent(by_n[n]["final_test_accuracy"], 1) if n in by_n else "" for n in evaluated["iterations"]]
+    times = [f"{by_n[n]['seconds']:.0f} s" if n in by_n else "" for n in evaluated["iterations"]]
+    epochs = {run["epochs"] for run in by_n.values()}
+    assert epochs == {2}
+    lines = [
+        header,
+        "|" + "---|" * (len(evaluated["iterations"]) + 1),
+        f"| CNMF+1x1 trained with N = 20 ({evaluated['epoch']} epochs), evaluated with N | "
+        + " | ".join(percent(accuracy[n], 1) for n in evaluated["iterations"])
+        + " |",
+        "| trained with N (2 epochs, 2,000 images) | " + " | ".join(trained_cells) + " |",
+        "| time of that training | " + " | ".join(times) + " |",
+    ]
+    doc.table("\n".join(lines))
+    doc.given("(here: 2 epochs on 2,000 training images)", "the command's --config.num_train_examples")
+    assert max(accuracy, key=accuracy.get) == 20 and accuracy[1] < 0.11 and accuracy[2] < 0.11
+    doc.claim("with 5 at {}", percent(accuracy[5], 1))
+    doc.claim("little with more ({} at 50, {} at 100)", percent(accuracy[50], 1), percent(accuracy[100], 1))
+    assert (
+        by_n[10]["final_test_accuracy"] >= by_n[20]["final_test_accuracy"]
+        and by_n[10]["seconds"] < by_n[20]["seconds"] * 0.6
+    )
+    assert by_n[50]["final_test_accuracy"] < min(by_n[n]["final_test_accuracy"] for n in (5, 10, 20))
+
+
+def readme_gradients(doc: Document) -> None:
+    study = _json(ANALYSES / "gradients.json")
+    assert (study["workdir"], study["images"]) == ("runs/cnmf_1x1", 50)
+    layers = sorted({row["layer"] for row in study["rows"]})
+    cells = {(row["iterations"], row["mode"], row["layer"]): row for row in study["rows"]}
+    lines = ["| N | mode | " + " | ".join(layers) + " |", "|" + "---|" * (len(layers) + 2)]
+    for n in sorted({row["iterations"] for row in study["rows"]}):
+        for mode in ("approx", "implicit"):
+            values = [cells[n, mode, layer] for layer in layers]
+            lines.append(
+                f"| {n} | {mode} | " + " | ".join(f"{v['cosine']:.3f} / {v['norm_ratio']:.3g}" for v in values) + " |"
+            )
+    doc.table("\n".join(lines))
+    doc.claim("Cosine similarity / norm ratio against unrolled, CNMF+1x1 after {} epochs:", str(study["epoch"]))
+
+    def cosines(n, mode):
+        return [cells[n, mode, layer]["cosine"] for layer in layers]
+
+    doc.claim(
+        "(cosine {} at N = 5, {} at N = 20)", _range(cosines(5, "approx"), ".2f"), _range(cosines(20, "approx"), ".2f")
+    )
+    top, bottom = cells[20, "approx", layers[-1]]["norm_ratio"], cells[20, "approx", layers[0]]["norm_ratio"]
+    doc.claim("(about {} at the top, {} at block 1)", f"{top:.1f}", f"{bottom:.0e}".replace("e-0", "e-"))
+    implicit_50 = [cells[50, "implicit", layer] for layer in layers]
+    assert all(abs(row["norm_ratio"] - 1) < 0.05 for row in implicit_50)
+    doc.claim("(cosine >= {}, norm ratio about 1 at N = 50)", f"{min(row['cosine'] for row in implicit_50):.2f}")
+    modes = _json(ANALYSES / "train_gradients.json")["runs"]
+    rows = [{"mode": mode, **run} for mode, run in modes.items()]
+    doc.table(
+        markdown_table(
+            rows,
+            [
+                ("gradient", "mode", "s"),
+                ("test accuracy", lambda row: percent(row["final_test_accuracy"]), "s"),
+                ("time", lambda row: f"{row['seconds']:.0f} s", "s"),
+            ],
+        )
+    )
+    doc.given("(2 epochs on 2,000 images, same seed and batches)", "the command's overrides")
+
+
+def readme_sweep(doc: Document) -> None:
+    runs = _json(ANALYSES / "sweep.json")["runs"]
+    rows = sorted(({"variant": name, **run} for name, run in runs.items()), key=lambda row: row["parameters"])
+    ratios = [row["cnn_parameters"] / row["nmf_parameters"] for row in rows]
+    columns = [
+        ("variant", "variant", "s"),
+        ("parameters", "parameters", ",d"),
+        ("NMF", "nmf_parameters", ",d"),
+        ("1x1 (CNN)", "cnn_parameters", ",d"),
+        ("CNN/NMF", lambda row: row["cnn_parameters"] / row["nmf_parameters"], ".2f"),
+        ("test accuracy", lambda row: percent(row["final_test_accuracy"]), "s"),
+        ("seconds", "seconds", ".0f"),
+    ]
+    doc.table(markdown_table(rows, columns))
+    doc.claim("the grid covers CNN/NMF ratios of {} only", _range(ratios, ".2f"))
+    doc.given("1 epoch on 2,000 training images each", "the command's overrides")
+    doc.given("After one epoch on 2,000 images", "the command's overrides")
+
+
+def readme_pictures(doc: Document) -> None:
+    reconstructions = _json(ANALYSES / "reconstructions.json")
+    doc.claim(
+        "rebuilds {} test images from its `h` with a mean relative L1 error of {}",
+        str(len(reconstructions["relative_l1_error"])),
+        percent(reconstructions["mean_relative_l1_error"], 1),
+    )
+    layers = _json(ANALYSES / "sparsity.json")["layers"]
+    means = [layers[f"block {block}"]["mean"] for block in (1, 2, 3, 4)]
+    assert means == sorted(means)
+    doc.claim("mean Hoyer sparsity {} in blocks 1-4", ", ".join(f"{mean:.2f}" for mean in means))
+    block4 = layers["block 4"]
+    doc.claim(
+        "in block 4, {} of the {} images are above {}",
+        str(block4["histogram"][-1]),
+        str(block4["positions"]),
+        f"{1 - 1 / len(block4['histogram']):.2f}",  # the last of the histogram's bins over [0, 1]
+    )
+
+
+README_CHECKS: list[Callable[[Document], None]] = [
+    readme_installation_and_training,
+    readme_example_output,
+    readme_devices_and_gpu,
+    readme_full_data,
+    readme_noise,
+    readme_local_learning,
+    readme_iterations,
+    readme_gradients,
+    readme_sweep,
+    readme_pictures,
+]
+
+
+def performance_gpu(doc: Document) -> None:
+    tables = gpu_tables()
+    for name in ("throughput", "op", "epochs"):
+        doc.table(tables[name])
+    record = _json(GPU / "bench-gpu.json")
+    doc.claim("[bench-gpu.json](gpu/h200-2026-12-04/bench-gpu.json), {} in all.", f"{record['seconds']:.0f} s")
+    doc.claim("({} L1-normalised patches, block 1 of a batch of 50;", f"{bench.GPU_FULL.problem_positions:,}")
+    at_50, at_500 = _gpu_cnmf_1x1(50), _gpu_cnmf_1x1(500)
+    doc.claim(
+        "step does {} GFLOP/s at batch 50 and {} GFLOP/s at batch 500, where it trains at {}x the images per second",
+        f"{at_50['train_gflop_per_second']:,.0f}",
+        f"{at_500['train_gflop_per_second']:,.0f}",
+        f"{at_500['train_images_per_second'] / at_50['train_images_per_second']:.1f}",
+    )
+    rows = {(row["model"], row["batch_size"], row["precision"]): row for row in record["throughput"]}
+    doc.claim(
+        "(CNN + 1x1 {} img/s against the CNN's {}) that the larger batch hides ({} against {})",
+        *(
+            f"{rows[model, batch, 'float32']['train_images_per_second']:,.0f}"
+            for batch in (50, 500)
+            for model in ("cnn_1x1", "cnn")
+        ),
+    )
+    errors = record["op_against_cpu"]
+    doc.claim(
+        "Float32 on the GPU agrees with the CPU to {}; TF32 stays within {} and bfloat16 within {} up to N = 50",
+        *(f"{_max_op_error(errors, precision):.1e}" for precision in ("float32", "tf32", "bfloat16")),
+    )
+    emulated = {
+        (row["iterations"], row["precision"]): row for row in _json(DOCS / "bench_cpu" / "precision.json")["rows"]
+    }
+    for row in (row for row in errors if row["precision"] != "float32"):  # "close to their emulation"
+        ratio = row["h"] / emulated[row["iterations"], row["precision"]]["h"]
+        assert 0.5 < ratio < 2, (row, ratio)
+    epochs = _gpu_epochs()
+    doc.claim("(compiled in {}):", f"{epochs[0]['compile_seconds']:.1f} s")
+    authors_eval = _from_log(r"tested at ([\d,]+-[\d,]+) img/s")[0]
+    comparison = _ours_vs_authors()
+    low, high = _authors_train_range()
+    doc.claim(
+        "{} img/s in training and {} img/s in testing. `train.py` trained at {} img/s, {}x theirs.",
+        f"{low:,.0f}-{high:,.0f}",
+        authors_eval,
+        comparison["ours"],
+        comparison["ratio"],
+    )
+    median = statistics.median(row["epoch_seconds"] for row in epochs)
+    assert CIFAR10_TRAIN / SUBSET_TRAIN == CIFAR10_TEST / SUBSET_TEST == 5
+    doc.claim(
+        "an epoch would take about {} x {} (the median epoch above) = {}, and 500 epochs {}.",
+        str(CIFAR10_TRAIN // SUBSET_TRAIN),
+        f"{median:.2f} s",
+        f"{5 * median:.1f} s",
+        f"{5 * median * 500 / 60:.0f} min",
+    )
+    profile = _json(GPU / "profile-cnmf_1x1-b50.json")
+    copies = dict((name, count) for name, count, _ in profile["top_kernels"])["memcpy32_post"]
+    doc.claim(
+        "The GPU runs {} kernels per step and is busy {} of it; the optimised program holds {} while loops "
+        "(the NMF iterations), {} fusions and {} library calls, and each step copies to the host {} times",
+        f"{profile['gpu_events_per_step']:.0f}",
+        f"{profile['gpu_busy_ms_per_step']:.2f} ms",
+        str(profile["while_loops"]),
+        str(profile["fusion_ops"]),
+        str(profile["custom_calls"]),
+        f"{copies:.0f}",  # the profile's counts are per step
+    )
+    products, milliseconds = _from_log(r"(\d+) of the kernels are matrix products .*?\), ([\d.]+) ms together")
+    doc.claim("{} of the kernels are matrix products, {} together", products, f"{milliseconds} ms")
+
+
+def performance_cpu(doc: Document) -> None:
+    tables = cpu_tables()
+    for name in ("devices", "throughput", "iterations", "batch", "figure1", "before"):
+        doc.table(tables[name])
+    doc.given(f"on the {SUBSET_TRAIN:,} training images and the {SUBSET_TEST:,}-image test", "the subset")
+    doc.claim("two devices trained at {}x and evaluated at {}x the rate of one", *_device_ratios())
+    doc.claim(
+        "With a warm compilation cache the steps loaded in {}",
+        f"{_first_epoch(DEVICE_RUNS[2])['compile_seconds']:.1f} s",
+    )
+    record = _json(DOCS / "bench_cpu" / "bench.json")
+    doc.claim("median of {} timed calls after a warm-up", str(record["repeats"]))
+    rows = {(row["model"], row["devices"]): row for row in record["throughput"] if row["batch_size"] == 50}
+    assert rows["cnmf", 2]["train_images_per_second"] < rows["cnmf", 1]["train_images_per_second"]
+    for model in ("cnn", "cnn_1x1", "cnmf_1x1"):
+        assert rows[model, 2]["train_images_per_second"] > rows[model, 1]["train_images_per_second"], model
+    doc.claim(
+        "CNMF with 2 devices ({} img/s) trained slower than with one ({})",
+        *(f"{rows['cnmf', devices]['train_images_per_second']:.0f}" for devices in (2, 1)),
+    )
+    figure1 = {(row["model"], row["gradient"], row["iterations"]): row for row in record["figure1"]}
+    unrolled, approx = figure1["cnmf", "unrolled", 20], figure1["cnmf", "approx", 20]
+    doc.claim(
+        "At N = 20 the approx backward is {}x faster than unrolled",
+        f"{unrolled['backward_ms'] / approx['backward_ms']:.1f}",
+    )
+    doc.given("(the paper reports about 29x on its GPU)", "the paper's Figure 1")
+    for constant in ("approx", "implicit"):  # memory independent of N
+        assert len({figure1["cnmf", constant, n]["backward_temp_memory_mb"] for n in (5, 20, 50)}) == 1
+    assert (
+        figure1["cnmf", "unrolled", 50]["backward_temp_memory_mb"]
+        > figure1["cnmf", "unrolled", 5]["backward_temp_memory_mb"]
+    )
+
+
+def performance_precision(doc: Document) -> None:
+    tables = cpu_tables()
+    for name in ("op", "precision", "seeds"):
+        doc.table(tables[name])
+    doc.claim("A first-block-sized problem ({} L1-normalised patches", f"{4096:,}")
+    assert bench.op_problem.__defaults__[0] == 4096
+    rows = _json(DOCS / "bench_cpu" / "precision.json")["rows"]
+    gpu = _json(GPU / "bench-gpu.json")["op_against_cpu"]
+    h_error = {(row["iterations"], row["precision"]): row["h"] for row in rows}
+    for precision in ("tf32", "bfloat16"):  # "grows with N, more slowly than N"
+        assert h_error[5, precision] < h_error[20, precision] < h_error[50, precision] < 10 * h_error[5, precision]
+    doc.claim(
+        "TF32 stays within {} of float32 up to N = 50 (on the H200: {}) and bfloat16 within {}.",
+        f"{_max_op_error(rows, 'tf32'):.1e}",
+        f"{_max_op_error(gpu, 'tf32'):.1e}",
+        f"{_max_op_error(rows, 'bfloat16'):.1e}",
+    )
+    precision = {name: _first_epoch(run) for name, run in PRECISION_RUNS.items()}
+    seeds = [_first_epoch(run)["test_accuracy"] for run in SEED_RUNS.values()]
+    for name, run in {**PRECISION_RUNS, **SEED_RUNS}.items():
+        config = _json(RUNS / run / "config.json")
+        expected_seed = int(name[-1]) if name.startswith("seed") else 0
+        expected_precision = name if name in PRECISION_RUNS else "float32"
+        assert (config["seed"], config["model"]["nmf"]["precision"]) == (expected_seed, expected_precision), run
+    low, high = min(seeds), max(seeds)
+    assert low <= precision["tf32"]["test_accuracy"] <= high and precision["bfloat16"]["test_accuracy"] < low
+    doc.claim(
+        "Across three seeds float32's test accuracy after one epoch spans {} ({} points); TF32's {} lies "
+        "inside that spread, bfloat16's {} below it.",
+        f"{100 * low:.2f}-{100 * high:.2f} %",
+        f"{100 * (high - low):.2f}",
+        percent(precision["tf32"]["test_accuracy"]),
+        percent(precision["bfloat16"]["test_accuracy"]),
+    )
+    doc.claim(
+        "every gradient stays within {} at N <= 50 on the H200 ({} in the emulation)",
+        f"{_max_op_error(gpu, 'tf32'):.1e}",
+        f"{_max_op_error(rows, 'tf32'):.1e}",
+    )
+    doc.claim("its largest error is {}x TF32's", f"{_max_op_error(gpu, 'bfloat16') / _max_op_error(gpu, 'tf32'):.1f}")
+    doc.claim(
+        "at batch 500 at {} img/s against {} in float32",
+        *(f"{_gpu_cnmf_1x1(500, precision)['train_images_per_second']:,.0f}" for precision in ("tf32", "float32")),
+    )
+
+
+PERFORMANCE_CHECKS: list[Callable[[Document], None]] = [performance_gpu, performance_cpu, performance_precision]
+
+
+# --- docs/reproduction/README.md ---
+
+
+def reproduction_record(doc: Document) -> None:
+    full_data_table(doc)
+    config = _json(REPRODUCTION / "cnmf_1x1" / "config.json")
+    rates = config["learning_rates"]
+    doc.claim(
+        "learning rates {} for the NMF weights / first-layer convolutions, {} for the 1x1 mixing and BatchNorm",
+        str(rates["module_a"]),
+        str(rates["mixing"]),
+    )
+    assert rates["batch_norm"] == rates["mixing"]
+    doc.given(f"on the {CIFAR10_TRAIN:,} training images, evaluated on the {CIFAR10_TEST:,} test", "CIFAR-10")
+    seconds = [row["epoch_seconds"] for row in read_metrics(REPRODUCTION / "cnmf_1x1")]
+    doc.claim("single CNMF + 1x1 epochs took {} to {}", f"{min(seconds):,.0f} s", f"{max(seconds):,.0f} s")
+    evaluated = _json(ANALYSES / "evaluate.json")
+    doc.claim(
+        "the shipped CNMF + 1x1 gets {} with batch statistics and {} with running statistics",
+        percent(evaluated["batch_norm_statistics"]["batch"]["accuracy"]),
+        percent(evaluated["batch_norm_statistics"]["running"]["accuracy"]),
+    )
+    doc.given(f"Measured on the {CIFAR10_TEST:,} test images", "CIFAR-10")
+
+
+DOCUMENTS = {
+    "README.md": README_CHECKS,
+    "docs/performance.md": PERFORMANCE_CHECKS,
+    "docs/reproduction/README.md": [reproduction_record],
+    "docs/runs/README.md": [],  # commands and settings only
+}
+
+
+@pytest.mark.parametrize(
+    ("document", "check"),
+    [(document, check) for document, checks in DOCUMENTS.items() for check in checks],
+    ids=lambda value: value if isinstance(value, str) else value.__name__,
+)
+def test_the_document_says_what_its_record_holds(document, check):
+    check(Document(ROOT / document, document))
+
+
+@pytest.mark.parametrize("document", DOCUMENTS)
+def test_every_number_of_the_document_is_checked_against_a_record(document):
+    doc = Document(ROOT / document, document)
+    for check in DOCUMENTS[document]:
+        check(doc)
+    unaccounted = doc.unaccounted()
+    assert not unaccounted, f"{len(unaccounted)} numbers of {document} are checked against no record:\n" + "\n".join(
+        unaccounted
+    )
+
+
+def test_every_markdown_page_under_docs_is_checked_or_a_record():
+    pages = {path.relative_to(ROOT).as_posix() for path in DOCS.rglob("*.md")}
+    records = {path.relative_to(ROOT).as_posix() for path in DOCS.glob("gpu/*/README.md")}
+    records.add("docs/reproduction/compare.md")  # written by the compare command; test_reproduction remakes it
+    assert pages - records == {document for document in DOCUMENTS if document.startswith("docs/")}
+
+
+@pytest.mark.parametrize("page", sorted(path.name for path in (DOCS / "api").glob("*.rst")))
+def test_the_api_reference_quotes_no_measured_figure(page):
+    assert not Document(DOCS / "api" / page, page).unaccounted()
