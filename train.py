@@ -1,11 +1,13 @@
-"""Trains one of the paper's networks.
+r"""Trains one of the paper's networks.
 
     python train.py --config configs/cnmf_1x1.py --workdir runs/cnmf_1x1 \
         --config.data_dir=../shared/tfds --config.num_epochs=3
 
-Rerunning the same command resumes from the workdir's newest checkpoint;
-``--start_over`` moves a previous run aside and starts from scratch. Ctrl-C
-(or SIGTERM) stops at the next step, after any save in progress.
+Every field of the config is set as --config.FIELD=VALUE; --show_config lists
+them with their values and meaning. Rerunning the same command resumes from the
+workdir's newest checkpoint; --start_over moves a previous run aside and starts
+from scratch. Ctrl-C (or SIGTERM) stops at the next step, after any save in
+progress.
 """
 
 import pathlib
@@ -18,8 +20,15 @@ from nmfjax import cli
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).", lock_config=True)
-flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and plots go (default: runs/<model>).")
+flags.DEFINE_string(
+    "workdir", None, "Where config.json, metrics.jsonl, checkpoints/ and tensorboard/ go (default: runs/<model>)."
+)
 flags.DEFINE_bool("start_over", False, "Move a previous run in the workdir to WORKDIR.replaced-TIME, then train.")
+flags.DEFINE_bool(
+    "show_config",
+    False,
+    "Print every field of the config (with your --config.FIELD=VALUE overrides), its value and meaning; no training.",
+)
 
 
 def parse_flags(argv):
@@ -38,6 +47,12 @@ def main(argv):
     if not config_file.is_file():
         cli.fail(f"config file {config_file} does not exist; the configs are in configs/, e.g. configs/cnmf_1x1.py.")
     logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint step at INFO
+    if FLAGS.show_config:
+        from nmfjax import configuration
+
+        print(f"{config_file}, as this command sets it.")
+        print(configuration.describe_config(FLAGS.config))
+        return
     from nmfjax import parallel
 
     with cli.exit_on_errors():

@@ -13,6 +13,7 @@ import importlib.util
 import json
 import math
 import pathlib
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -21,7 +22,7 @@ import ml_collections
 from flax import nnx
 from ml_collections import config_dict
 
-from nmfjax import data, models
+from nmfjax import data, models, ops
 from nmfjax.errors import ConfigError, MissingFileError, WorkdirError, describe
 from nmfjax.validation import is_positive_int
 
@@ -85,6 +86,98 @@ def default_config() -> ml_collections.ConfigDict:
     # XLA_FLAGS=--xla_force_host_platform_device_count=N or JAX_NUM_CPU_DEVICES=N win over it.
     config.cpu_devices = config_dict.placeholder(int)
     return config
+
+
+#: One line of meaning per field outside ``model`` (those come from the docstrings of
+#: :class:`~nmfjax.models.NetworkSpec` and :class:`~nmfjax.ops.NMFOptions`); ``--show_config`` prints them.
+FIELD_HELP = {
+    "model": "the network (paper section 2.5): fields of nmfjax.models.NetworkSpec",
+    "model.nmf": "options of the NMF op in module a: fields of nmfjax.ops.NMFOptions",
+    "dataset": f"the TFDS dataset: one of {tuple(data.DATASETS)}",
+    "data_dir": "TFDS data directory that holds the dataset; None: tfds's default (~/tensorflow_datasets)",
+    "download": "download and prepare a missing dataset into data_dir (needs network and the download extra)",
+    "crop_size": "side of the random (train) and centre (test) crops; None: the dataset's default",
+    "num_train_examples": "train on the first N training images only; None: all",
+    "augment": "the training augmentation (paper section 2.6)",
+    "augment.flip": "random horizontal flips",
+    "augment.brightness": "colour jitter: brightness factor range 1 +- this",
+    "augment.contrast": "colour jitter: contrast factor range 1 +- this",
+    "augment.saturation": "colour jitter: saturation factor range 1 +- this",
+    "augment.hue": "colour jitter: hue shift range +- this (of a full turn)",
+    "batch_size": "training batch size (must divide by the device count)",
+    "eval_batch_size": "test batch size; with batch statistics in BatchNorm it changes the results",
+    "num_epochs": "epochs to train (a rerun with more continues)",
+    "learning_rates": "Adam's learning rate per parameter group (nmfjax.models.PARAMETER_GROUPS)",
+    "learning_rates.module_a": "the NMF weights or first convolutions of each block",
+    "learning_rates.mixing": "the 1x1 mixing convolutions",
+    "learning_rates.batch_norm": "BatchNorm's scales and offsets",
+    "plateau": "reduce-on-plateau rule applied after each epoch",
+    "plateau.metric": f"what it watches: one of {PLATEAU_METRICS}",
+    "plateau.factor": "multiplies every learning rate when the metric stops improving",
+    "plateau.patience": "epochs without improvement before it does",
+    "plateau.rtol": "relative improvement that counts as one",
+    "min_learning_rate": "training stops when every learning rate is below this",
+    "seed": "initialisation, data order and augmentation",
+    "checkpoints_to_keep": "the latest checkpoints kept (the best by test accuracy is kept as well)",
+    "log_every_steps": "how often the progress bar shows the running loss",
+    "distributed": "one run over several processes (README, 'Several hosts')",
+    "distributed.enabled": "start jax.distributed; the fields below or JAX_* variables or the cluster name the run",
+    "distributed.coordinator_address": "HOST:PORT of process 0",
+    "distributed.num_processes": "how many processes the run has",
+    "distributed.process_id": "this process's index (0 writes the workdir)",
+    "cpu_devices": "XLA devices on a CPU; None: one per core (the largest count that divides the batch sizes)",
+}
+
+
+def _attribute_help(cls: type) -> dict[str, str]:
+    """The first sentence of each entry of a class docstring's ``Attributes:`` section."""
+    doc = (cls.__doc__ or "").split("Attributes:", 1)[-1]
+    entries: dict[str, str] = {}
+    name = None
+    for line in doc.splitlines():
+        stripped = line.strip()
+        if not stripped:
+            continue
+        if len(line) - len(line.lstrip()) <= 6 and ":" in stripped and stripped.split(":")[0].isidentifier():
+            name, text = stripped.split(":", 1)
+            entries[name] = text.strip()
+        elif name is not None:
+            entries[name] += " " + stripped
+    plain = {key: re.sub(r":\w+:`~?([^`]+)`", r"\1", text).replace("``", "") for key, text in entries.items()}
+    return {key: re.split(r"\.\s+(?=[A-Z])", text)[0].rstrip(".") for key, text in plain.items()}
+
+
+def field_help() -> dict[str, str]:
+    """One line of meaning for every field of :func:`default_config`, by dotted name."""
+    described = dict(FIELD_HELP)
+    fields = default_config()
+    model = _attribute_help(models.NetworkSpec)
+    nmf = _attribute_help(ops.NMFOptions)
+    described.update({f"model.{key}": model[key] for key in fields.model.keys() if key != "nmf"})
+    described.update({f"model.nmf.{key}": nmf[key] for key in fields.model.nmf.keys()})
+    return described
+
+
+def describe_config(config: ml_collections.ConfigDict) -> str:
+    """Every field of ``config`` with its value and one line of meaning, grouped as the config is
+    (what ``train.py --show_config`` prints).
+    """
+    described = field_help()
+    lines = ["Every field can be set with --config.FIELD=VALUE (e.g. --config.model.nmf.iterations=10)."]
+
+    def walk(section: ml_collections.ConfigDict, prefix: str, depth: int) -> None:
+        for key in section.keys():
+            name, value, indent = f"{prefix}{key}", section[key], "  " * depth
+            meaning = described.get(name, "")
+            if isinstance(value, ml_collections.ConfigDict):
+                lines.append(f"{indent}{key}:  {meaning}".rstrip())
+                walk(value, f"{name}.", depth + 1)
+            else:
+                shown = tuple(value) if isinstance(value, list) else value
+                lines.append(f"{indent}{key} = {shown!r}".ljust(40) + f"  {meaning}".rstrip())
+
+    walk(config, "", 0)
+    return "\n".join(lines)
 
 
 def network_spec(config: ml_collections.ConfigDict) -> models.NetworkSpec:

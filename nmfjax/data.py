@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import difflib
 import pathlib
 import socket
 from collections.abc import Iterator
@@ -36,15 +37,80 @@ class DatasetInfo:
     image_size: int  # side of the stored square images
     channels: int
     crop_size: int  # default crop (28 of 32 for CIFAR-10, as the paper; 24 of 28 for MNIST, as the authors' code)
+    download_host: str  # where tfds downloads it from (its builder's URL)
+    class_names: tuple[str, ...]
     num_classes: int = 10
 
 
 #: The datasets nmfjax trains on, by TFDS name.
 DATASETS = {
-    "cifar10": DatasetInfo(image_size=32, channels=3, crop_size=28),
-    "mnist": DatasetInfo(image_size=28, channels=1, crop_size=24),
-    "fashion_mnist": DatasetInfo(image_size=28, channels=1, crop_size=24),
+    "cifar10": DatasetInfo(
+        image_size=32,
+        channels=3,
+        crop_size=28,
+        download_host="www.cs.toronto.edu",
+        class_names=("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"),
+    ),
+    "mnist": DatasetInfo(
+        image_size=28,
+        channels=1,
+        crop_size=24,
+        download_host="storage.googleapis.com",
+        class_names=tuple(str(digit) for digit in range(10)),
+    ),
+    "fashion_mnist": DatasetInfo(
+        image_size=28,
+        channels=1,
+        crop_size=24,
+        download_host="fashion-mnist.s3-website.eu-central-1.amazonaws.com",
+        class_names=(
+            "T-shirt/top",
+            "trouser",
+            "pullover",
+            "dress",
+            "coat",
+            "sandal",
+            "shirt",
+            "sneaker",
+            "bag",
+            "ankle boot",
+        ),
+    ),
 }
+
+#: Seconds the one try to reach a dataset's host may take before a download (offline: fail at once).
+REACHABLE_TIMEOUT = 5.0
+
+
+def check_host_reachable(host: str, timeout: float = REACHABLE_TIMEOUT) -> None:
+    """One short try to open a connection to ``host``; ``ConnectionError`` naming it if none opens.
+
+    tfds's downloader retries a missing network for minutes; this answers in
+    seconds, before anything is written into the data directory.
+    """
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+    except OSError as error:
+        raise ConnectionError(f"cannot reach {host} ({describe(error)})") from error
+
+
+def _check_data_dir(name: str, data_dir: str | None, download: bool) -> None:
+    """A ``data_dir`` that does not exist is a mistyped path far more often than a wish for a new one:
+    say so, and create nothing.
+    """
+    if data_dir is None or pathlib.Path(data_dir).expanduser().is_dir():
+        return
+    path = pathlib.Path(data_dir).expanduser()
+    parent = path.parent if path.parent.is_dir() else None
+    siblings = [child.name for child in parent.iterdir() if child.is_dir()] if parent is not None else []
+    close = difflib.get_close_matches(path.name, siblings, n=1)
+    hint = f" (did you mean {parent / close[0]}?)" if parent is not None and close else ""
+    remedy = (
+        f"to download {name} into a new directory, create it first (mkdir -p {data_dir})"
+        if download
+        else f"point it at a TFDS data directory that holds {name}"
+    )
+    raise DatasetUnavailableError(f"config.data_dir={data_dir} does not exist{hint}; {remedy}.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,6 +191,7 @@ def _open_source(name: str, split: str, data_dir: str | None, download: bool):
     """The split as a random-access ``tfds`` data source (array_record), downloading and preparing
     the dataset first when it is missing and ``download`` allows it.
     """
+    _check_data_dir(name, data_dir, download)
     # array_record explicitly: tfds.data_source only picks it when no data_dir is given, and
     # a dataset prepared as tfrecord offers no random access.
     try:
@@ -143,6 +210,7 @@ def _open_source(name: str, split: str, data_dir: str | None, download: bool):
                 "or allow the download with --config.download=True."
             )
         try:
+            check_host_reachable(check_dataset(name).download_host)
             # try_download_gcs=False: tfds's prepared copies on GCS are tfrecord, which cannot be used here.
             builder.download_and_prepare(download_config=tfds.download.DownloadConfig(try_download_gcs=False))
         except Exception as error:  # the causes are many (network, modules, archives); _download_failure names them
@@ -202,7 +270,8 @@ def load_split(
     source = _open_source(name, split, data_dir, download)
     count = len(source) if limit is None else min(limit, len(source))
     records = []
-    with tqdm(total=count, desc=f"decoding {name} {split}", unit="img", leave=False) as bar:
+    # _absl_errors_only: tfds's image decoder warns that OpenCV is not installed (it decodes with PIL alike).
+    with _absl_errors_only(), tqdm(total=count, desc=f"decoding {name} {split}", unit="img", leave=False) as bar:
         # Reads in chunks: one read of many records is about twice as fast as one read per record.
         for first in range(0, count, DECODE_CHUNK):
             try:

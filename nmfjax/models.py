@@ -168,7 +168,7 @@ class NetworkSpec:
     """Everything that decides a network's structure: ``config.model`` plus the input shape.
 
     Attributes:
-      architecture: a key of :data:`ARCHITECTURES`.
+      architecture: the network, ``"cnn"``, ``"cnmf"``, ``"cnn_1x1"`` or ``"cnmf_1x1"`` (:data:`ARCHITECTURES`).
       input_shape: ``(height, width, channels)`` of the (cropped) images.
       kernel_sizes: module a's kernel per block; 0 is "the whole remaining map"
         (block 3 of the paper's networks).

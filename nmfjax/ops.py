@@ -164,10 +164,11 @@ class NMFOptions:
         the input gradient then still follows ``gradient``.
       adjoint_iterations: iterations of the adjoint solve of ``"implicit"``
         (``None``: ``iterations``).
-      precision: the operands' precision in every matrix product of the op
-        (:func:`matmul`): ``"float32"`` (default, on every platform, so that a
-        GPU computes what a CPU does), ``"tf32"`` or ``"bfloat16"`` (an
-        accelerator's tensor cores; emulated on a CPU). Sums stay float32.
+      precision: the operands' precision in the op's matrix products
+        (:func:`matmul`): ``"float32"`` (default), ``"tf32"`` or ``"bfloat16"``.
+        Float32 runs as such on every platform, so that a GPU computes what a
+        CPU does; the other two use an accelerator's tensor cores (emulated on
+        a CPU). Sums stay float32.
       check_inputs: a debug check that ``x`` and ``w`` are non-negative and
         finite, for a function wrapped in ``jax.experimental.checkify.checkify``
         (see :func:`nmf`). Off by default, and not a config field: a training

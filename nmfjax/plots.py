@@ -61,26 +61,41 @@ def _plain_log_axis(axis, formatter) -> None:
 
 
 def plot_learning_curves(workdirs: list[str | pathlib.Path], output: str | pathlib.Path) -> pathlib.Path:
-    """Loss, accuracy and learning rate against epoch for each workdir; returns the PNG's path."""
-    figure = Figure(figsize=(15, 4.2))
-    loss_axis, accuracy_axis, rate_axis = figure.subplots(1, 3)
-    for workdir, color in zip(workdirs, _colors(), strict=False):  # one colour per workdir: train dashed, test solid
-        workdir = pathlib.Path(workdir)
+    """Loss and accuracy against epoch for each workdir, and the learning rates where the plateau rule
+    lowered them; returns the PNG's path.
+    """
+    histories = []
+    for workdir in map(pathlib.Path, workdirs):
         rows = read_metrics(workdir)
         if not rows:
             raise MissingFileError(f"{workdir / 'metrics.jsonl'} holds no epochs: train with train.py first.")
+        histories.append((workdir, rows))
+    # The plateau rule scales every group's rate alike: its factor is the one curve worth a panel, and
+    # only where it moved.
+    factors = {
+        workdir: [row["learning_rate_module_a"] / rows[0]["learning_rate_module_a"] for row in rows]
+        for workdir, rows in histories
+    }
+    lowered = any(min(factor) < 1 for factor in factors.values())
+    figure = Figure(figsize=(15 if lowered else 10.5, 4.2))
+    axes = figure.subplots(1, 3 if lowered else 2)
+    loss_axis, accuracy_axis = axes[0], axes[1]
+    for (workdir, rows), color in zip(histories, _colors(), strict=False):  # train dashed, test solid
         epochs = [row["epoch"] for row in rows]
         for split, style in (("train", "--"), ("test", "-")):
             label = f"{workdir.name} {split}"
             loss_axis.plot(epochs, [row[f"{split}_loss"] for row in rows], style, color=color, marker=".", label=label)
             accuracy = [100 * row[f"{split}_accuracy"] for row in rows]
             accuracy_axis.plot(epochs, accuracy, style, color=color, marker=".", label=label)
-        rates = [row["learning_rate_module_a"] for row in rows]
-        rate_axis.plot(epochs, rates, color=color, marker=".", label=workdir.name)
+        if lowered:
+            axes[2].plot(epochs, factors[workdir], color=color, marker=".", label=workdir.name)
     loss_axis.set(title="loss (CE + 0.5 MSE) / 1.5", xlabel="epoch", ylabel="loss")
     accuracy_axis.set(title="accuracy", xlabel="epoch", ylabel="accuracy (%)")
-    rate_axis.set(title="learning rate of module a", xlabel="epoch", ylabel="learning rate", yscale="log")
-    for axis in (loss_axis, accuracy_axis, rate_axis):
+    if lowered:
+        axes[2].set(title="learning rates / their start (plateau rule)", xlabel="epoch", ylabel="factor", yscale="log")
+    else:
+        figure.suptitle("learning rates constant: the plateau rule did not lower them", fontsize=9)
+    for axis in axes:
         axis.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         axis.grid(alpha=0.3)
         axis.legend(fontsize=8)
@@ -128,7 +143,7 @@ def plot_comparison(comparison: dict[str, Any], output: str | pathlib.Path) -> p
     epochs = "/".join(map(str, sorted({run["epochs"] for run in runs})))
     axis.set(
         title=f"CIFAR-10: test accuracy against parameters (nmfjax after {epochs} epochs)",
-        xlabel="parameters",
+        xlabel="parameters (networks of equal size drawn apart: convolutional left, NMF right)",
         ylabel="test accuracy (%)",
         xlim=(min(parameters) - 0.6 * span, max(parameters) + 0.6 * span),
     )

@@ -496,26 +496,82 @@ def train_and_evaluate(
     spec = configuration.validate_config(config)
     workdir = pathlib.Path(workdir)
     is_main_process = jax.process_index() == 0
-    with _StopSignals() as signals, _workdir_lock(workdir, is_main_process):
-        if start_over and is_main_process:
-            workdirs.start_over(workdir)
-        workdirs.check_same_run(workdir, config)
-        if is_main_process:
-            with workdirs.storage_errors(workdir / "config.json", "Free space, or train into another --workdir."):
-                workdirs.write_atomically(workdir / "config.json", config.to_json_best_effort(indent=2) + "\n")
+    new_workdir = not workdir.exists()
+    if is_main_process:
+        source = config.data_dir or "tfds's default data directory"
+        print(f"Training {config.model.architecture} into {workdir} ({config.dataset} from {source}).", flush=True)
+    try:
+        with _StopSignals() as signals, _workdir_lock(workdir, is_main_process):
+            if start_over and is_main_process:
+                workdirs.start_over(workdir)
+            workdirs.check_same_run(workdir, config)
+            # The data first: a run that cannot read them writes nothing into its workdir.
+            splits = _read_splits(config)
+            if is_main_process:
+                with workdirs.storage_errors(workdir / "config.json", "Free space, or train into another --workdir."):
+                    workdirs.write_atomically(workdir / "config.json", config.to_json_best_effort(indent=2) + "\n")
 
-        trainer = Trainer(config, spec, parallel.data_mesh())
-        manager = workdirs.checkpoint_manager(workdir, config.checkpoints_to_keep)
-        try:
-            row = _train(config, workdir, trainer, manager, signals, is_main_process)
-        except BaseException:
-            # The run's own error is the one to report, not what finishing a failed save says again.
-            with contextlib.suppress(Exception), workdirs.quiet_failure():
-                manager.wait_until_finished()
-                manager.close()
-            raise
-        manager.close()
-        return row
+            trainer = Trainer(config, spec, parallel.data_mesh())
+            manager = workdirs.checkpoint_manager(workdir, config.checkpoints_to_keep)
+            try:
+                row = _train(config, workdir, trainer, manager, signals, is_main_process, splits)
+            except BaseException:
+                # The run's own error is the one to report, not what finishing a failed save says again.
+                with contextlib.suppress(Exception), workdirs.quiet_failure():
+                    manager.wait_until_finished()
+                    manager.close()
+                raise
+            manager.close()
+    except BaseException:
+        if new_workdir and is_main_process:
+            with contextlib.suppress(OSError):
+                workdir.rmdir()  # only if empty: the run stopped before writing anything
+        raise
+    if is_main_process:
+        print(run_summary(workdir), flush=True)
+    return row
+
+
+def _read_splits(config: ml_collections.ConfigDict) -> tuple[data.Split, data.Split]:
+    """The run's train and test splits, decoded; a train split smaller than a batch is a ConfigError."""
+    train = data.load_split(
+        config.dataset, "train", data_dir=config.data_dir, download=config.download, limit=config.num_train_examples
+    )
+    test = data.load_split(config.dataset, "test", data_dir=config.data_dir, download=config.download)
+    if len(train) < config.batch_size:
+        raise ConfigError(
+            f"the train split of {config.dataset!r} holds {len(train)} examples, fewer than config.batch_size="
+            f"{config.batch_size}: an epoch would have no step. Lower config.batch_size, or use a larger dataset."
+        )
+    return train, test
+
+
+def run_summary(workdir: str | pathlib.Path) -> str:
+    """What ``train.py`` prints at the end of a run: its best and last test accuracy with their epochs,
+    the files it wrote, and the commands that look at it.
+    """
+    workdir = pathlib.Path(workdir)
+    rows = workdirs.read_metrics(workdir)
+    if not rows:
+        return f"{workdir} holds no finished epoch."
+    best = max(rows, key=lambda row: row["test_accuracy"])
+    last = rows[-1]
+    commands = [
+        (f"python -m nmfjax.plots {workdir}", "learning curves (PNG)"),
+        (f"python -m nmfjax.experiments compare {workdir} OTHER_WORKDIR", "runs side by side"),
+        (f"python -m nmfjax.experiments evaluate {workdir}", "test accuracy of the best epoch"),
+        (f"tensorboard --logdir {workdir}", ""),
+    ]
+    width = max(len(command) for command, _ in commands)
+    return "\n".join(
+        [
+            f"Best test accuracy {100 * best['test_accuracy']:.2f}% (epoch {best['epoch']}), "
+            f"last {100 * last['test_accuracy']:.2f}% (epoch {last['epoch']}).",
+            f"Written to {workdir}/: config.json, metrics.jsonl (a line per epoch), checkpoints/, tensorboard/.",
+            "To look at it:",
+            *(f"  {command.ljust(width)}   # {what}".rstrip(" #") for command, what in commands),
+        ]
+    )
 
 
 @contextlib.contextmanager
@@ -544,6 +600,7 @@ def _train(
     manager: ocp.CheckpointManager,
     signals: _StopSignals,
     is_main_process: bool,
+    splits: tuple[data.Split, data.Split],
 ) -> dict[str, Any]:
     restore_args = _restore_args(trainer.initial_state, config.seed)
     restored, set_aside = workdirs.restore_newest(manager, workdir, restore_args, is_main_process)
@@ -579,15 +636,7 @@ def _train(
                 signals.received,
             )
 
-    train = data.load_split(
-        config.dataset, "train", data_dir=config.data_dir, download=config.download, limit=config.num_train_examples
-    )
-    test = data.load_split(config.dataset, "test", data_dir=config.data_dir, download=config.download)
-    if len(train) < config.batch_size:
-        raise ConfigError(
-            f"the train split of {config.dataset!r} holds {len(train)} examples, fewer than config.batch_size="
-            f"{config.batch_size}: an epoch would have no step. Lower config.batch_size, or use a larger dataset."
-        )
+    train, test = splits
     check_stop()
     train_images, train_labels = trainer.put_replicated(train.images), trainer.put_replicated(train.labels)
     test_images, test_labels = trainer.put_replicated(test.images), trainer.put_replicated(test.labels)

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+from unittest import mock
 
 import pytest
 
@@ -54,8 +55,29 @@ def tiny_config(model="cnmf_1x1", **overrides):
 
 # --- train.py and other commands as real processes ---
 
+
+@contextlib.contextmanager
+def mocked_tfds(num_examples: int):
+    """tfds's mock data: a dataset that counts as downloaded, so the one try to reach its host before a
+    download (``nmfjax.data.check_host_reachable``) is replaced as well; nothing else changes.
+    """
+    import tensorflow_datasets as tfds
+
+    from nmfjax import data
+
+    with tfds.testing.mock_data(num_examples=num_examples), mock.patch.object(data, "check_host_reachable", _reached):
+        yield
+
+
+def _reached(host: str) -> None:
+    """Stands in for a host that answered."""
+
+
+# The same in a train.py process, as Python run before the script.
 MOCK_DATA = """
 import tensorflow_datasets as tfds
+from nmfjax import data
+data.check_host_reachable = lambda host: None
 MOCKED_DATA = tfds.testing.mock_data(num_examples={examples})  # referenced: the patches last while it lives
 MOCKED_DATA.__enter__()
 """

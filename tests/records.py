@@ -63,3 +63,21 @@ def assert_matches_record(
         assert _close(float(made), recorded, atol), (where, made, recorded)
     else:
         assert type(made) is type(recorded) and made == recorded, (where, made, recorded)
+
+
+#: How far a short training may end from its record on another machine. Training amplifies round-off:
+#: the quick start's 40 steps, rerun on this CPU with XLA limited to SSE4.2 or with one device instead of
+#: two, moved the losses by up to 2e-4 (relative) and the accuracies by up to 4 of 2,000 images.
+TRAINING_LOSS_RTOL = 1e-3
+TRAINING_ACCURACY_ATOL = 0.01
+
+
+def assert_training_matches_record(made: dict, recorded: dict) -> None:
+    """A metrics row of a rerun training against its recorded row: the same epoch, losses within
+    :data:`TRAINING_LOSS_RTOL`, accuracies within :data:`TRAINING_ACCURACY_ATOL`.
+    """
+    assert made["epoch"] == recorded["epoch"]
+    for key in ("train_loss", "test_loss"):
+        assert math.isclose(made[key], recorded[key], rel_tol=TRAINING_LOSS_RTOL), (key, made[key], recorded[key])
+    for key in ("train_accuracy", "test_accuracy"):
+        assert abs(made[key] - recorded[key]) <= TRAINING_ACCURACY_ATOL, (key, made[key], recorded[key])

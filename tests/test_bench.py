@@ -5,9 +5,9 @@ import json
 
 import jax
 import pytest
-import tensorflow_datasets as tfds
 
 from nmfjax import bench, models, ops
+from tests.conftest import mocked_tfds
 
 
 def test_tiny_benchmark_writes_json_and_plot(tmp_path, capsys):
@@ -52,7 +52,7 @@ def test_gpu_suite_says_there_is_no_gpu_on_a_cpu(capsys):
 
 def test_every_step_of_the_gpu_suite_runs_on_a_cpu_device(tmp_path, capsys):
     sizes = dataclasses.replace(bench.GPU_TINY, train={**bench.GPU_TINY.train, "download": True})  # mock data
-    with tfds.testing.mock_data(num_examples=20):
+    with mocked_tfds(20):
         results = bench.gpu_suite(jax.devices("cpu")[0], None, tmp_path, sizes)
     written = json.loads((tmp_path / "gpu.json").read_text())
     assert written["op_against_cpu"] == results["op_against_cpu"] and written["train"] == results["train"]

@@ -77,7 +77,8 @@ def test_train_py_reports_a_mismatched_workdir_in_one_line(tmp_path):
 
 def test_train_py_reports_epochs_without_checkpoints_in_one_line(tmp_path):
     workdir = _saved_run(tmp_path / "run", epochs=3)
-    child = run_process(train_command("--config", CNN, f"--workdir={workdir}"), tmp_path / "p")
+    command = train_command("--config", CNN, f"--workdir={workdir}", prelude=MOCK_DATA.format(examples=50))
+    child = run_process(command, tmp_path / "p")  # (the data are read first: they are there)
     _assert_one_error_line(child, "can be restored, but metrics.jsonl records epochs up to 3")
 
 
@@ -166,3 +167,53 @@ def test_an_unexpected_failure_keeps_its_traceback(tmp_path):
         child.process.returncode not in (0, 2) and "Traceback" in child.stderr and "RuntimeError: a bug" in child.stderr
     )
     assert sys.executable  # the child ran with this interpreter
+
+
+def test_offline_train_py_stops_in_one_line_and_creates_nothing(tmp_path):
+    """A misspelled data directory, then a download with no network: each one line, within the bound of the
+    process (tfds's own retries took minutes), and neither data directory nor workdir appears.
+    """
+    (tmp_path / "tfds").mkdir()
+    workdir = tmp_path / "run"
+    misspelled = tmp_path / "tfdss"
+    child = run_process(
+        train_command("--config", CNN, f"--workdir={workdir}", f"--config.data_dir={misspelled}"), tmp_path / "p1"
+    )
+    _assert_one_error_line(child, f"config.data_dir={misspelled} does not exist (did you mean {tmp_path / 'tfds'}?)")
+    offline = """
+        import socket
+        def create_connection(*args, **kwargs):
+            raise socket.gaierror(-3, "Temporary failure in name resolution")
+        socket.create_connection = create_connection
+    """
+    command = train_command("--config", CNN, f"--workdir={workdir}", f"--config.data_dir={tmp_path / 'tfds'}")
+    child = run_process(script_command(ROOT / "train.py", *command[3:], prelude=offline), tmp_path / "p2")
+    _assert_one_error_line(child, "no network (ConnectionError: cannot reach www.cs.toronto.edu")
+    assert "Retrying" not in child.stderr
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["p1", "p2", "tfds"]
+    assert list((tmp_path / "tfds").iterdir()) == []
+
+
+def test_show_config_lists_every_field_with_its_value_and_meaning(tmp_path):
+    child = run_process(
+        train_command("--config", CNN, "--config.model.nmf.iterations=7", "--show_config"), tmp_path / "p", timeout=120
+    )
+    assert child.process.returncode == 0, child.stderr[-3000:]
+    lines = child.stdout.splitlines()
+    assert lines[0] == f"{CNN}, as this command sets it." and "--config.FIELD=VALUE" in lines[1]
+    fields = [line.split("=")[0].strip() for line in lines[2:] if " = " in line]
+    expected = configuration.default_config()
+    leaves = []
+
+    def walk(section, prefix=""):
+        for key in section.keys():
+            if hasattr(section[key], "keys"):
+                walk(section[key], f"{prefix}{key}.")
+            else:
+                leaves.append(key)
+
+    walk(expected)
+    assert sorted(fields) == sorted(leaves)
+    assert "    iterations = 7" in child.stdout and "  architecture = 'cnn'" in child.stdout
+    assert all(len(line.split("  ", 1)[-1].strip()) > 5 for line in lines[2:])  # each with its meaning
+    assert "--show_config" in run_process(train_command("--help"), tmp_path / "help", timeout=120).stdout

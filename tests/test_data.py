@@ -5,9 +5,9 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
-import tensorflow_datasets as tfds
 
 from nmfjax import data
+from tests.conftest import mocked_tfds
 
 NO_JITTER = ml_collections.ConfigDict(dict(flip=False, brightness=0.0, contrast=0.0, saturation=0.0, hue=0.0))
 PAPER = ml_collections.ConfigDict(dict(flip=True, brightness=0.5, contrast=0.1, saturation=0.1, hue=0.15))
@@ -69,7 +69,7 @@ def test_unknown_dataset_is_rejected():
 
 
 def test_load_split_decodes_into_uint8_arrays_under_mock_data():
-    with tfds.testing.mock_data(num_examples=12):
+    with mocked_tfds(12):
         split = data.load_split("cifar10", "train", limit=5)
     assert split.images.shape == (5, 32, 32, 3) and split.images.dtype == np.uint8
     assert split.labels.shape == (5,) and split.labels.dtype == np.int32

@@ -11,6 +11,7 @@ import json
 import re
 import statistics
 from collections.abc import Callable
+from xml.etree import ElementTree
 
 import jax
 import pytest
@@ -211,15 +212,40 @@ def readme_installation_and_training(doc: Document) -> None:
     doc.given(subset, "the subset's definition, ../shared/README.md")
 
 
-def readme_example_output(doc: Document) -> None:
-    rows = read_metrics(RUNS / "subset_cnmf_1x1_3_epochs")
-    config = _json(RUNS / "subset_cnmf_1x1_3_epochs" / "config.json")
-    assert (config["num_epochs"], config["data_dir"], config["model"]["architecture"]) == (
-        3,
-        "../shared/tfds",
-        "cnmf_1x1",
+QUICK_START = RUNS / "quickstart"
+
+
+def readme_quick_start(doc: Document) -> None:
+    """The quick start's sample output is what its recorded run printed (docs/runs/quickstart/stdout.txt),
+    and that record is what train.py makes of its metrics (tests/test_readme.py reruns the command).
+    """
+    printed = (QUICK_START / "stdout.txt").read_text()
+    (row,) = read_metrics(QUICK_START)
+    assert training.epoch_line(row, 1) in printed
+    assert training.run_summary(QUICK_START).replace(str(QUICK_START), "runs/quickstart") in printed
+    doc.claim("``` {} ```", printed)
+    config = _json(QUICK_START / "config.json")
+    assert (config["num_epochs"], config["num_train_examples"]) == (1, 2000)
+    doc.claim("for one epoch on {} CIFAR-10 training images", f"{config['num_train_examples']:,}")
+    doc.given(f"a subset of {SUBSET_TRAIN:,} training and {SUBSET_TEST:,} test images", "the subset")
+
+
+def _junit(name: str) -> dict[str, float]:
+    suite = ElementTree.parse(RUNS / "tests" / f"{name}.xml").getroot()
+    suite = suite if suite.tag == "testsuite" else suite[0]
+    return {key: float(suite.get(key)) for key in ("tests", "failures", "errors", "skipped", "time")}
+
+
+def readme_tests(doc: Document) -> None:
+    quick, full = _junit("not_slow"), _junit("all")
+    for run in (quick, full):
+        assert run["failures"] == run["errors"] == 0
+    assert full["tests"] > quick["tests"]
+    doc.claim(
+        "({} on 2 cores) python -m pytest -n auto # everything, as CI runs it ({} on 2 cores)",
+        f"{quick['time'] / 60:.0f} minutes",
+        f"{full['time'] / 60:.0f} minutes",
     )
-    doc.claim("``` {} ```", " ".join(training.epoch_line(row, 3) for row in rows))
 
 
 def _device_ratios() -> tuple[str, str]:
@@ -579,7 +605,8 @@ def readme_pictures(doc: Document) -> None:
 
 README_CHECKS: list[Callable[[Document], None]] = [
     readme_installation_and_training,
-    readme_example_output,
+    readme_quick_start,
+    readme_tests,
     readme_devices_and_gpu,
     readme_full_data,
     readme_noise,

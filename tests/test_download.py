@@ -1,14 +1,17 @@
 """The first run on a new machine: CIFAR-10 downloaded and prepared by tfds, offline.
 
-Only the network fetch is replaced: tfds's ``DownloadManager.download_and_extract``
-returns a local folder holding a small CIFAR-10 in the official binary layout.
+Only the network is replaced: tfds's ``DownloadManager.download_and_extract``
+returns a local folder holding a small CIFAR-10 in the official binary layout,
+and the one try to reach the dataset's host (``data.check_host_reachable``) succeeds.
 Everything after it (TensorFlow preparing array_record files, decoding,
 training) is real. Needs the ``download`` extra (TensorFlow), as CI has.
 """
 
+import contextlib
 import json
 import pathlib
 import socket
+import textwrap
 from unittest import mock
 
 import numpy as np
@@ -51,9 +54,24 @@ def write_cifar10_archive(folder: pathlib.Path, *, seed: int = 0, leave_out: str
     }
 
 
+@contextlib.contextmanager
 def _fetch_from(folder: pathlib.Path):
-    """Stands in for the network fetch, and only for it."""
-    return mock.patch.object(tfds.download.DownloadManager, "download_and_extract", lambda self, url: str(folder))
+    """Stands in for the network (the host is reachable, the fetch returns ``folder``), and only for it."""
+    with (
+        mock.patch.object(data, "check_host_reachable", lambda host: None),
+        mock.patch.object(tfds.download.DownloadManager, "download_and_extract", lambda self, url: str(folder)),
+    ):
+        yield
+
+
+# The same in a train.py process, as Python run before the script.
+def _network_prelude(folder: pathlib.Path) -> str:
+    return f"""
+        import tensorflow_datasets as tfds
+        from nmfjax import data
+        data.check_host_reachable = lambda host: None
+        tfds.download.DownloadManager.download_and_extract = lambda self, url: {str(folder)!r}
+    """
 
 
 def _sorted(images: np.ndarray, labels: np.ndarray):
@@ -65,6 +83,7 @@ def _sorted(images: np.ndarray, labels: np.ndarray):
 def test_download_prepares_array_record_files_that_decode_to_the_archive_pixels(tmp_path):
     written = write_cifar10_archive(tmp_path / "archive")
     data_dir = tmp_path / "tfds"
+    data_dir.mkdir()
     with _fetch_from(tmp_path / "archive"):
         train = data.load_split("cifar10", "train", data_dir=str(data_dir), download=True)
     test = data.load_split("cifar10", "test", data_dir=str(data_dir), download=False)  # prepared once
@@ -82,10 +101,7 @@ def test_train_py_downloads_into_tfds_default_data_dir_and_trains_an_epoch(tmp_p
     """The README's main job from a fresh set-up, with default data_dir and download=True."""
     write_cifar10_archive(tmp_path / "archive")
     default_data_dir = tmp_path / "tensorflow_datasets"
-    prelude = f"""
-        import tensorflow_datasets as tfds
-        tfds.download.DownloadManager.download_and_extract = lambda self, url: {str(tmp_path / "archive")!r}
-    """
+    prelude = _network_prelude(tmp_path / "archive")
     overrides = ["--config.num_epochs=1", "--config.batch_size=10", "--config.eval_batch_size=10"]
     workdir = tmp_path / "run"
     child = run_process(
@@ -106,13 +122,15 @@ def test_train_py_downloads_into_tfds_default_data_dir_and_trains_an_epoch(tmp_p
 def test_no_network_is_named_as_the_cause(tmp_path):
     offline = requests.exceptions.ConnectionError("Max retries exceeded (NameResolutionError)")
     offline.__cause__ = socket.gaierror(-2, "Name or service not known")
-    with mock.patch.object(tfds.download.DownloadManager, "download_and_extract", side_effect=offline):
+    reachable = mock.patch.object(data, "check_host_reachable", lambda host: None)  # then the fetch fails
+    with reachable, mock.patch.object(tfds.download.DownloadManager, "download_and_extract", side_effect=offline):
         with pytest.raises(data.DatasetUnavailableError, match=r"downloading it failed: no network .*ConnectionError"):
             data.load_split("cifar10", "train", data_dir=str(tmp_path), download=True)
 
 
 def test_a_failed_preparation_is_named_as_the_cause(tmp_path):
     write_cifar10_archive(tmp_path / "archive", leave_out="test_batch.bin")  # a broken archive
+    (tmp_path / "tfds").mkdir()
     with _fetch_from(tmp_path / "archive"), pytest.raises(data.DatasetUnavailableError) as raised:
         data.load_split("cifar10", "train", data_dir=str(tmp_path / "tfds"), download=True)
     message = str(raised.value)
@@ -123,12 +141,9 @@ def test_a_failed_preparation_is_named_as_the_cause(tmp_path):
 def test_a_missing_module_is_named_with_the_extra_that_installs_it(tmp_path):
     """The reported bug: tfds's prepare path imports importlib_resources; without it, name that module."""
     write_cifar10_archive(tmp_path / "archive")
-    prelude = f"""
-        import sys
-        sys.modules["importlib_resources"] = None  # as if it were not installed
-        import tensorflow_datasets as tfds
-        tfds.download.DownloadManager.download_and_extract = lambda self, url: {str(tmp_path / "archive")!r}
-    """
+    prelude = "import sys\nsys.modules['importlib_resources'] = None  # as if it were not installed\n"
+    prelude += textwrap.dedent(_network_prelude(tmp_path / "archive"))
+    (tmp_path / "tfds").mkdir()
     script = tmp_path / "load.py"
     script.write_text(
         "import sys\nfrom nmfjax import cli, data\n"
@@ -145,9 +160,36 @@ def test_a_dataset_prepared_as_tfrecord_is_explained(tmp_path):
     """tfds.load users often have CIFAR-10 as tfrecord, which has no random access."""
     write_cifar10_archive(tmp_path / "archive")
     data_dir = tmp_path / "tfds"
+    data_dir.mkdir()
     with _fetch_from(tmp_path / "archive"):
         tfds.builder("cifar10", data_dir=str(data_dir), file_format="tfrecord").download_and_prepare(
             download_config=tfds.download.DownloadConfig(try_download_gcs=False)
         )
     with pytest.raises(data.DatasetUnavailableError, match=r"cannot be read as array_record.*another data directory"):
         data.load_split("cifar10", "test", data_dir=str(data_dir), download=True)
+
+
+def test_offline_a_download_stops_at_once_naming_the_host_and_writes_nothing(tmp_path, monkeypatch):
+    """No network at all (as in CI): one short try to reach the host, not tfds's minutes of retries."""
+    monkeypatch.setattr(tfds.download.DownloadManager, "download_and_extract", mock.Mock(side_effect=AssertionError))
+    data_dir = tmp_path / "tfds"
+    data_dir.mkdir()
+    with mock.patch.object(socket, "create_connection", side_effect=socket.gaierror(-2, "Name or service not known")):
+        with pytest.raises(data.DatasetUnavailableError) as raised:
+            data.load_split("cifar10", "train", data_dir=str(data_dir), download=True)
+    message = str(raised.value)
+    assert "no network" in message and "cannot reach www.cs.toronto.edu" in message, message
+    assert "--config.data_dir=../shared/tfds" in message
+    assert list(data_dir.iterdir()) == []  # nothing written into the data directory
+
+
+def test_a_data_dir_that_does_not_exist_is_named_with_the_closest_one_and_not_created(tmp_path):
+    (tmp_path / "tfds").mkdir()
+    misspelled = tmp_path / "tfdss"
+    for download in (True, False):
+        with pytest.raises(data.DatasetUnavailableError) as raised:
+            data.load_split("cifar10", "test", data_dir=str(misspelled), download=download)
+        message = str(raised.value)
+        assert f"config.data_dir={misspelled} does not exist (did you mean {tmp_path / 'tfds'}?)" in message
+        assert ("mkdir -p" in message) == download, message
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["tfds"]

@@ -9,13 +9,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import tensorflow_datasets as tfds
 from flax import nnx
 
 from configs import cnmf_local
-from nmfjax import configuration, data, errors, experiments, models, ops, training
+from nmfjax import configuration, data, errors, experiments, models, ops, plots, training
 from nmfjax.workdirs import read_metrics
-from tests.conftest import ROOT, tiny_config
+from tests.conftest import ROOT, mocked_tfds, tiny_config
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 MOCK_EXAMPLES = 20
@@ -30,7 +29,7 @@ def _is_png(path: pathlib.Path) -> bool:
 def workdirs(tmp_path_factory):
     """One tiny trained workdir per network kind, on tfds's mock data."""
     root = tmp_path_factory.mktemp("runs")
-    with tfds.testing.mock_data(num_examples=MOCK_EXAMPLES):
+    with mocked_tfds(MOCK_EXAMPLES):
         for model in ("cnn", "cnmf_1x1"):
             training.train_and_evaluate(tiny_config(model, num_epochs=2), root / model)
     return root
@@ -38,7 +37,7 @@ def workdirs(tmp_path_factory):
 
 @pytest.fixture
 def mock_data():
-    with tfds.testing.mock_data(num_examples=MOCK_EXAMPLES):
+    with mocked_tfds(MOCK_EXAMPLES):
         yield
 
 
@@ -514,3 +513,19 @@ def test_config_overrides_give_fields_their_types_as_train_py_does():
     assert changed.download is False and changed.data_dir == "../shared/tfds" and changed.model.groups == (1, 2, 2, 1)
     assert changed.model.nmf.epsilon == 1e-3 and changed.model.width == 2
     assert config.download is True and config.model.width == 1  # the original is left as it was
+
+
+def _png_width(path: pathlib.Path) -> int:
+    return int.from_bytes(path.read_bytes()[16:20], "big")  # the IHDR chunk's width
+
+
+def test_learning_curves_show_the_learning_rates_only_where_the_plateau_rule_lowered_them(workdirs, tmp_path):
+    constant = tmp_path / "constant.png"
+    plots.plot_learning_curves([workdirs / "cnn"], constant)
+    lowered = _copy_record(workdirs / "cnn", tmp_path / "lowered")
+    rows = read_metrics(lowered)
+    rows[-1]["learning_rate_module_a"] /= 10
+    (lowered / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    with_rates = tmp_path / "with_rates.png"
+    plots.plot_learning_curves([workdirs / "cnn", lowered], with_rates)
+    assert _png_width(with_rates) > 1.3 * _png_width(constant)  # a third panel

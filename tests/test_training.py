@@ -14,13 +14,12 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
-import tensorflow_datasets as tfds
 from absl import flags
 from absl.testing import flagsaver
 from flax import nnx
 
 from nmfjax import configuration, errors, evaluation, models, parallel, plots, training, workdirs
-from tests.conftest import tiny_config
+from tests.conftest import mocked_tfds, tiny_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -123,7 +122,7 @@ def _run_train_py(config_file, workdir, *overrides):
 
 @pytest.mark.parametrize("model", ["cnn", "cnmf", "cnn_1x1", "cnmf_1x1"])
 def test_every_config_trains_one_tiny_epoch_end_to_end(model, tmp_path):
-    with tfds.testing.mock_data(num_examples=20):
+    with mocked_tfds(20):
         _run_train_py(
             f"configs/{model}.py",
             tmp_path,
@@ -153,7 +152,7 @@ def _final_state(workdir):
 
 def test_resuming_gives_the_same_parameters_as_one_run(tmp_path):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    with tfds.testing.mock_data(num_examples=30):
+    with mocked_tfds(30):
         training.train_and_evaluate(tiny_config(num_epochs=2), straight)
         training.train_and_evaluate(tiny_config(num_epochs=1), resumed)
         assert [row["epoch"] for row in workdirs.read_metrics(resumed)] == [1]
@@ -170,15 +169,51 @@ def test_resuming_gives_the_same_parameters_as_one_run(tmp_path):
 
 
 def test_a_finished_run_is_not_trained_again(tmp_path):
-    with tfds.testing.mock_data(num_examples=20):
+    with mocked_tfds(20):
         training.train_and_evaluate(tiny_config(num_epochs=1), tmp_path)
         assert training.train_and_evaluate(tiny_config(num_epochs=1), tmp_path) == {}
     assert len(workdirs.read_metrics(tmp_path)) == 1
 
 
+def test_a_run_that_cannot_read_its_data_writes_nothing_and_leaves_the_workdir_reusable(tmp_path):
+    workdir = tmp_path / "run"
+    with pytest.raises(errors.DatasetUnavailableError, match="does not exist"):
+        training.train_and_evaluate(tiny_config(data_dir=str(tmp_path / "missing")), workdir)
+    assert not workdir.exists()  # not even the directory
+    workdir.mkdir()
+    with pytest.raises(errors.DatasetUnavailableError, match="is not prepared"):
+        training.train_and_evaluate(tiny_config(data_dir=str(tmp_path), download=False), workdir)
+    assert list(workdir.iterdir()) == []  # no config.json, metrics.jsonl or checkpoints/
+    with mocked_tfds(20):
+        training.train_and_evaluate(tiny_config("cnn"), workdir)  # another model: nothing holds the workdir
+    assert json.loads((workdir / "config.json").read_text())["model"]["architecture"] == "cnn"
+
+
+def test_a_run_names_its_workdir_first_and_sums_itself_up_last(tmp_path, capsys):
+    with mocked_tfds(20):
+        training.train_and_evaluate(tiny_config(num_epochs=2), tmp_path)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == f"Training cnmf_1x1 into {tmp_path} (cifar10 from tfds's default data directory)."
+    rows = workdirs.read_metrics(tmp_path)
+    best = max(rows, key=lambda row: row["test_accuracy"])
+    summary = lines[lines.index(next(line for line in lines if line.startswith("Best test accuracy"))) :]
+    assert summary[0] == (
+        f"Best test accuracy {100 * best['test_accuracy']:.2f}% (epoch {best['epoch']}), "
+        f"last {100 * rows[-1]['test_accuracy']:.2f}% (epoch 2)."
+    )
+    assert summary == training.run_summary(tmp_path).splitlines()
+    for name in ("config.json", "metrics.jsonl", "checkpoints/", "tensorboard/"):
+        assert name in summary[1] and (tmp_path / name.rstrip("/")).exists()
+    # The summary's first command works as printed.
+    plots_command = next(line for line in summary if "nmfjax.plots" in line).split("#")[0].split()
+    assert plots_command[:3] == ["python", "-m", "nmfjax.plots"]
+    plots.main(plots_command[3:])
+    assert (tmp_path / "learning_curves.png").exists()
+
+
 def test_a_diverging_run_stops_with_a_clear_error_and_saves_nothing_of_that_epoch(tmp_path):
     nan_loss = mock.patch.object(evaluation, "composite_loss", lambda logits, labels: logits[:, 0] * jnp.nan)
-    with tfds.testing.mock_data(num_examples=20), nan_loss:
+    with mocked_tfds(20), nan_loss:
         with pytest.raises(errors.TrainingDiverged, match="epoch 1: the training loss is nan"):
             training.train_and_evaluate(tiny_config(num_epochs=2), tmp_path)
     assert workdirs.read_metrics(tmp_path) == []
@@ -191,7 +226,7 @@ _DATA_PARALLEL_SCRIPT = textwrap.dedent(
     os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
     import jax, numpy as np
     from nmfjax import configuration, evaluation, parallel, training
-    from tests.conftest import tiny_config
+    from tests.conftest import mocked_tfds, tiny_config
 
     assert jax.device_count() == 8
     config = tiny_config("cnmf_1x1", batch_size=16, eval_batch_size=16)

@@ -6,10 +6,9 @@ import shutil
 from unittest import mock
 
 import pytest
-import tensorflow_datasets as tfds
 
 from nmfjax import configuration, data, errors, training, workdirs
-from tests.conftest import tiny_config
+from tests.conftest import mocked_tfds, tiny_config
 
 MOCK_EXAMPLES = 30
 # What a rerun must reproduce exactly; times and images/s differ from run to run.
@@ -39,7 +38,7 @@ def _deterministic(rows):
 def three_epochs(tmp_path_factory):
     """A CNN trained for 3 epochs (checkpoints 1-3), and the rows of a 4-epoch run to compare with."""
     root = tmp_path_factory.mktemp("workdirs")
-    with tfds.testing.mock_data(num_examples=MOCK_EXAMPLES):
+    with mocked_tfds(MOCK_EXAMPLES):
         training.train_and_evaluate(_config(num_epochs=4), root / "four")
         shutil.copytree(root / "four", root / "three")
         # Epoch 4 of the copy did happen; keep epochs 1-3 as a 3-epoch run leaves them.
@@ -58,7 +57,7 @@ def workdir(three_epochs, tmp_path):
 
 @pytest.fixture
 def mock_data():
-    with tfds.testing.mock_data(num_examples=MOCK_EXAMPLES):
+    with mocked_tfds(MOCK_EXAMPLES):
         yield
 
 

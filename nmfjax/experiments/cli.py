@@ -76,8 +76,13 @@ def _command_noise(args) -> None:
     results = noise.noise_robustness(runs, split, kinds=args.kinds, levels=args.levels, seed=args.seed)
     output = _output_dir(args)
     _report(write_json(results, output / "noise.json"), plots.plot_noise_robustness(results, output / "noise.png"))
+    first, last = results["levels"][0], results["levels"][-1]
     for label, run in results["runs"].items():
-        print(label, {kind: f"{100 * run[kind][0]:.1f}% -> {100 * run[kind][-1]:.1f}%" for kind in args.kinds})
+        accuracies = ", ".join(
+            f"{kind} {100 * run[kind][0]:.1f}% (eta {first:g}) -> {100 * run[kind][-1]:.1f}% (eta {last:g})"
+            for kind in args.kinds
+        )
+        print(f"{label}: {accuracies}")
 
 
 def _command_iterations(args) -> None:
@@ -85,7 +90,10 @@ def _command_iterations(args) -> None:
     results = iterations.iterations_at_evaluation(run, _images(run, args), args.values)
     output = _output_dir(args)
     _report(write_json(results, output / "iterations.json"), plots.plot_iterations(results, output / "iterations.png"))
-    print({n: f"{100 * a:.2f}%" for n, a in zip(results["iterations"], results["accuracy"], strict=True)})
+    print(
+        "test accuracy: "
+        + ", ".join(f"N = {n}: {100 * a:.2f}%" for n, a in zip(results["iterations"], results["accuracy"], strict=True))
+    )
 
 
 def _command_gradients(args) -> None:
