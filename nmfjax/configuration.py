@@ -2,28 +2,28 @@
 
 :func:`default_config` is what ``configs/*.py`` start from. Its ``model`` part
 holds the fields of :class:`nmfjax.models.NetworkSpec` (the network is built as
-``NetworkSpec.from_config(config.model, input_shape)``); the rest is the recipe
+by :func:`network_spec`); the rest is the recipe
 of the paper (arXiv 2503.20398, section 2.6) and the authors' code.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import importlib.util
-import json
 import math
 import pathlib
 import re
-from collections.abc import Mapping
+import types
+import typing
 from typing import Any
 
 import jax
 import ml_collections
-from flax import nnx
 from ml_collections import config_dict
 
 from nmfjax import data, models, ops
-from nmfjax.errors import ConfigError, MissingFileError, WorkdirError, describe
+from nmfjax.errors import ConfigError, MissingFileError
 from nmfjax.validation import is_positive_int
 
 PLATEAU_METRICS = ("train_loss", "test_loss")
@@ -43,12 +43,51 @@ RESUMABLE_FIELDS = (
 )
 
 
+# --- the model's fields, from the dataclasses of nmfjax.models and nmfjax.ops ---
+
+
+def _placeholder_type(annotation: Any) -> type | None:
+    """``X | None`` -> ``X``, for the typed placeholders of ConfigDict."""
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        (kind,) = [arg for arg in typing.get_args(annotation) if arg is not type(None)]
+        return kind
+    return None
+
+
+def _as_config(instance: Any) -> ml_collections.ConfigDict:
+    """A frozen dataclass's fields as a ConfigDict: nested dataclasses nest, ``X | None`` fields
+    become typed placeholders (so ``--config.model.readout_learning=local_kl`` parses).
+    """
+    hints = typing.get_type_hints(type(instance))
+    config = ml_collections.ConfigDict()
+    for field in dataclasses.fields(instance):
+        if not field.metadata.get("config", True):
+            continue  # (a field for direct callers only, e.g. NMFOptions.check_inputs)
+        value = getattr(instance, field.name)
+        if dataclasses.is_dataclass(value):
+            config[field.name] = _as_config(value)
+        elif value is None:
+            config[field.name] = config_dict.placeholder(_placeholder_type(hints[field.name]))
+        else:
+            config[field.name] = value
+    return config
+
+
+def model_config(**changes: Any) -> ml_collections.ConfigDict:
+    """``config.model``: the fields of :class:`~nmfjax.models.NetworkSpec` but ``input_shape``, with their defaults
+    (the paper's CNMF+1x1), ``nmf`` nested; ``changes`` replace defaults, e.g. ``architecture="cnn"``.
+    """
+    config = _as_config(models.NetworkSpec(**changes))
+    del config["input_shape"]  # from the dataset and the crop
+    return config
+
+
 def default_config() -> ml_collections.ConfigDict:
     """The paper's recipe for CNMF+1x1 on CIFAR-10; ``configs/*.py`` change what differs."""
     config = ml_collections.ConfigDict()
 
     # The network (paper section 2.5): the fields of nmfjax.models.NetworkSpec, NMF options under model.nmf.
-    config.model = models.model_config()
+    config.model = model_config()
 
     # Data (paper section 2.6): random crops, flips and colour jitter; pixels in [0, 1].
     config.dataset = "cifar10"  # "cifar10" | "mnist" | "fashion_mnist"
@@ -188,8 +227,14 @@ def network_spec(config: ml_collections.ConfigDict) -> models.NetworkSpec:
     """
     info = data.check_dataset(config.dataset)
     crop = config.crop_size or info.crop_size
+    fields = config.model.to_dict()
     try:
-        return models.NetworkSpec.from_config(config.model, (crop, crop, info.channels))
+        nmf = ops.NMFOptions(**fields.pop("nmf"))
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"config.model.nmf: {error}") from None
+    fields = {name: tuple(value) if isinstance(value, list) else value for name, value in fields.items()}
+    try:
+        return models.NetworkSpec(input_shape=(crop, crop, info.channels), nmf=nmf, **fields)
     except (TypeError, ValueError) as error:
         raise ConfigError(str(error)) from None
 
@@ -272,7 +317,7 @@ def validate_config(config: ml_collections.ConfigDict, device_count: int | None 
             f"config.crop_size={spec.input_shape[0]} exceeds the {info.image_size}px images of {config.dataset}."
         )
     try:  # the shapes only: kernel sizes that do not fit the map, groups that do not divide
-        nnx.eval_shape(lambda: models.Network(spec, rngs=nnx.Rngs(0)))
+        models.check_buildable(spec)
     except (TypeError, ValueError) as error:
         raise ConfigError(str(error)) from None
     if config.num_train_examples is not None and config.num_train_examples < config.batch_size:
@@ -289,94 +334,6 @@ def validate_config(config: ml_collections.ConfigDict, device_count: int | None 
                 "set config.cpu_devices to a count that divides it (on a CPU), or change the batch size."
             )
     return spec
-
-
-# --- saved configs ---
-
-_MODEL_FIELDS_BEFORE_0_2 = (
-    "kernel_sizes",
-    "features",
-    "pooling",
-    "batch_norm",
-    "groups",
-    "mix_groups",
-    "width",
-    "batch_norm_statistics",
-)
-
-
-#: Fields added after 0.2, with the value that reproduces what a config.json written before them ran.
-_ADDED_FIELDS = {
-    "model.nmf.precision": "float32",  # 0.3 (the CPU ran every product in float32)
-}
-
-
-def upgrade_config(saved: Mapping[str, Any]) -> dict[str, Any]:
-    """A ``config.json`` in today's layout: workdirs written before the model fields moved
-    under ``config.model`` (``model`` was the architecture's name, the NMF options
-    ``config.nmf``) are converted, and fields added since are filled in with the value
-    that reproduces the old run (``_ADDED_FIELDS``); others are returned as they are.
-    """
-    upgraded: dict[str, Any] = copy.deepcopy(dict(saved))
-    if isinstance(upgraded.get("distributed"), bool):  # before config.distributed took its fields
-        upgraded["distributed"] = {"enabled": upgraded["distributed"]}
-    if isinstance(upgraded.get("model"), str):
-        model = {"architecture": upgraded.pop("model")}
-        model.update({name: upgraded.pop(name) for name in _MODEL_FIELDS_BEFORE_0_2 if name in upgraded})
-        nmf = dict(upgraded.pop("nmf", {}))
-        model["readout_learning"] = nmf.pop("readout_learning", None)
-        model["nmf"] = nmf
-        upgraded["model"] = model
-    for name, value in _ADDED_FIELDS.items():
-        *parents, leaf = name.split(".")
-        section: Any = upgraded
-        for parent in parents:
-            section = section.get(parent) if isinstance(section, dict) else None
-        if isinstance(section, dict):
-            section.setdefault(leaf, value)
-    return upgraded
-
-
-def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, Mapping):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = tuple(value) if isinstance(value, list) else value
-    return flat
-
-
-def config_differences(saved: Mapping[str, Any], config: ml_collections.ConfigDict) -> list[tuple[str, Any, Any]]:
-    """The fields, other than :data:`RESUMABLE_FIELDS`, in which ``config`` differs from a saved one.
-
-    Args:
-      saved: a workdir's ``config.json``, as loaded by ``json`` (older layouts
-        are converted by :func:`upgrade_config`).
-      config: the config of the new run.
-
-    Returns:
-      ``(field, saved value, new value)`` per differing field, by field name; a
-      field missing on one side has the value ``"(absent)"`` there.
-    """
-    absent = "(absent)"
-    old, new = _flatten(upgrade_config(saved)), _flatten(json.loads(config.to_json_best_effort()))
-    return [
-        (name, old.get(name, absent), new.get(name, absent))
-        for name in sorted(old.keys() | new.keys())
-        if name.split(".")[0] not in RESUMABLE_FIELDS and old.get(name, absent) != new.get(name, absent)
-    ]
-
-
-def load_config(workdir: str | pathlib.Path) -> ml_collections.ConfigDict:
-    """The config a workdir was trained with (its ``config.json``, converted to today's layout)."""
-    path = pathlib.Path(workdir) / "config.json"
-    if not path.exists():
-        raise MissingFileError(f"{path} does not exist: is {workdir} a workdir written by train.py?")
-    try:
-        return ml_collections.ConfigDict(upgrade_config(json.loads(path.read_text())))
-    except ValueError as error:
-        raise WorkdirError(f"{path} cannot be read ({describe(error)}).") from None
 
 
 def config_from_file(path: str | pathlib.Path) -> ml_collections.ConfigDict:

@@ -78,7 +78,8 @@ DATASETS = {
     ),
 }
 
-#: Seconds the one try to reach a dataset's host may take before a download (offline: fail at once).
+#: How many seconds the one try to reach a dataset's host may take before a download
+#: (so that offline a run fails at once).
 REACHABLE_TIMEOUT = 5.0
 
 

@@ -10,10 +10,16 @@ file), so ``except ValueError`` keeps working.
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import gc
+import os
 import re
 import signal
-from collections.abc import Iterator
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
 
 
 class UserError(Exception):
@@ -103,3 +109,45 @@ class TrainingInterrupted(Exception):
     def signal_name(self) -> str:
         """``SIGINT`` or ``SIGTERM``."""
         return signal.Signals(self.signal_number).name
+
+
+@contextlib.contextmanager
+def quiet_failure(is_reported: Callable[[BaseException], bool] = lambda error: True) -> Iterator[None]:
+    """Keeps what orbax and TensorStore print about a failure they raise off the terminal.
+
+    When a restore or a save fails, their threads log the error with tracebacks and, for a
+    moment after the exception, report dozens of "Event loop is closed" errors, to file
+    descriptor 2 and to ``sys.unraisablehook``. Both go to a sink while the block runs. If it
+    ends normally, or with an error ``is_reported`` rejects (it will not become one line),
+    what was held is written to stderr after all; if it ends with an error that is reported,
+    the sink is dropped once it has stopped growing (at most a few seconds).
+    """
+    sys.stderr.flush()
+    saved_descriptor, saved_hook = os.dup(2), sys.unraisablehook
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 2)
+        sys.unraisablehook = lambda unraisable: None
+        held_back = True
+        try:
+            yield
+        except Exception as error:
+            held_back = is_reported(error)
+            if held_back:
+                # Wait until the threads are quiet (the sink stops growing), and collect the failed
+                # tasks, whose "exception was never retrieved" reports go to the sink too.
+                size, deadline = -1, time.monotonic() + 5
+                while os.fstat(sink.fileno()).st_size != size and time.monotonic() < deadline:
+                    size = os.fstat(sink.fileno()).st_size
+                    time.sleep(0.2)
+                    gc.collect()
+            raise
+        else:
+            held_back = False
+        finally:
+            sys.stderr.flush()
+            sys.unraisablehook = saved_hook
+            os.dup2(saved_descriptor, 2)
+            os.close(saved_descriptor)
+            if not held_back:
+                sink.seek(0)
+                os.write(2, sink.read())

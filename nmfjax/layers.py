@@ -96,13 +96,10 @@ def nmf_dense(x: jax.Array, kernel: jax.Array, options: ops.NMFOptions) -> jax.A
     Returns:
       ``(..., I)``, non-negative and summing to one.
     """
-    chex.assert_axis_dimension(
+    ops.check_last_axis(
         x,
-        -1,
         kernel.shape[0],
-        custom_message=f"NMFDense expects inputs with in_features={kernel.shape[0]} on the last axis, "
-        f"got shape {x.shape}.",
-        exception_type=ValueError,
+        f"NMFDense expects inputs with in_features={kernel.shape[0]} on the last axis, got shape {x.shape}.",
     )
     return ops.nmf(ops.l1_normalize(x), ops.positive_weights(kernel), options)
 
@@ -229,7 +226,7 @@ class PatchGeometry:
         """
         message = f"{layer} expects NHWC inputs with in_features={self.in_features} channels, got shape {x.shape}."
         chex.assert_rank(x, 4, custom_message=message, exception_type=ValueError)
-        chex.assert_axis_dimension(x, -1, self.in_features, custom_message=message, exception_type=ValueError)
+        ops.check_last_axis(x, self.in_features, message)
         patches = extract_patches(x, self.kernel_size, self.strides, self.padding, self.kernel_dilation)
         groups = self.feature_group_count
         if groups > 1:  # (..., kh, kw, C) -> (..., G, kh, kw, C/G)
@@ -268,34 +265,47 @@ def nmf_conv(x: jax.Array, kernel: jax.Array, geometry: PatchGeometry, options: 
 
 
 class _PatchLayer(nnx.Module):
-    """The patch geometry of the NNX patch-wise layers (:class:`PatchGeometry`); its fields are
-    attributes of the layer too (``kernel_size``, ``feature_group_count``, ...).
+    """What the NNX patch-wise layers share: the patch geometry (:class:`PatchGeometry`, whose fields
+    are attributes of the layer too: ``kernel_size``, ``feature_group_count``, ...) and a kernel of
+    shape ``(kh, kw, C/G, I)`` of the subclass's ``weight_type``, from ``kernel_init`` (default: the
+    subclass's ``default_kernel_init``).
     """
 
-    def _init_patches(
+    weight_type: type[nnx.Param]
+    default_kernel_init: staticmethod
+
+    def __init__(
         self,
         in_features: int,
         out_features: int,
         kernel_size: int | Sequence[int],
-        strides: int | Sequence[int],
-        padding: PaddingLike,
-        kernel_dilation: int | Sequence[int],
-        groups: int,
-    ) -> tuple[int, ...]:
-        self.geometry = PatchGeometry.of(
-            in_features, out_features, kernel_size, strides, padding, kernel_dilation, groups
+        *,
+        strides: int | Sequence[int] = 1,
+        padding: PaddingLike = "VALID",
+        kernel_dilation: int | Sequence[int] = 1,
+        feature_group_count: int = 1,
+        kernel_init: nnx.Initializer | None = None,
+        param_dtype: jnp.dtype = jnp.float32,
+        rngs: nnx.Rngs,
+    ) -> None:
+        geometry = self.geometry = PatchGeometry.of(
+            in_features, out_features, kernel_size, strides, padding, kernel_dilation, feature_group_count
         )
-        geometry = self.geometry
         self.in_features, self.out_features = geometry.in_features, geometry.out_features
         self.kernel_size, self.strides, self.padding = geometry.kernel_size, geometry.strides, geometry.padding
         self.kernel_dilation, self.feature_group_count = geometry.kernel_dilation, geometry.feature_group_count
-        return geometry.kernel_shape
+        init = kernel_init or self.default_kernel_init
+        self.kernel = self.weight_type(init(rngs.params(), geometry.kernel_shape, param_dtype))
 
     def grouped_patches(self, x: jax.Array) -> jax.Array:
         """``(B, H, W, C)`` -> ``(B, H', W', G, kh * kw * C/G)``: each output position's patch
         split into the groups' parts, not normalised (a linear map of ``x``).
         """
         return self.geometry.patches(x, type(self).__name__)
+
+
+#: The NMF options a layer takes as keyword arguments besides ``options``.
+_OPTION_FIELDS = frozenset(field.name for field in dataclasses.fields(ops.NMFOptions))
 
 
 class NMFConv(_PatchLayer):
@@ -320,27 +330,22 @@ class NMFConv(_PatchLayer):
         of ``options``, e.g. ``iterations=50, gradient="implicit"``.
     """
 
+    weight_type = NMFWeight
+    default_kernel_init = staticmethod(nnx.initializers.uniform(scale=1.0))
+
     def __init__(
         self,
         in_features: int,
         out_features: int,
         kernel_size: int | Sequence[int],
         *,
-        strides: int | Sequence[int] = 1,
-        padding: PaddingLike = "VALID",
-        kernel_dilation: int | Sequence[int] = 1,
-        feature_group_count: int = 1,
         options: ops.NMFOptions | None = None,
-        kernel_init: nnx.Initializer = nnx.initializers.uniform(scale=1.0),
-        param_dtype: jnp.dtype = jnp.float32,
         rngs: nnx.Rngs,
-        **option_fields: Any,
+        **fields: Any,
     ) -> None:
-        kernel_shape = self._init_patches(
-            in_features, out_features, kernel_size, strides, padding, kernel_dilation, feature_group_count
-        )
+        option_fields = {name: fields.pop(name) for name in list(fields) if name in _OPTION_FIELDS}
+        super().__init__(in_features, out_features, kernel_size, rngs=rngs, **fields)
         self.options = (options or ops.NMFOptions()).replace(**option_fields)
-        self.kernel = NMFWeight(kernel_init(rngs.params(), kernel_shape, param_dtype))
 
     def nmf_weights(self) -> jax.Array:
         """The positive weights per group, shape ``(G, kh * kw * C/G, I/G)``.
@@ -384,24 +389,8 @@ class PatchConv(_PatchLayer):
     defaults to PyTorch's convolution initialisation, Uniform(+-1/sqrt(fan_in)).
     """
 
-    def __init__(
-        self,
-        in_features: int,
-        out_features: int,
-        kernel_size: int | Sequence[int],
-        *,
-        strides: int | Sequence[int] = 1,
-        padding: PaddingLike = "VALID",
-        kernel_dilation: int | Sequence[int] = 1,
-        feature_group_count: int = 1,
-        kernel_init: nnx.Initializer = nnx.initializers.variance_scaling(1 / 3, "fan_in", "uniform"),
-        param_dtype: jnp.dtype = jnp.float32,
-        rngs: nnx.Rngs,
-    ) -> None:
-        kernel_shape = self._init_patches(
-            in_features, out_features, kernel_size, strides, padding, kernel_dilation, feature_group_count
-        )
-        self.kernel = PatchConvWeight(kernel_init(rngs.params(), kernel_shape, param_dtype))
+    weight_type = PatchConvWeight
+    default_kernel_init = staticmethod(nnx.initializers.variance_scaling(1 / 3, "fan_in", "uniform"))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """``(B, H, W, C) -> (B, H', W', features)``: each normalised patch times the kernel, per group."""

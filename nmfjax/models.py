@@ -14,7 +14,7 @@ Each network is a stack of blocks. Block ``b``:
 After the last block, a softmax over the channels of the 1x1 map. An
 architecture is a choice of module a and of module b (:data:`ARCHITECTURES`);
 every field of :class:`NetworkSpec` is a field of ``config.model``
-(:func:`model_config`).
+(:func:`nmfjax.configuration.model_config`).
 """
 
 from __future__ import annotations
@@ -22,16 +22,12 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import types
-import typing
 from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 from flax import nnx
-from ml_collections import config_dict
 
 from nmfjax import ops
 from nmfjax.layers import NMFConv, NMFWeight, PatchConv, PatchConvWeight
@@ -225,18 +221,6 @@ class NetworkSpec:
         except (TypeError, ValueError) as error:
             raise type(error)(f"config.model.readout_learning: {error}") from None
 
-    @classmethod
-    def from_config(cls, model: ml_collections.ConfigDict, input_shape: tuple[int, int, int]) -> NetworkSpec:
-        """The spec of ``config.model`` for inputs of ``input_shape``."""
-        fields = model.to_dict()
-        try:
-            nmf = ops.NMFOptions(**fields.pop("nmf"))
-        except (TypeError, ValueError) as error:
-            raise type(error)(f"config.model.nmf: {error}") from None
-        fields = {name: tuple(value) if isinstance(value, list) else value for name, value in fields.items()}
-        height, width, channels = input_shape
-        return cls(input_shape=(height, width, channels), nmf=nmf, **fields)
-
     def block_nmf(self, index: int) -> ops.NMFOptions:
         """Block ``index``'s NMF options: ``readout_learning`` replaces the learning rule of
         the last block (when set).
@@ -255,42 +239,6 @@ class NetworkSpec:
     def block_features(self) -> tuple[int, ...]:
         """Outputs per block after the width multiplier (all blocks but the last)."""
         return tuple(f * self.width for f in self.features[:-1]) + (self.features[-1],)
-
-
-def _placeholder_type(annotation: Any) -> type | None:
-    """``X | None`` -> ``X``, for the typed placeholders of ConfigDict."""
-    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
-        (kind,) = [arg for arg in typing.get_args(annotation) if arg is not type(None)]
-        return kind
-    return None
-
-
-def _as_config(instance: Any) -> ml_collections.ConfigDict:
-    """A frozen dataclass's fields as a ConfigDict: nested dataclasses nest, ``X | None`` fields
-    become typed placeholders (so ``--config.model.readout_learning=local_kl`` parses).
-    """
-    hints = typing.get_type_hints(type(instance))
-    config = ml_collections.ConfigDict()
-    for field in dataclasses.fields(instance):
-        if not field.metadata.get("config", True):
-            continue  # (a field for direct callers only, e.g. NMFOptions.check_inputs)
-        value = getattr(instance, field.name)
-        if dataclasses.is_dataclass(value):
-            config[field.name] = _as_config(value)
-        elif value is None:
-            config[field.name] = config_dict.placeholder(_placeholder_type(hints[field.name]))
-        else:
-            config[field.name] = value
-    return config
-
-
-def model_config(**changes: Any) -> ml_collections.ConfigDict:
-    """``config.model``: the fields of :class:`NetworkSpec` but ``input_shape``, with their defaults
-    (the paper's CNMF+1x1), ``nmf`` nested; ``changes`` replace defaults, e.g. ``architecture="cnn"``.
-    """
-    config = _as_config(NetworkSpec(**changes))
-    del config["input_shape"]  # from the dataset and the crop
-    return config
 
 
 class Block(nnx.Module):
@@ -422,3 +370,10 @@ def parameters_by_group(model: nnx.Module) -> dict[str, int]:
     for variable in jax.tree.leaves(nnx.state(model, nnx.Param), is_leaf=lambda v: isinstance(v, nnx.Variable)):
         counts[parameter_group(variable)] += math.prod(variable.shape)
     return counts
+
+
+def check_buildable(spec: NetworkSpec) -> None:
+    """Builds ``spec``'s network from shapes alone (no arrays, no compilation): kernel sizes that do
+    not fit the map or group counts that do not divide raise ``ValueError`` or ``TypeError``.
+    """
+    nnx.eval_shape(lambda: Network(spec, rngs=nnx.Rngs(0)))

@@ -210,16 +210,20 @@ class NMFOptions:
         return dataclasses.replace(self, **changes)
 
 
+def check_last_axis(x: jax.Array, size: int, message: str) -> None:
+    """A ``ValueError`` with ``message`` unless ``x``'s last axis has ``size`` entries (checked at trace
+    time: free inside ``jit``).
+    """
+    chex.assert_axis_dimension(x, -1, size, custom_message=message, exception_type=ValueError)
+
+
 def _check_inputs(x: jax.Array, w: jax.Array) -> None:
     """Ranks, shapes and dtypes: static, so checked once at trace time and free inside ``jit``."""
     chex.assert_rank(w, 2, custom_message=f"w must have shape (S, I), got shape {w.shape}.", exception_type=ValueError)
-    chex.assert_axis_dimension(
+    check_last_axis(
         x,
-        -1,
         w.shape[0],
-        custom_message=f"x must have shape (..., S) with S = {w.shape[0]} (the rows of w, shape {w.shape}), "
-        f"got shape {x.shape}.",
-        exception_type=ValueError,
+        f"x must have shape (..., S) with S = {w.shape[0]} (the rows of w, shape {w.shape}), got shape {x.shape}.",
     )
     for name, value in (("x", x), ("w", w)):
         chex.assert_type(

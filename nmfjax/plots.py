@@ -29,7 +29,8 @@ from matplotlib.figure import Figure
 
 from nmfjax import cli
 from nmfjax.errors import MissingFileError
-from nmfjax.workdirs import read_metrics, write_output
+from nmfjax.outputs import write_output
+from nmfjax.workdirs import read_metrics
 
 
 def save_figure(figure: Figure, output: str | pathlib.Path) -> pathlib.Path:

@@ -1,78 +1,124 @@
-"""A training run's directory: its config, its checkpoints and its metrics, kept
-consistent through crashes, damage and reruns.
+"""A training run's directory: the run that uses it, its config, its metrics and its TensorBoard
+events, kept consistent through crashes and reruns (the checkpoints are :mod:`nmfjax.checkpoints`').
 
-``WORKDIR/config.json`` (checked against a rerun's config), ``checkpoints/``
-(orbax; each one also holds its epoch's metrics row), ``metrics.jsonl`` (one
-row per epoch, cut back to the checkpoint a run resumes from) and
-``damaged_checkpoints/`` (checkpoints that could not be restored, kept) and
-``lock`` (the run that uses the workdir now: host, pid, start time).
+``WORKDIR/lock`` (the run that uses the workdir now: host, pid, start time),
+``config.json`` (checked against a rerun's config), ``metrics.jsonl`` (one row
+per epoch, cut back to the checkpoint a run resumes from), ``tensorboard/``,
+and ``checkpoints/`` and ``damaged_checkpoints/`` (:mod:`nmfjax.checkpoints`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import datetime
 import fcntl
-import gc
 import json
 import math
 import os
 import pathlib
-import shutil
 import socket
 import sys
-import tempfile
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
-import jax
 import ml_collections
-import orbax.checkpoint as ocp
 
-from nmfjax.configuration import RESUMABLE_FIELDS, config_differences
-from nmfjax.errors import StorageError, WorkdirError, describe, storage_problem
+from nmfjax.configuration import RESUMABLE_FIELDS
+from nmfjax.errors import MissingFileError, WorkdirError, describe
+from nmfjax.outputs import storage_errors, write_atomically
 
-DAMAGED_CHECKPOINTS = "damaged_checkpoints"  # where checkpoints that cannot be restored are moved
-_COMMIT_MARKER = "commit_success.txt"  # orbax writes it last, on every file system
+# --- the run's config.json: older layouts read as today's, and compared with a rerun's ---
+
+_MODEL_FIELDS_BEFORE_0_2 = (
+    "kernel_sizes",
+    "features",
+    "pooling",
+    "batch_norm",
+    "groups",
+    "mix_groups",
+    "width",
+    "batch_norm_statistics",
+)
 
 
-@contextlib.contextmanager
-def storage_errors(path: str | pathlib.Path, remedy: str) -> Iterator[None]:
-    """Reports a write to ``path`` that failed because of its storage (a full disk, a read-only
-    file system, no permission) as a :class:`~nmfjax.errors.StorageError` naming the path, the
-    problem and ``remedy``; other errors pass unchanged.
+#: Fields added after 0.2, with the value that reproduces what a config.json written before them ran.
+_ADDED_FIELDS = {
+    "model.nmf.precision": "float32",  # 0.3 (the CPU ran every product in float32)
+}
+
+
+def upgrade_config(saved: Mapping[str, Any]) -> dict[str, Any]:
+    """A ``config.json`` in today's layout: workdirs written before the model fields moved
+    under ``config.model`` (``model`` was the architecture's name, the NMF options
+    ``config.nmf``) are converted, and fields added since are filled in with the value
+    that reproduces the old run (``_ADDED_FIELDS``); others are returned as they are.
     """
+    upgraded: dict[str, Any] = copy.deepcopy(dict(saved))
+    if isinstance(upgraded.get("distributed"), bool):  # before config.distributed took its fields
+        upgraded["distributed"] = {"enabled": upgraded["distributed"]}
+    if isinstance(upgraded.get("model"), str):
+        model = {"architecture": upgraded.pop("model")}
+        model.update({name: upgraded.pop(name) for name in _MODEL_FIELDS_BEFORE_0_2 if name in upgraded})
+        nmf = dict(upgraded.pop("nmf", {}))
+        model["readout_learning"] = nmf.pop("readout_learning", None)
+        model["nmf"] = nmf
+        upgraded["model"] = model
+    for name, value in _ADDED_FIELDS.items():
+        *parents, leaf = name.split(".")
+        section: Any = upgraded
+        for parent in parents:
+            section = section.get(parent) if isinstance(section, dict) else None
+        if isinstance(section, dict):
+            section.setdefault(leaf, value)
+    return upgraded
+
+
+def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = tuple(value) if isinstance(value, list) else value
+    return flat
+
+
+def config_differences(saved: Mapping[str, Any], config: ml_collections.ConfigDict) -> list[tuple[str, Any, Any]]:
+    """The fields, other than :data:`~nmfjax.configuration.RESUMABLE_FIELDS`, in which ``config`` differs
+    from a saved one.
+
+    Args:
+      saved: a workdir's ``config.json``, as loaded by ``json`` (older layouts
+        are converted by :func:`upgrade_config`).
+      config: the config of the new run.
+
+    Returns:
+      ``(field, saved value, new value)`` per differing field, by field name; a
+      field missing on one side has the value ``"(absent)"`` there.
+    """
+    absent = "(absent)"
+    old, new = _flatten(upgrade_config(saved)), _flatten(json.loads(config.to_json_best_effort()))
+    return [
+        (name, old.get(name, absent), new.get(name, absent))
+        for name in sorted(old.keys() | new.keys())
+        if name.split(".")[0] not in RESUMABLE_FIELDS and old.get(name, absent) != new.get(name, absent)
+    ]
+
+
+def load_config(workdir: str | pathlib.Path) -> ml_collections.ConfigDict:
+    """The config a workdir was trained with (its ``config.json``, converted to today's layout)."""
+    path = pathlib.Path(workdir) / "config.json"
+    if not path.exists():
+        raise MissingFileError(f"{path} does not exist: is {workdir} a workdir written by train.py?")
     try:
-        yield
-    except Exception as error:
-        problem = storage_problem(error)
-        if problem is None:
-            raise
-        raise StorageError(f"writing {path} failed: {problem} ({describe(error)}). {remedy}") from None
+        return ml_collections.ConfigDict(upgrade_config(json.loads(path.read_text())))
+    except ValueError as error:
+        raise WorkdirError(f"{path} cannot be read ({describe(error)}).") from None
 
 
-def write_atomically(path: pathlib.Path, content: str | bytes) -> None:
-    """Replaces ``path`` in one rename, so a crash or a full disk leaves the old or the new file,
-    never half of one (the partial file is removed).
-    """
-    partial = path.with_name(f".{path.name}.partial")
-    try:
-        partial.write_bytes(content.encode() if isinstance(content, str) else content)
-        os.replace(partial, path)
-    finally:
-        partial.unlink(missing_ok=True)
-
-
-def write_output(path: str | pathlib.Path, content: str | bytes) -> pathlib.Path:
-    """Writes a command's output file atomically (creating its folder); a full disk or a read-only
-    place is a :class:`~nmfjax.errors.StorageError`. Returns the path.
-    """
-    path = pathlib.Path(path)
-    with storage_errors(path, "Free space or choose another --output, and run the command again."):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_atomically(path, content)
-    return path
+# --- the run directory ---
 
 
 def _replaced_name(workdir: pathlib.Path) -> pathlib.Path:
@@ -171,6 +217,11 @@ def start_over(workdir: pathlib.Path) -> None:
         print(f"Moved the previous run in {workdir} to {aside}; starting from scratch.", flush=True)
 
 
+def holds_run(workdir: pathlib.Path) -> bool:
+    """Whether ``workdir`` holds (part of) a run: its config, metrics or checkpoints."""
+    return any((workdir / name).exists() for name in ("config.json", "metrics.jsonl", "checkpoints"))
+
+
 def check_same_run(workdir: pathlib.Path, config: ml_collections.ConfigDict) -> None:
     """Raises :class:`~nmfjax.errors.WorkdirError` unless ``workdir`` is new or holds a run of the same config."""
     remedy = (
@@ -196,165 +247,10 @@ def check_same_run(workdir: pathlib.Path, config: ml_collections.ConfigDict) -> 
         )
 
 
-def _test_accuracy(metrics: Mapping[str, Any]) -> float:
-    return metrics["test_accuracy"]
-
-
-def checkpoint_manager(workdir: pathlib.Path, checkpoints_to_keep: int) -> ocp.CheckpointManager:
-    """Orbax checkpoints of ``workdir``: the latest ``checkpoints_to_keep`` and the best by test accuracy.
-
-    Each checkpoint stores its epoch's metrics row next to the state (``best_fn``
-    makes orbax write it to disk): the best one is still known after a restart,
-    and a row lost in a crash can be recovered.
-    """
-    policies = ocp.checkpoint_managers.preservation_policy
-    keep = policies.AnyPreservationPolicy(
-        [
-            policies.LatestN(n=checkpoints_to_keep),
-            policies.BestN(get_metric_fn=_test_accuracy, n=1, keep_checkpoints_without_metrics=False),
-        ]
-    )
-    options = ocp.CheckpointManagerOptions(
-        preservation_policy=keep,
-        best_fn=_test_accuracy,
-        best_mode="max",
-        create=True,
-    )
-    return ocp.CheckpointManager((workdir / "checkpoints").absolute(), options=options)
-
-
-def _unfinished(step_directory: pathlib.Path) -> str | None:
-    """Why a checkpoint directory is certainly incomplete, or None."""
-    if not any(step_directory.iterdir()):
-        return "its directory is empty"
-    if not (step_directory / _COMMIT_MARKER).exists():
-        return f"it has no commit marker ({_COMMIT_MARKER}): its save, or a copy of it, did not finish"
-    return None
-
-
-@contextlib.contextmanager
-def quiet_failure(is_reported: Callable[[BaseException], bool] = lambda error: True) -> Iterator[None]:
-    """Keeps what orbax and TensorStore print about a failure they raise off the terminal.
-
-    When a restore or a save fails, their threads log the error with tracebacks and, for a
-    moment after the exception, report dozens of "Event loop is closed" errors, to file
-    descriptor 2 and to ``sys.unraisablehook``. Both go to a sink while the block runs. If it
-    ends normally, or with an error ``is_reported`` rejects (it will not become one line),
-    what was held is written to stderr after all; if it ends with an error that is reported,
-    the sink is dropped once it has stopped growing (at most a few seconds).
-    """
-    sys.stderr.flush()
-    saved_descriptor, saved_hook = os.dup(2), sys.unraisablehook
-    with tempfile.TemporaryFile() as sink:
-        os.dup2(sink.fileno(), 2)
-        sys.unraisablehook = lambda unraisable: None
-        held_back = True
-        try:
-            yield
-        except Exception as error:
-            held_back = is_reported(error)
-            if held_back:
-                # Wait until the threads are quiet (the sink stops growing), and collect the failed
-                # tasks, whose "exception was never retrieved" reports go to the sink too.
-                size, deadline = -1, time.monotonic() + 5
-                while os.fstat(sink.fileno()).st_size != size and time.monotonic() < deadline:
-                    size = os.fstat(sink.fileno()).st_size
-                    time.sleep(0.2)
-                    gc.collect()
-            raise
-        else:
-            held_back = False
-        finally:
-            sys.stderr.flush()
-            sys.unraisablehook = saved_hook
-            os.dup2(saved_descriptor, 2)
-            os.close(saved_descriptor)
-            if not held_back:
-                sink.seek(0)
-                os.write(2, sink.read())
-
-
-def _set_aside(step_directory: pathlib.Path, workdir: pathlib.Path) -> pathlib.Path:
-    """Moves a checkpoint that cannot be restored out of ``checkpoints/``, keeping it for inspection."""
-    target_parent = workdir / DAMAGED_CHECKPOINTS
-    target_parent.mkdir(exist_ok=True)
-    target = target_parent / step_directory.name
-    suffix = 1
-    while target.exists():
-        suffix += 1
-        target = target_parent / f"{step_directory.name}.{suffix}"
-    step_directory.rename(target)
-    return target
-
-
-def restore_newest(
-    manager: ocp.CheckpointManager, workdir: pathlib.Path, args: ocp.args.CheckpointArgs, move: bool
-) -> tuple[Any | None, list[pathlib.Path]]:
-    """Restores the newest checkpoint that can be restored.
-
-    A checkpoint that cannot (an empty or unfinished step directory, a missing
-    or truncated file) is reported in one line and moved to
-    ``WORKDIR/damaged_checkpoints/`` (by the process whose ``move`` is true), and the
-    one before it is tried.
-
-    Returns:
-      ``(restored, set_aside)``: the restored tree (None if no checkpoint could
-      be restored) and the directories moved aside.
-    """
-    set_aside = []
-    restored = None
-    if move:  # a save cut short leaves "<epoch>.orbax-checkpoint-tmp*", which can never be restored
-        for unfinished in pathlib.Path(manager.directory).glob("*.orbax-checkpoint-tmp*"):
-            shutil.rmtree(unfinished, ignore_errors=True)
-    for step in sorted(manager.all_steps(), reverse=True):
-        step_directory = pathlib.Path(manager.directory) / str(step)
-        problem = _unfinished(step_directory)
-        if problem is None:
-            try:
-                with quiet_failure():
-                    restored = manager.restore(step, args=args)
-                break
-            except Exception as error:  # orbax and tensorstore raise many types for unreadable data
-                problem = describe(error)
-        if move:
-            moved = _set_aside(step_directory, workdir)
-            set_aside.append(moved)
-            print(
-                f"warning: the checkpoint of epoch {step} in {manager.directory} cannot be restored ({problem}); "
-                f"moved it to {moved}.",
-                file=sys.stderr,
-                flush=True,
-            )
-    if set_aside:
-        manager.reload()
-    return restored, set_aside
-
-
-@contextlib.contextmanager
-def saving_checkpoint(manager: ocp.CheckpointManager, epoch: int, completed: int, state: Any) -> Iterator[None]:
-    """Around the save of epoch ``epoch``'s checkpoint (``completed``: the last one saved): a save
-    the storage makes fail (a full disk, ...) is a :class:`~nmfjax.errors.StorageError` saying
-    what it needed, with the partial checkpoint removed and nothing else touched.
-    """
-    try:
-        with quiet_failure(lambda error: storage_problem(error) is not None):
-            yield
-    except Exception as error:
-        problem = storage_problem(error)
-        if problem is None:
-            raise
-        directory = pathlib.Path(manager.directory)
-        for partial in directory.glob(f"{epoch}.orbax-checkpoint-tmp*"):
-            shutil.rmtree(partial, ignore_errors=True)
-        needed = sum(getattr(leaf, "nbytes", 0) for leaf in jax.tree.leaves(state)) / 1e6
-        free = shutil.disk_usage(directory).free / 1e6
-        kept = f"the checkpoint of epoch {completed}" if completed else "no earlier checkpoint"
-        resume = f"resumes after epoch {completed}" if completed else "starts from the first epoch"
-        raise StorageError(
-            f"saving the checkpoint of epoch {epoch} in {directory} failed: {problem} (it needs about "
-            f"{needed:.1f} MB; {free:.1f} MB are free now). Nothing is lost: {kept} and metrics.jsonl are as they "
-            f"were. Free space (or move the workdir elsewhere) and rerun the same command: it {resume}."
-        ) from None
+def write_config(workdir: pathlib.Path, config: ml_collections.ConfigDict) -> None:
+    """Writes the run's ``config.json`` (atomically; a full disk is one line)."""
+    with storage_errors(workdir / "config.json", "Free space, or train into another --workdir."):
+        write_atomically(workdir / "config.json", config.to_json_best_effort(indent=2) + "\n")
 
 
 class ScalarLog:
@@ -426,11 +322,16 @@ def cut_metrics_at(workdir: pathlib.Path, epoch: int, checkpoint_row: Mapping[st
     write_atomically(workdir / "metrics.jsonl", "".join(json.dumps(row) + "\n" for row in rows))
 
 
-def checkpoint_row(manager: ocp.CheckpointManager, epoch: int) -> Mapping[str, Any] | None:
-    """The metrics row saved with a checkpoint (None for epoch 0 or when it cannot be read)."""
-    if not epoch:
-        return None
-    try:
-        return manager.metrics(epoch)
-    except Exception:  # a damaged metadata file only costs the row's recovery
-        return None
+def record_epoch(workdir: pathlib.Path, row: Mapping[str, Any], scalars: ScalarLog) -> None:
+    """Appends a saved epoch's row to ``metrics.jsonl`` and TensorBoard; a full disk is one line that
+    says the checkpoint holds the row, which the rerun restores.
+    """
+    epoch = row["epoch"]
+    remedy = (
+        f"The checkpoint of epoch {epoch} is complete and holds the epoch's metrics: free space and rerun "
+        f"the same command, which resumes after epoch {epoch} and writes its row to metrics.jsonl."
+    )
+    with storage_errors(workdir / "metrics.jsonl", remedy):
+        append_metrics(workdir, row)
+    with storage_errors(scalars.directory, f"{remedy} (TensorBoard will lack epoch {epoch}.)"):
+        scalars.add(row, epoch)

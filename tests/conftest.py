@@ -159,3 +159,31 @@ def run_process(command, directory, *, env=None, timeout=300) -> Child:
     with child_process(command, directory, env) as child:
         child.wait(timeout)
     return child
+
+
+def assert_one_error_line(child: Child, expected: str) -> None:
+    """A command ended as a user's mistake should: exit status 2 and, last on stderr (after any progress
+    bars and warnings), one line ``error: ...`` containing ``expected``; no traceback.
+    """
+    err = child.stderr
+    assert child.process.returncode == 2, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    line = err.strip().splitlines()[-1]
+    assert line.startswith("error: ") and expected in line, err[-3000:]
+
+
+# --- fixtures ---
+
+
+@pytest.fixture
+def x64():
+    """float64 in JAX for the test (the references are float64)."""
+    with jax.enable_x64(True):
+        yield
+
+
+@pytest.fixture
+def mock_data(request):
+    """tfds's mock data (:func:`mocked_tfds`) with the test module's ``MOCK_EXAMPLES`` examples (default 20)."""
+    with mocked_tfds(getattr(request.module, "MOCK_EXAMPLES", 20)):
+        yield

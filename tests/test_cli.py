@@ -7,17 +7,9 @@ import sys
 import pytest
 
 from nmfjax import bench, configuration, experiments, plots
-from tests.conftest import MOCK_DATA, ROOT, run_process, script_command, train_command
+from tests.conftest import MOCK_DATA, ROOT, assert_one_error_line, run_process, script_command, train_command
 
 CNN = str(ROOT / "configs" / "cnn.py")
-
-
-def _assert_one_error_line(child, expected: str) -> None:
-    err = child.stderr
-    assert child.process.returncode == 2, err[-3000:]
-    assert "Traceback" not in err, err[-3000:]
-    line = err.strip().splitlines()[-1]  # after any progress bars and warnings
-    assert line.startswith("error: ") and expected in line, err[-3000:]
 
 
 def _saved_run(workdir: pathlib.Path, epochs: int = 0, **changes) -> pathlib.Path:
@@ -51,7 +43,7 @@ TRAIN_MISTAKES = {
 def test_train_py_reports_a_bad_command_line_in_one_line(case, tmp_path):
     args, expected = TRAIN_MISTAKES[case]
     child = run_process(train_command(*args, f"--workdir={tmp_path / 'run'}"), tmp_path / "process", timeout=120)
-    _assert_one_error_line(child, expected)
+    assert_one_error_line(child, expected)
     assert not (tmp_path / "run").exists()
 
 
@@ -64,7 +56,7 @@ def test_train_py_reports_missing_data_in_one_line(tmp_path):
         "--config.download=False",
     ]
     child = run_process(train_command(*args), tmp_path / "process", timeout=120)
-    _assert_one_error_line(child, f"dataset 'cifar10' (split 'train') is not prepared in {tmp_path}")
+    assert_one_error_line(child, f"dataset 'cifar10' (split 'train') is not prepared in {tmp_path}")
 
 
 def test_train_py_reports_a_mismatched_workdir_in_one_line(tmp_path):
@@ -72,14 +64,14 @@ def test_train_py_reports_a_mismatched_workdir_in_one_line(tmp_path):
     child = run_process(
         train_command("--config", CNN, f"--workdir={workdir}", "--config.model.width=2"), tmp_path / "p"
     )
-    _assert_one_error_line(child, f"{workdir} holds a run with another config (model.width: 1 -> 2)")
+    assert_one_error_line(child, f"{workdir} holds a run with another config (model.width: 1 -> 2)")
 
 
 def test_train_py_reports_epochs_without_checkpoints_in_one_line(tmp_path):
     workdir = _saved_run(tmp_path / "run", epochs=3)
     command = train_command("--config", CNN, f"--workdir={workdir}", prelude=MOCK_DATA.format(examples=50))
     child = run_process(command, tmp_path / "p")  # (the data are read first: they are there)
-    _assert_one_error_line(child, "can be restored, but metrics.jsonl records epochs up to 3")
+    assert_one_error_line(child, "can be restored, but metrics.jsonl records epochs up to 3")
 
 
 def test_train_py_start_over_moves_the_old_run_aside_and_trains(tmp_path):
@@ -114,7 +106,7 @@ def test_train_py_start_over_moves_the_old_run_aside_and_trains(tmp_path):
 def test_package_commands_report_mistakes_in_one_line(module, args, expected, tmp_path):
     args = [arg.format(missing=tmp_path / "missing") for arg in args]
     child = run_process(script_command(f"-m {module}", *args), tmp_path / "process", timeout=120)
-    _assert_one_error_line(child, expected)
+    assert_one_error_line(child, expected)
 
 
 # The same commands in this process: every kind of mistake each one checks.
@@ -179,7 +171,7 @@ def test_offline_train_py_stops_in_one_line_and_creates_nothing(tmp_path):
     child = run_process(
         train_command("--config", CNN, f"--workdir={workdir}", f"--config.data_dir={misspelled}"), tmp_path / "p1"
     )
-    _assert_one_error_line(child, f"config.data_dir={misspelled} does not exist (did you mean {tmp_path / 'tfds'}?)")
+    assert_one_error_line(child, f"config.data_dir={misspelled} does not exist (did you mean {tmp_path / 'tfds'}?)")
     offline = """
         import socket
         def create_connection(*args, **kwargs):
@@ -188,7 +180,7 @@ def test_offline_train_py_stops_in_one_line_and_creates_nothing(tmp_path):
     """
     command = train_command("--config", CNN, f"--workdir={workdir}", f"--config.data_dir={tmp_path / 'tfds'}")
     child = run_process(script_command(ROOT / "train.py", *command[3:], prelude=offline), tmp_path / "p2")
-    _assert_one_error_line(child, "no network (ConnectionError: cannot reach www.cs.toronto.edu")
+    assert_one_error_line(child, "no network (ConnectionError: cannot reach www.cs.toronto.edu")
     assert "Retrying" not in child.stderr
     assert sorted(path.name for path in tmp_path.iterdir()) == ["p1", "p2", "tfds"]
     assert list((tmp_path / "tfds").iterdir()) == []

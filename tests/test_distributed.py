@@ -48,19 +48,19 @@ def _kill_at_step(epoch: int, step: int) -> str:
     return f"""
         import os, signal
         import orbax.checkpoint as ocp
-        from nmfjax import training
+        from nmfjax import trainer
         original_save = ocp.CheckpointManager.save
         def save(self, *args, **kwargs):
             saved = original_save(self, *args, **kwargs)
             self.wait_until_finished()
             return saved
         ocp.CheckpointManager.save = save
-        original_step_key = training.Trainer.step_key
+        original_step_key = trainer.Trainer.step_key
         def step_key(self, epoch, step):
             if (epoch, step) == ({epoch}, {step}):
                 os.kill(os.getpid(), signal.SIGKILL)
             return original_step_key(self, epoch, step)
-        training.Trainer.step_key = step_key
+        trainer.Trainer.step_key = step_key
     """
 
 

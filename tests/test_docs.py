@@ -16,7 +16,7 @@ from xml.etree import ElementTree
 import jax
 import pytest
 
-from nmfjax import bench, configuration, data, evaluation, training
+from nmfjax import bench, checkpoints, configuration, data, evaluation, training
 from nmfjax.workdirs import read_metrics
 from tests.conftest import ROOT
 from tests.documents import Document, markdown_table, percent
@@ -362,7 +362,7 @@ def readme_full_data(doc: Document) -> None:
             for nmf, cnn in (("cnmf", "cnn"), ("cnmf_1x1", "cnn_1x1"))
         ),
     )
-    sizes = [(REPRODUCTION / model / training.EXPORTED_WEIGHTS).stat().st_size / 1e6 for model in NETWORKS]
+    sizes = [(REPRODUCTION / model / checkpoints.EXPORTED_WEIGHTS).stat().st_size / 1e6 for model in NETWORKS]
     doc.claim("parameters and BatchNorm statistics, {} each", _range(sizes, ".1f", " MB"))
     evaluated = _json(ANALYSES / "evaluate.json")
     assert (evaluated["workdir"], evaluated["images"], evaluated["batch_size"]) == (

@@ -12,8 +12,8 @@ import pytest
 from flax import nnx
 
 from configs import cnmf_local
-from nmfjax import configuration, data, errors, experiments, models, ops, plots, training
-from nmfjax.workdirs import read_metrics
+from nmfjax import checkpoints, configuration, data, errors, experiments, models, ops, plots, training
+from nmfjax.workdirs import load_config, read_metrics
 from tests.conftest import ROOT, mocked_tfds, tiny_config
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -33,12 +33,6 @@ def workdirs(tmp_path_factory):
         for model in ("cnn", "cnmf_1x1"):
             training.train_and_evaluate(tiny_config(model, num_epochs=2), root / model)
     return root
-
-
-@pytest.fixture
-def mock_data():
-    with mocked_tfds(MOCK_EXAMPLES):
-        yield
 
 
 # --- pieces ---
@@ -316,8 +310,8 @@ def test_an_exported_network_loads_and_evaluates_as_its_checkpoint(workdirs, moc
         assert archive["batch_stats/blocks/0/norm_a/mean"].shape == (32,)
         assert sum(archive[name].size for name in archive.files if name.startswith("params/")) == 167_886
     assert (exported / "weights.npz").stat().st_size < 1_000_000
-    _, original, original_state, _ = training.load_checkpoint(workdir, "latest")
-    config, model, state, epoch = training.load_checkpoint(exported)
+    _, original, original_state, _ = checkpoints.load_checkpoint(workdir, "latest")
+    config, model, state, epoch = checkpoints.load_checkpoint(exported)
     assert epoch == 2 and config.model.architecture == "cnmf_1x1" and config.data_dir is None
     for ours, theirs in ((state.params, original_state.params), (state.batch_stats, original_state.batch_stats)):
         jax.tree.map(np.testing.assert_array_equal, jax.device_get(ours), jax.device_get(theirs))
@@ -332,22 +326,22 @@ def test_an_exported_network_loads_and_evaluates_as_its_checkpoint(workdirs, moc
 
 def test_running_statistics_classify_an_image_alone_as_in_a_batch(workdirs, mock_data):
     workdir = workdirs / "cnmf_1x1"
-    config, model, _, _ = training.load_checkpoint(workdir, batch_norm_statistics="running")
+    config, model, _, _ = checkpoints.load_checkpoint(workdir, batch_norm_statistics="running")
     assert config.model.batch_norm_statistics == "running"
     split = experiments.load_test_split(config, None, 10)
     images = data.center_crop(split.images, 28)
     alone = jnp.concatenate([model(images[i : i + 1]) for i in range(len(images))])
     np.testing.assert_allclose(alone, model(images), atol=1e-6)
-    _, authors, _, _ = training.load_checkpoint(workdir)  # batch statistics: an image alone is normalised by itself
+    _, authors, _, _ = checkpoints.load_checkpoint(workdir)  # batch statistics: an image alone is normalised by itself
     assert not np.allclose(authors.logits(images[:1]), authors.logits(images)[:1], atol=1e-5)
     with pytest.raises(errors.ConfigError, match="batch_norm_statistics must be one of"):
-        training.load_checkpoint(workdir, batch_norm_statistics="moving")
+        checkpoints.load_checkpoint(workdir, batch_norm_statistics="moving")
 
 
 def test_an_exported_network_refuses_another_epoch_and_damage_naming_the_file(workdirs, tmp_path, capsys):
     exported = tmp_path / "exported"
-    training.export_network(workdirs / "cnn", exported, 1)
-    assert training.load_checkpoint(exported, 1)[3] == 1
+    checkpoints.export_network(workdirs / "cnn", exported, 1)
+    assert checkpoints.load_checkpoint(exported, 1)[3] == 1
     _assert_user_error(
         capsys,
         "holds the exported weights of epoch 1 only",
@@ -369,7 +363,7 @@ def test_an_exported_network_refuses_another_epoch_and_damage_naming_the_file(wo
 
 def test_analyses_take_an_exported_networks_one_epoch_by_default_and_say_which(workdirs, tmp_path, capsys):
     exported = tmp_path / "exported"
-    training.export_network(workdirs / "cnn", exported, 1)
+    checkpoints.export_network(workdirs / "cnn", exported, 1)
     rows = read_metrics(exported)  # the copied record: make epoch 2 the best, so that "best" is not exported
     rows[1]["test_accuracy"] = rows[0]["test_accuracy"] + 0.1
     (exported / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
@@ -456,7 +450,7 @@ def test_training_commands_train_each_variant_once(mock_data, tmp_path, capsys):
     )
     modes = json.loads((tmp_path / "modes" / "train_gradients.json").read_text())["runs"]
     assert set(modes) == {"approx", "unrolled"}
-    assert configuration.load_config(modes["unrolled"]["workdir"]).model.nmf.gradient == "unrolled"
+    assert load_config(modes["unrolled"]["workdir"]).model.nmf.gradient == "unrolled"
     assert _is_png(tmp_path / "modes" / "train_gradients.png")
 
     experiments.main(
@@ -473,7 +467,7 @@ def test_training_commands_train_each_variant_once(mock_data, tmp_path, capsys):
         ]
     )
     runs = json.loads((tmp_path / "n" / "train_iterations.json").read_text())["runs"]
-    assert [configuration.load_config(run["workdir"]).model.nmf.iterations for run in runs.values()] == [1, 3]
+    assert [load_config(run["workdir"]).model.nmf.iterations for run in runs.values()] == [1, 3]
     assert _is_png(tmp_path / "n" / "train_iterations.png") and _is_png(tmp_path / "n" / "train_iterations_curves.png")
 
 

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 from jax import export
 
-from nmfjax import evaluation, models, ops, parallel, training
+from nmfjax import configuration, evaluation, models, ops, parallel
+from nmfjax import trainer as trainer_module
 from tests.conftest import tiny_config
 
 CUDA = ("cuda",)
@@ -38,7 +39,7 @@ def _custom_call_targets(module: str) -> set[str]:
 def test_train_and_eval_steps_of_each_network_lower_for_cuda(model):
     config = tiny_config(model, batch_size=4, eval_batch_size=4)
     config.model.nmf.iterations = 20
-    trainer = training.Trainer(config, training.configuration.validate_config(config), parallel.data_mesh())
+    trainer = trainer_module.Trainer(config, configuration.validate_config(config), parallel.data_mesh())
     state = trainer.initial_state
     images = trainer.put_replicated(np.zeros((8, 32, 32, 3), np.uint8))
     labels = trainer.put_replicated(np.zeros((8,), np.int32))

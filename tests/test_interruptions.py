@@ -29,13 +29,13 @@ def signal_at_step(number: int, epoch: int, step: int) -> str:
     """A prelude that sends the process ``number`` after train step ``step`` of ``epoch`` has been dispatched."""
     return f"""
         import os
-        from nmfjax import training
-        original_step_key = training.Trainer.step_key
+        from nmfjax import trainer
+        original_step_key = trainer.Trainer.step_key
         def step_key(self, epoch, step):
             if (epoch, step) == ({epoch}, {step}):
                 os.kill(os.getpid(), {int(number)})
             return original_step_key(self, epoch, step)
-        training.Trainer.step_key = step_key
+        trainer.Trainer.step_key = step_key
     """
 
 

@@ -12,21 +12,7 @@ from absl.testing import parameterized
 from flax import nnx
 
 from nmfjax import L1Normalize, NMFConv, NMFDense, NMFWeight, ops
-
-
-def hand_patches(x, kernel_size, stride, padding, dilation):
-    """Patches of an NHWC array by explicit loops, each ordered (dy, dx, c)."""
-    (kh, kw), (sh, sw), (dh, dw) = kernel_size, stride, dilation
-    (top, bottom), (left, right) = padding
-    x = np.pad(x, ((0, 0), (top, bottom), (left, right), (0, 0)))
-    span_h, span_w = (kh - 1) * dh + 1, (kw - 1) * dw + 1
-    rows = range(0, x.shape[1] - span_h + 1, sh)
-    cols = range(0, x.shape[2] - span_w + 1, sw)
-    out = np.zeros((x.shape[0], len(rows), len(cols), kh, kw, x.shape[3]))
-    for a, r in enumerate(rows):
-        for b, c in enumerate(cols):
-            out[:, a, b] = x[:, r : r + span_h : dh, c : c + span_w : dw, :]
-    return out
+from tests.references import conv_equals_dense_on_patches
 
 
 def test_same_padding_keeps_the_spatial_size():
@@ -135,31 +121,6 @@ def test_reconstruct_returns_the_input_where_h_explains_every_patch(kernel_size,
     assert not np.allclose(np.asarray(conv.reconstruct(jnp.asarray(x)))[covered], x[covered], rtol=1e-2)
 
 
-def _conv_equals_dense_on_patches(conv, x, apply):
-    """NMFConv's output (through ``apply``) against NMFDense on hand-extracted, normalised patches
-    with the same weights, group by group.
-    """
-    channels, outputs, groups = conv.in_features, conv.out_features, conv.feature_group_count
-    pad = conv.padding
-    patches = hand_patches(x, conv.kernel_size, conv.strides, pad, conv.kernel_dilation)
-    result = apply(jnp.asarray(x))
-    chex.assert_shape(result, (*patches.shape[:3], outputs))
-    kernel = np.asarray(conv.kernel[...])  # (kh, kw, C/G, I)
-    channels_per_group, outputs_per_group = channels // groups, outputs // groups
-    for g in range(groups):
-        group_patches = patches[..., g * channels_per_group : (g + 1) * channels_per_group]
-        group_patches = group_patches.reshape(*patches.shape[:3], -1)
-        group_patches /= group_patches.sum(-1, keepdims=True) + 1e-19
-        dense = NMFDense(group_patches.shape[-1], outputs_per_group, rngs=nnx.Rngs(1))
-        dense.kernel[...] = kernel[..., g * outputs_per_group : (g + 1) * outputs_per_group].reshape(
-            -1, outputs_per_group
-        )
-        expected = dense(jnp.asarray(group_patches, jnp.float32))
-        chex.assert_trees_all_close(
-            result[..., g * outputs_per_group : (g + 1) * outputs_per_group], expected, rtol=1e-5, atol=1e-7
-        )
-
-
 class LayerVariantsTest(chex.TestCase):
     @chex.variants(with_jit=True, without_jit=True)
     @parameterized.parameters(
@@ -183,7 +144,7 @@ class LayerVariantsTest(chex.TestCase):
             rngs=nnx.Rngs(0),
         )
         x = np.random.default_rng(0).uniform(0, 1, (2, 9, 8, 4)).astype(np.float32)
-        _conv_equals_dense_on_patches(conv, x, self.variant(lambda x: conv(x)))
+        conv_equals_dense_on_patches(conv, x, self.variant(lambda x: conv(x)))
 
     @chex.variants(with_jit=True, without_jit=True)
     @parameterized.parameters("approx", "unrolled", "implicit")

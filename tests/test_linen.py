@@ -12,13 +12,6 @@ from jax.test_util import check_grads
 
 from nmfjax import layers, linen, ops
 
-
-@pytest.fixture
-def x64():
-    with jax.enable_x64(True):
-        yield
-
-
 CONV_CASES = {
     "plain": dict(kernel_size=3),
     "strided, padded, grouped": dict(kernel_size=(3, 2), strides=2, padding="SAME", feature_group_count=2),

@@ -8,7 +8,7 @@ from flax import nnx
 
 from nmfjax import models, ops
 from nmfjax.layers import NMFConv, PatchConv
-from tests.test_layers import hand_patches
+from tests.references import hand_patches
 
 
 @pytest.mark.parametrize(

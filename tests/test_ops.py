@@ -14,59 +14,9 @@ from jax.experimental import checkify
 from jax.test_util import check_grads
 
 from nmfjax import ops
+from tests.references import random_problem, reference_approx_vjp, reference_forward, reference_positive_weights
 
 GRADIENTS = ops.GRADIENTS
-
-
-# --- independent NumPy reference (SPEC section 1, written out per position) ---
-
-
-def reference_positive_weights(u):
-    magnitude = np.abs(u)
-    return magnitude / (magnitude.sum(axis=0, keepdims=True) + 1e-19)
-
-
-def reference_forward(x, w, iterations, epsilon=None):
-    x = np.asarray(x, np.float64).reshape(-1, w.shape[0])
-    out = []
-    for position in x:
-        h = np.full(w.shape[1], 1.0 / w.shape[1])
-        for _ in range(iterations):
-            reconstruction = w @ h + 1e-20
-            factor = w.T @ (position / reconstruction)
-            h = h * factor if epsilon is None else h * (1 + epsilon * factor)
-            h = h / (h.sum() + 1e-19)
-        out.append(h)
-    return np.stack(out)
-
-
-def reference_approx_vjp(x, w, h, g):
-    """SPEC's closed form, position by position; dW summed over positions."""
-    dx = np.zeros_like(x)
-    dw = np.zeros_like(w)
-    for p in range(x.shape[0]):
-        reconstruction = w @ h[p]
-        for s in range(w.shape[0]):
-            dx[p, s] = np.sum(w[s] * h[p] * g[p]) / reconstruction[s]
-        for s in range(w.shape[0]):
-            for i in range(w.shape[1]):
-                dw[s, i] += h[p, i] * x[p, s] / reconstruction[s] * (g[p, i] - dx[p, s])
-    return dx, dw
-
-
-def random_problem(seed, positions=5, features=12, hidden=4):
-    rng = np.random.default_rng(seed)
-    x = rng.uniform(0.05, 1.0, (positions, features))
-    x /= x.sum(-1, keepdims=True)
-    w = reference_positive_weights(rng.uniform(0, 1, (features, hidden)))
-    g = rng.normal(size=(positions, hidden))
-    return x, w, g
-
-
-@pytest.fixture
-def x64():
-    with jax.enable_x64(True):
-        yield
 
 
 # --- forward ---

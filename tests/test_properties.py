@@ -16,8 +16,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from nmfjax import NMFConv, ops
-from tests.test_layers import _conv_equals_dense_on_patches
-from tests.test_ops import reference_approx_vjp, reference_positive_weights
+from tests.references import conv_equals_dense_on_patches, reference_approx_vjp, reference_positive_weights
 
 # Derandomized: CI runs the same examples every time. No time health check: on a loaded CI machine
 # drawing the arrays can be slow, which says nothing about the op.
@@ -42,9 +41,8 @@ def problems(draw, max_positions=6, max_features=9, max_hidden=5, zero_rows=Fals
 
 
 @pytest.fixture(autouse=True)
-def x64():
-    with jax.enable_x64(True):
-        yield
+def _float64(x64):
+    """Every property runs in float64, like its NumPy reference."""
 
 
 @EXAMPLES
@@ -158,4 +156,4 @@ def test_nmf_conv_equals_nmf_dense_on_extracted_patches(kernel, strides, padding
         rngs=nnx.Rngs(seed),
     )
     x = np.random.default_rng(seed).uniform(0, 1, (2, 7, 6, 4)).astype(np.float32)
-    _conv_equals_dense_on_patches(conv, x, conv)
+    conv_equals_dense_on_patches(conv, x, conv)

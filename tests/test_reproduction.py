@@ -10,7 +10,7 @@ import re
 import numpy as np
 import pytest
 
-from nmfjax import experiments, training
+from nmfjax import checkpoints, experiments
 from nmfjax.workdirs import read_metrics
 from tests.conftest import ROOT, SHARED_TFDS
 from tests.records import accuracy_tolerance, assert_matches_record
@@ -35,8 +35,8 @@ def _skip_without_full_cifar10():
 @pytest.mark.parametrize("model", NETWORKS)
 def test_each_shipped_network_is_small_and_loads_as_trained(model):
     directory = RECORD / model
-    assert (directory / training.EXPORTED_WEIGHTS).stat().st_size < 1_000_000
-    config, network, _, epoch = training.load_checkpoint(directory)
+    assert (directory / checkpoints.EXPORTED_WEIGHTS).stat().st_size < 1_000_000
+    config, network, _, epoch = checkpoints.load_checkpoint(directory)
     rows = read_metrics(directory)
     assert config.model.architecture == model and epoch == rows[-1]["epoch"] == len(rows)
 

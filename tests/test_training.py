@@ -2,9 +2,7 @@
 
 import functools
 import json
-import os
 import pathlib
-import subprocess
 import sys
 import textwrap
 from unittest import mock
@@ -18,24 +16,16 @@ from absl import flags
 from absl.testing import flagsaver
 from flax import nnx
 
-from nmfjax import configuration, errors, evaluation, models, parallel, plots, training, workdirs
-from tests.conftest import mocked_tfds, tiny_config
+from nmfjax import checkpoints, configuration, errors, evaluation, models, parallel, plots, training, workdirs
+from nmfjax import trainer as trainer_module
+from tests.conftest import mocked_tfds, run_process, tiny_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-def test_composite_loss_matches_spec():
-    logits = np.random.default_rng(0).normal(size=(5, 10))
-    labels = np.array([0, 3, 9, 3, 1])
-    p = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
-    y = np.eye(10)[labels]
-    expected = (-(y * np.log(p)).sum(-1) + 0.5 * ((p - y) ** 2).sum(-1)) / 1.5
-    np.testing.assert_allclose(evaluation.composite_loss(jnp.asarray(logits), jnp.asarray(labels)), expected, rtol=1e-5)
-
-
 def test_each_parameter_group_moves_by_its_own_learning_rate():
     config = tiny_config("cnmf_1x1")
-    trainer = training.Trainer(config, configuration.validate_config(config), parallel.data_mesh())
+    trainer = trainer_module.Trainer(config, configuration.validate_config(config), parallel.data_mesh())
     state = trainer.initial_state
     params = jax.device_get(state.params)
     grads = jax.tree.map(jnp.ones_like, state.params)  # Adam's first step is then exactly -lr
@@ -52,7 +42,7 @@ def test_each_parameter_group_moves_by_its_own_learning_rate():
 
 def test_plateau_rule_reduces_after_more_than_patience_bad_epochs():
     config = tiny_config()
-    plateau = training.make_plateau(config)
+    plateau = trainer_module.make_plateau(config)
     plateau_state = plateau.init(jnp.zeros(()))
     scales = []
     for _ in range(1 + 11 + 11):  # one improvement, then a loss that never improves
@@ -146,7 +136,7 @@ def test_every_config_trains_one_tiny_epoch_end_to_end(model, tmp_path):
 
 
 def _final_state(workdir):
-    *_, state, epoch = training.load_checkpoint(workdir)
+    *_, state, epoch = checkpoints.load_checkpoint(workdir)
     return jax.device_get(state), epoch
 
 
@@ -164,7 +154,7 @@ def test_resuming_gives_the_same_parameters_as_one_run(tmp_path):
         np.testing.assert_array_equal(a, b)
     # The run really trained: parameters moved away from the initialisation.
     config = tiny_config()
-    initial = training.Trainer(config, configuration.validate_config(config), parallel.data_mesh()).initial_state
+    initial = trainer_module.Trainer(config, configuration.validate_config(config), parallel.data_mesh()).initial_state
     assert not np.allclose(jax.tree.leaves(initial.params)[0], jax.tree.leaves(state_a.params)[0])
 
 
@@ -225,8 +215,8 @@ _DATA_PARALLEL_SCRIPT = textwrap.dedent(
     import os
     os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
     import jax, numpy as np
-    from nmfjax import configuration, evaluation, parallel, training
-    from tests.conftest import mocked_tfds, tiny_config
+    from nmfjax import configuration, evaluation, parallel, trainer as trainers
+    from tests.conftest import tiny_config
 
     assert jax.device_count() == 8
     config = tiny_config("cnmf_1x1", batch_size=16, eval_batch_size=16)
@@ -237,7 +227,7 @@ _DATA_PARALLEL_SCRIPT = textwrap.dedent(
     batch = rng.permutation(40)[:16].astype(np.int32)
     results = []
     for devices in (jax.devices()[:1], jax.devices()):
-        trainer = training.Trainer(config, spec, parallel.data_mesh(devices))
+        trainer = trainers.Trainer(config, spec, parallel.data_mesh(devices))
         args = (trainer.put_replicated(images), trainer.put_replicated(labels), batch, trainer.step_key(1, 0))
         args = (*args, evaluation.no_metrics(trainer.mesh))
         hlo = trainer.train_step.lower(trainer.initial_state, *args).compile().as_text()
@@ -256,12 +246,9 @@ _DATA_PARALLEL_SCRIPT = textwrap.dedent(
 )
 
 
-def test_sharded_step_on_eight_devices_equals_the_single_device_step():
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    result = subprocess.run(
-        [sys.executable, "-c", _DATA_PARALLEL_SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
-    )
-    assert result.returncode == 0 and "DATA PARALLEL OK" in result.stdout, result.stderr[-3000:]
+def test_sharded_step_on_eight_devices_equals_the_single_device_step(tmp_path):
+    child = run_process([sys.executable, "-c", _DATA_PARALLEL_SCRIPT], tmp_path, timeout=600)
+    assert child.process.returncode == 0 and "DATA PARALLEL OK" in child.stdout, child.stderr[-3000:]
 
 
 @pytest.mark.slow
@@ -271,6 +258,6 @@ def test_one_epoch_of_cnmf_1x1_learns_on_the_real_cifar10_subset(shared_tfds, tm
     config.model.nmf.iterations = 20
     row = training.train_and_evaluate(config, tmp_path)
     assert row["test_accuracy"] > 0.25, row
-    config_back, model, _, epoch = training.load_checkpoint(tmp_path, "best")
+    config_back, model, _, epoch = checkpoints.load_checkpoint(tmp_path, "best")
     assert epoch == 1 and config_back.model.architecture == "cnmf_1x1"
     assert isinstance(model, nnx.Module)

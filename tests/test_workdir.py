@@ -7,7 +7,7 @@ from unittest import mock
 
 import pytest
 
-from nmfjax import configuration, data, errors, training, workdirs
+from nmfjax import checkpoints, configuration, data, errors, training, workdirs
 from tests.conftest import mocked_tfds, tiny_config
 
 MOCK_EXAMPLES = 30
@@ -53,12 +53,6 @@ def workdir(three_epochs, tmp_path):
     copy = tmp_path / "run"
     shutil.copytree(three_epochs[0], copy)
     return copy
-
-
-@pytest.fixture
-def mock_data():
-    with mocked_tfds(MOCK_EXAMPLES):
-        yield
 
 
 def _no_data_loading():
@@ -116,20 +110,22 @@ def test_config_differences_ignore_exactly_the_resumable_fields():
         "cpu_devices": 2,
     }
     assert {name.split(".")[0] for name in changes} == set(configuration.RESUMABLE_FIELDS)
-    assert configuration.config_differences(saved, _config(**changes)) == []
-    assert configuration.config_differences(saved, _config(**{"eval_batch_size": 5, "plateau.patience": 3})) == [
+    assert workdirs.config_differences(saved, _config(**changes)) == []
+    assert workdirs.config_differences(saved, _config(**{"eval_batch_size": 5, "plateau.patience": 3})) == [
         ("eval_batch_size", 10, 5),
         ("plateau.patience", 10, 3),
     ]
     del saved["model"]["readout_learning"]  # a field the saved run did not have
-    assert configuration.config_differences(saved, _config()) == [("model.readout_learning", "(absent)", None)]
+    assert workdirs.config_differences(saved, _config()) == [("model.readout_learning", "(absent)", None)]
 
 
-def test_fields_that_may_change_on_resume_are_accepted(workdir, three_epochs, mock_data):
-    resumed = _config(num_epochs=4, data_dir="/elsewhere/tfds", log_every_steps=7, checkpoints_to_keep=1)
+def test_fields_that_may_change_on_resume_are_accepted(workdir, three_epochs, mock_data, tmp_path):
+    elsewhere = tmp_path / "elsewhere" / "tfds"
+    elsewhere.mkdir(parents=True)
+    resumed = _config(num_epochs=4, data_dir=str(elsewhere), log_every_steps=7, checkpoints_to_keep=1)
     with mock.patch.object(data, "load_split", wraps=data.load_split) as load_split:
         training.train_and_evaluate(resumed, workdir)
-    assert load_split.call_args.kwargs["data_dir"] == "/elsewhere/tfds"  # the new value is used
+    assert load_split.call_args.kwargs["data_dir"] == str(elsewhere)  # the new value is used
     assert _deterministic(workdirs.read_metrics(workdir)) == three_epochs[1]
     assert json.loads((workdir / "config.json").read_text())["num_epochs"] == 4  # and recorded
     assert sorted(int(step.name) for step in (workdir / "checkpoints").iterdir()) == [4]  # the latest and the best
@@ -194,7 +190,7 @@ def test_a_damaged_checkpoint_is_moved_aside_and_the_run_resumes_from_the_one_be
     (warning,) = [line for line in err.splitlines() if line.startswith("warning:")]
     assert f"the checkpoint of epoch {step} " in warning and "moved it to" in warning
     assert "Traceback" not in err and "Event loop is closed" not in err
-    assert (workdir / workdirs.DAMAGED_CHECKPOINTS / str(step)).is_dir()  # kept, not deleted
+    assert (workdir / checkpoints.DAMAGED_CHECKPOINTS / str(step)).is_dir()  # kept, not deleted
     assert f"Resumed from {workdir / 'checkpoints'} after epoch {step - 1}." in out
     # Epochs after the checkpoint are trained again and metrics.jsonl follows: as one uninterrupted run.
     assert _deterministic(workdirs.read_metrics(workdir)) == three_epochs[1]
@@ -209,7 +205,7 @@ def test_when_no_checkpoint_can_be_restored_the_error_names_the_directory_and_th
             training.train_and_evaluate(_config(num_epochs=4), workdir)
         message = str(raised.value)
         assert str(workdir / "checkpoints") in message and "records epochs up to 3" in message, message
-        assert str(workdir / workdirs.DAMAGED_CHECKPOINTS) in message and "--start_over" in message
+        assert str(workdir / checkpoints.DAMAGED_CHECKPOINTS) in message and "--start_over" in message
     assert len(workdirs.read_metrics(workdir)) == 3  # nothing was dropped
     assert capfd.readouterr().err.count("warning:") == len(steps)  # each reported once, when it was moved
 
@@ -231,11 +227,11 @@ def test_a_metrics_line_cut_short_is_skipped_with_a_warning(workdir, capsys):
 
 def test_load_checkpoint_names_a_missing_epoch_and_a_damaged_one(workdir):
     with pytest.raises(errors.MissingFileError, match=r"no checkpoint of epoch 9 .* holds epochs \[2, 3\]"):
-        training.load_checkpoint(workdir, 9)
+        checkpoints.load_checkpoint(workdir, 9)
     _truncate(workdir / "checkpoints" / "3")
     with pytest.raises(errors.WorkdirError, match="the checkpoint of epoch 3 .* cannot be restored"):
-        training.load_checkpoint(workdir, "latest")
-    *_, epoch = training.load_checkpoint(workdir, 2)
+        checkpoints.load_checkpoint(workdir, "latest")
+    *_, epoch = checkpoints.load_checkpoint(workdir, 2)
     assert epoch == 2
 
 
@@ -249,10 +245,10 @@ def test_a_config_json_from_before_the_model_section_is_converted(tmp_path):
     old.update(model)  # kernel_sizes, features, ... at the top level
     del old["nmf"]["precision"]  # added in 0.3
     (tmp_path / "config.json").write_text(json.dumps(old))
-    assert configuration.load_config(tmp_path).to_dict() == json.loads(config.to_json_best_effort())
-    assert configuration.config_differences(old, config) == []
+    assert workdirs.load_config(tmp_path).to_dict() == json.loads(config.to_json_best_effort())
+    assert workdirs.config_differences(old, config) == []
     changed = _config(**{"model.nmf.iterations": 7})
-    assert configuration.config_differences(old, changed) == [("model.nmf.iterations", 3, 7)]
-    assert configuration.config_differences(old, _config(**{"model.nmf.precision": "tf32"})) == [
+    assert workdirs.config_differences(old, changed) == [("model.nmf.iterations", 3, 7)]
+    assert workdirs.config_differences(old, _config(**{"model.nmf.precision": "tf32"})) == [
         ("model.nmf.precision", "float32", "tf32")
     ]

@@ -65,7 +65,6 @@ from nmfjax.experiments.sweep import (
     SWEEP_WIDTHS,
     pareto_front,
     sweep_variants,
-    train_variants,
 )
 
 __all__ = [
@@ -99,6 +98,5 @@ __all__ = [
     "pareto_front",
     "summarize_run",
     "sweep_variants",
-    "train_variants",
     "with_nmf_options",
 ]

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from nmfjax import cli, configuration, data, models, plots, training, workdirs
+from nmfjax import checkpoints, cli, configuration, data, models, outputs, plots, variants, workdirs
 from nmfjax.errors import ConfigError
 from nmfjax.experiments import compare, gradients, iterations, noise, pictures, sweep
 from nmfjax.experiments.common import (
@@ -52,7 +52,7 @@ def _load_runs(args, **options) -> list[Trained]:
         run = load_trained(workdir, args.step, **options)
         if args.step is not None:
             chosen = f"--step {args.step}"
-        elif training.is_exported_network(workdir):
+        elif checkpoints.is_exported_network(workdir):
             chosen = "the exported network's one epoch"
         else:
             chosen = "the best test accuracy; --step picks another"
@@ -202,7 +202,7 @@ def _command_compare(args) -> None:
     table = compare.markdown_table(comparison)
     _report(
         write_json(comparison, output / "compare.json"),
-        workdirs.write_output(output / "compare.md", table),
+        outputs.write_output(output / "compare.md", table),
         plots.plot_comparison(comparison, output / "figure5.png"),
         plots.plot_learning_curves(args.workdirs, output / "learning_curves.png"),
     )
@@ -210,19 +210,19 @@ def _command_compare(args) -> None:
 
 
 def _command_export(args) -> None:
-    weights = training.export_network(args.workdir, args.output, args.step)
+    weights = checkpoints.export_network(args.workdir, args.output, args.step)
     print(f"wrote {pathlib.Path(args.output) / 'config.json'}, {pathlib.Path(args.output) / 'metrics.jsonl'}")
     print(f"wrote {weights} ({weights.stat().st_size / 1e6:.2f} MB)")
 
 
-def _train_and_summarize(args, config, variants) -> dict[str, dict[str, Any]]:
-    directories = sweep.train_variants(config, variants, args.root, start_over=args.start_over)
+def _train_and_summarize(args, config, grid) -> dict[str, dict[str, Any]]:
+    directories = variants.train_variants(config, grid, args.root, start_over=args.start_over)
     return {name: compare.summarize_run(workdir) for name, workdir in directories.items()}
 
 
 def _command_train_iterations(args) -> None:
-    variants = {f"iterations{n}": {"model.nmf.iterations": n} for n in args.values}
-    summaries = _train_and_summarize(args, _config(args), variants)
+    grid = {f"iterations{n}": {"model.nmf.iterations": n} for n in args.values}
+    summaries = _train_and_summarize(args, _config(args), grid)
     root = pathlib.Path(args.root)
     curves = plots.plot_learning_curves(
         [s["workdir"] for s in summaries.values()], root / "train_iterations_curves.png"
@@ -254,8 +254,8 @@ def _command_sweep(args) -> None:
         )
     channels = data.check_dataset(config.dataset).channels
     grid = sweep.sweep_variants(config.model.features, channels, args.widths, args.nmf_groups, args.mix_groups)
-    variants = {name: {f"model.{field}": value for field, value in fields.items()} for name, fields in grid.items()}
-    summaries = _train_and_summarize(args, config, variants)
+    overrides = {name: {f"model.{field}": value for field, value in fields.items()} for name, fields in grid.items()}
+    summaries = _train_and_summarize(args, config, overrides)
     for name, fields in grid.items():
         summaries[name].update(fields)
     root = pathlib.Path(args.root)

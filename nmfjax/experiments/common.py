@@ -11,7 +11,8 @@ from typing import Any
 import ml_collections
 from flax import nnx
 
-from nmfjax import configuration, data, evaluation, models, parallel, training, workdirs
+from nmfjax import checkpoints, configuration, data, evaluation, models, parallel
+from nmfjax.outputs import write_output
 
 
 @dataclasses.dataclass
@@ -36,11 +37,11 @@ def load_trained(
 ) -> Trained:
     """The network of a workdir at ``step``: an epoch, ``"best"`` or ``"latest"``; by default
     (``None``) the best epoch of a workdir, and the one epoch an exported network holds.
-    ``batch_norm_statistics`` is as for :func:`nmfjax.training.load_checkpoint`.
+    ``batch_norm_statistics`` is as for :func:`nmfjax.checkpoints.load_checkpoint`.
     """
-    if step is None and not training.is_exported_network(workdir):
+    if step is None and not checkpoints.is_exported_network(workdir):
         step = "best"
-    config, model, _, epoch = training.load_checkpoint(workdir, step, batch_norm_statistics=batch_norm_statistics)
+    config, model, _, epoch = checkpoints.load_checkpoint(workdir, step, batch_norm_statistics=batch_norm_statistics)
     return Trained(pathlib.Path(workdir), config, model, epoch)
 
 
@@ -94,4 +95,4 @@ def evaluator(model: models.Network, split: data.Split, *, batch_size: int) -> C
 
 def write_json(payload: Any, output: pathlib.Path) -> pathlib.Path:
     """Writes an analysis's results as indented JSON (atomically, creating the folder); returns the path."""
-    return workdirs.write_output(output, json.dumps(payload, indent=2) + "\n")
+    return write_output(output, json.dumps(payload, indent=2) + "\n")

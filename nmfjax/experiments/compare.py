@@ -45,7 +45,7 @@ def summarize_run(workdir: str | pathlib.Path) -> dict[str, Any]:
       MissingFileError: the workdir has no config.json, or no epoch yet.
     """
     workdir = pathlib.Path(workdir)
-    config = configuration.load_config(workdir)
+    config = workdirs.load_config(workdir)
     rows = workdirs.read_metrics(workdir)
     if not rows:
         raise MissingFileError(f"{workdir / 'metrics.jsonl'} holds no epochs: train with train.py first.")

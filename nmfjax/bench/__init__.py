@@ -1,0 +1,77 @@
+"""Benchmarks: throughput of the paper's networks, the paper's Figure 1, and how cost grows.
+
+    python -m nmfjax.bench --output bench            # the full suite (minutes on 2 CPU cores)
+    python -m nmfjax.bench --tiny --output /tmp/b     # about a minute: keeps the code working
+
+Every figure is the median over ``--repeats`` timed calls after one warm-up
+call; compile time is reported apart. Prints tables and writes
+``OUTPUT/bench.json`` and ``OUTPUT/bench.png``.
+
+* ``throughput``: per model and batch size, train-step images/s (the real
+  jitted step: gather, augmentation, forward, backward, Adam) and eval images/s;
+  achieved GFLOP/s from XLA's cost analysis and its fraction of ``--peak_gflops``;
+  peak memory of the compiled step (arguments + outputs + temporaries).
+* ``figure1``: the paper's Figure 1: backward time and memory of the CNN,
+  and of the CNMF network with the "unrolled", "approx" and "implicit"
+  backward, relative to the CNN, at N in {5, 20, 50}.
+* ``scaling``: train-step time of CNMF+1x1 against N and against batch size.
+
+Two more suites, each its own JSON::
+
+    python -m nmfjax.bench --precision --output bench   # the op in tf32 and bfloat16 against float32
+    python -m nmfjax.bench --gpu --data_dir DIR --output bench   # on a machine with a GPU: its table
+
+* ``--precision`` (``precision.json``): the relative error of ``h`` and of the
+  input and weight gradients of each backward mode when every product of the
+  op runs in TF32 or bfloat16 instead of float32, at N in {5, 20, 50}, on a
+  first-block-sized problem. On a CPU the lower precisions are emulated
+  (operands rounded to their mantissa, float32 sums; see :func:`nmfjax.ops.matmul`).
+* ``--gpu`` (``gpu.json``): the op's results on the GPU against the CPU's
+  (float32, and TF32 and bfloat16 on the GPU's own tensor cores), train and
+  eval images/s of the four networks at batch 50 and 500 (CNMF+1x1 in each
+  precision), and one short ``train.py`` epoch on ``--data_dir``. Without a
+  GPU it stops with an error (exit status 2).
+"""
+
+from nmfjax.bench.cli import main, run
+from nmfjax.bench.figure1 import FIGURE1_COLUMNS, figure1, measure_backward
+from nmfjax.bench.gpu import GPU_FULL, GPU_THROUGHPUT_COLUMNS, GPU_TINY, GPUSizes, gpu_suite
+from nmfjax.bench.precision import PRECISION_COLUMNS, PRECISION_ITERATIONS, op_errors, op_problem, precision_study
+from nmfjax.bench.throughput import (
+    DEFAULT_PEAK_GFLOPS,
+    FULL,
+    SCALING_COLUMNS,
+    THROUGHPUT_COLUMNS,
+    TINY,
+    Sizes,
+    measure_train_and_eval,
+    scaling,
+)
+from nmfjax.bench.timing import uncounted_loop_flops
+
+__all__ = [
+    "DEFAULT_PEAK_GFLOPS",
+    "FIGURE1_COLUMNS",
+    "FULL",
+    "GPU_FULL",
+    "GPU_THROUGHPUT_COLUMNS",
+    "GPU_TINY",
+    "PRECISION_COLUMNS",
+    "PRECISION_ITERATIONS",
+    "SCALING_COLUMNS",
+    "THROUGHPUT_COLUMNS",
+    "TINY",
+    "GPUSizes",
+    "Sizes",
+    "figure1",
+    "gpu_suite",
+    "main",
+    "measure_backward",
+    "measure_train_and_eval",
+    "op_errors",
+    "op_problem",
+    "precision_study",
+    "run",
+    "scaling",
+    "uncounted_loop_flops",
+]

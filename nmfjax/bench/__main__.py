@@ -1,0 +1,5 @@
+"""``python -m nmfjax.bench``."""
+
+from nmfjax.bench.cli import main
+
+main()

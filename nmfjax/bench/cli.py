@@ -1,0 +1,113 @@
+"""The command line of ``python -m nmfjax.bench`` and the whole CPU suite."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import pathlib
+import platform
+from typing import Any
+
+import jax
+
+from nmfjax import cli, parallel, plots
+from nmfjax.bench.figure1 import FIGURE1_COLUMNS, figure1
+from nmfjax.bench.gpu import GPU_FULL, GPU_TINY, gpu_suite, gpus
+from nmfjax.bench.precision import precision_study
+from nmfjax.bench.throughput import (
+    DEFAULT_PEAK_GFLOPS,
+    FULL,
+    SCALING_COLUMNS,
+    THROUGHPUT_COLUMNS,
+    TINY,
+    Sizes,
+    measure_train_and_eval,
+    scaling,
+)
+from nmfjax.outputs import storage_errors, write_output
+from nmfjax.tables import markdown_table
+
+
+def run(sizes: Sizes, output: pathlib.Path, peak_gflops: float) -> dict:
+    """The whole suite: prints its tables and writes ``bench.json`` and ``bench.png`` to ``output``."""
+    results: dict[str, Any] = {
+        "device": str(jax.devices()[0].device_kind),
+        "platform": jax.default_backend(),
+        "device_count": jax.device_count(),
+        "cpu": platform.processor() or platform.machine(),
+        "jax": jax.__version__,
+        "peak_gflops": peak_gflops,
+        "repeats": sizes.repeats,
+    }
+    # One device next to all of them (one per core by default), measured in the same process.
+    device_counts = sorted({1, jax.device_count()})
+    results["throughput"] = [
+        measure_train_and_eval(model, batch, sizes.repeats, peak_gflops, devices=count)
+        for model in sizes.models
+        for batch in sizes.batch_sizes
+        for count in device_counts
+    ]
+    print("\nThroughput (N=20):\n" + markdown_table(results["throughput"], THROUGHPUT_COLUMNS), flush=True)
+    results["figure1"] = figure1(sizes)
+    print(
+        "\nFigure 1 (backward of the whole network):\n" + markdown_table(results["figure1"], FIGURE1_COLUMNS),
+        flush=True,
+    )
+    results["scaling"] = scaling(sizes, peak_gflops, results["throughput"])
+    for name, rows in results["scaling"].items():
+        print(f"\nCNMF+1x1 against {name}:\n" + markdown_table(rows, SCALING_COLUMNS), flush=True)
+    write_output(output / "bench.json", json.dumps(results, indent=2))
+    plots.plot_bench(results, output / "bench.png")
+    print(f"\nwrote {output / 'bench.json'} and {output / 'bench.png'}")
+    return results
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m nmfjax.bench``."""
+    from nmfjax import bench  # the package docstring is the help text
+
+    parser = cli.ArgumentParser(
+        prog="python -m nmfjax.bench", description=bench.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--output", default="bench", help="folder for bench.json and bench.png")
+    parser.add_argument("--tiny", action="store_true", help="tiny sizes (a smoke test, not a measurement)")
+    parser.add_argument("--repeats", type=cli.positive_int, help="timed calls per figure (default 5; tiny: 2)")
+    parser.add_argument(
+        "--peak_gflops",
+        type=cli.positive_float,
+        help=f"the machine's peak GFLOP/s (default {DEFAULT_PEAK_GFLOPS:g}, two AVX2 cores; --gpu: none)",
+    )
+    parser.add_argument(
+        "--cpu_devices", type=cli.positive_int, help="XLA devices on a CPU (default: one per core; XLA_FLAGS wins)"
+    )
+    suite = parser.add_mutually_exclusive_group()
+    suite.add_argument("--precision", action="store_true", help="the op in tf32 and bfloat16 against float32")
+    suite.add_argument("--gpu", action="store_true", help="the GPU table (needs a GPU and --data_dir)")
+    parser.add_argument("--data_dir", help="TFDS data directory with CIFAR-10, for --gpu's training run")
+    args = parser.parse_args(argv)
+    # One device per core; each measurement uses as many of them as divide its batch.
+    parallel.use_cpu_devices(args.cpu_devices)
+    output = pathlib.Path(args.output)
+    if output.exists() and not output.is_dir():
+        cli.fail(f"--output {output} is a file; give a folder for bench.json and bench.png.")
+    with cli.exit_on_errors(), storage_errors(output, "Choose another --output."):
+        output.mkdir(parents=True, exist_ok=True)  # before minutes of measuring
+    with cli.exit_on_errors():
+        if args.gpu:
+            gpu = gpus()[0]
+            if not args.data_dir:
+                cli.fail("--gpu trains for one epoch on CIFAR-10: give its TFDS data directory as --data_dir.")
+            gpu_sizes = GPU_TINY if args.tiny else GPU_FULL
+            repeats = args.repeats or gpu_sizes.repeats
+            peak = args.peak_gflops or math.nan
+            gpu_suite(gpu, args.data_dir, output, dataclasses.replace(gpu_sizes, repeats=repeats), peak)
+            return
+        if args.precision:
+            precision_study(output, *(((2,), 64) if args.tiny else ()))
+            return
+    sizes = TINY if args.tiny else FULL
+    if args.repeats:
+        sizes = dataclasses.replace(sizes, repeats=args.repeats)
+    run(sizes, output, args.peak_gflops or DEFAULT_PEAK_GFLOPS)

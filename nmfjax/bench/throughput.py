@@ -1,0 +1,170 @@
+"""Train-step and eval-step throughput of the paper's networks on synthetic data, and how it grows
+with N and the batch size.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+
+from nmfjax import configuration, evaluation, parallel
+from nmfjax.bench import timing
+from nmfjax.trainer import Trainer
+
+# Two AVX2 cores with two FMA units each at ~3 GHz: 2 x 2 x 8 lanes x 2 flops x 3e9.
+DEFAULT_PEAK_GFLOPS = 190.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Sizes:
+    """What the suite measures: models, batch sizes, N values and repeats (full or tiny)."""
+
+    models: tuple[str, ...]
+    batch_sizes: tuple[int, ...]
+    figure1_iterations: tuple[int, ...]
+    figure1_batch: int
+    scaling_iterations: tuple[int, ...]
+    scaling_batch_sizes: tuple[int, ...]
+    repeats: int
+
+
+FULL = Sizes(
+    models=("cnn", "cnmf", "cnn_1x1", "cnmf_1x1"),
+    batch_sizes=(50, 200),
+    figure1_iterations=(5, 20, 50),
+    figure1_batch=50,
+    scaling_iterations=(1, 5, 10, 20, 50),
+    scaling_batch_sizes=(10, 25, 50, 100, 200),
+    repeats=5,
+)
+TINY = Sizes(
+    models=("cnmf_1x1",),
+    batch_sizes=(4,),
+    figure1_iterations=(2,),
+    figure1_batch=4,
+    scaling_iterations=(2,),
+    scaling_batch_sizes=(4,),
+    repeats=2,
+)
+
+
+def _config(model: str, batch_size: int, iterations: int = 20, gradient: str = "approx", precision: str = "float32"):
+    config = configuration.default_config()
+    config.model.architecture = model
+    config.batch_size = config.eval_batch_size = batch_size
+    config.model.nmf.iterations = iterations
+    config.model.nmf.gradient = gradient
+    config.model.nmf.precision = precision
+    return config
+
+
+def _synthetic_data(trainer: Trainer, count: int):
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (count, 32, 32, 3), dtype=np.uint8)
+    labels = rng.integers(0, 10, count).astype(np.int32)
+    return trainer.put_replicated(images), trainer.put_replicated(labels)
+
+
+def measure_train_and_eval(
+    model: str,
+    batch_size: int,
+    repeats: int,
+    peak_gflops: float,
+    iterations: int = 20,
+    devices: int | None = None,
+    precision: str = "float32",
+) -> dict:
+    """Train-step and eval throughput of one model at one batch size, data-parallel over the first
+    ``devices`` devices (default: as many as divide the batch), the NMF products in ``precision``.
+    """
+    if devices is None:
+        devices = parallel.largest_dividing_count(jax.device_count(), (batch_size,))
+    config = _config(model, batch_size, iterations, precision=precision)
+    spec = configuration.validate_config(config, devices)
+    trainer = Trainer(config, spec, parallel.data_mesh(jax.devices()[:devices]))
+    images, labels = _synthetic_data(trainer, 2 * batch_size)
+    batch = np.arange(batch_size, dtype=np.int32)
+    key = trainer.step_key(1, 0)
+    state = trainer.initial_state
+
+    totals = evaluation.no_metrics(trainer.mesh)
+    train_compiled, train_compile_seconds = timing.compile_timed(
+        trainer.train_step, state, images, labels, batch, key, totals
+    )
+    eval_args = (state.params, state.batch_stats, images, labels, batch, totals, np.int32(0))
+    eval_compiled, eval_compile_seconds = timing.compile_timed(trainer.evaluator.step, *eval_args)
+    # The train step donates its state: thread it through the timed calls.
+    holder = {"state": state}
+
+    def train_once():
+        holder["state"], metrics = train_compiled(holder["state"], images, labels, batch, key, totals)
+        return metrics
+
+    train_seconds = timing.median_seconds(train_once, repeats=repeats)
+    state = holder["state"]
+    eval_seconds = timing.median_seconds(
+        eval_compiled, state.params, state.batch_stats, *eval_args[2:], repeats=repeats
+    )
+    loop_flops = timing.uncounted_loop_flops(spec, batch_size)
+    # XLA's cost analysis and memory analysis of a program split over devices are those of one device.
+    train_flops = timing.flops(train_compiled) * devices + loop_flops
+    eval_flops = timing.flops(eval_compiled) * devices + loop_flops
+    return {
+        "model": model,
+        "devices": devices,
+        "batch_size": batch_size,
+        "iterations": iterations,
+        "precision": precision,
+        "train_images_per_second": batch_size / train_seconds,
+        "eval_images_per_second": batch_size / eval_seconds,
+        "train_step_ms": 1e3 * train_seconds,
+        "eval_step_ms": 1e3 * eval_seconds,
+        "train_gflops_per_image": train_flops / batch_size / 1e9,
+        "train_gflop_per_second": train_flops / train_seconds / 1e9,
+        "train_fraction_of_peak": train_flops / train_seconds / 1e9 / peak_gflops,
+        "eval_gflop_per_second": eval_flops / eval_seconds / 1e9,
+        "eval_fraction_of_peak": eval_flops / eval_seconds / 1e9 / peak_gflops,
+        "train_peak_memory_mb": timing.peak_bytes(train_compiled) / 2**20,
+        "eval_peak_memory_mb": timing.peak_bytes(eval_compiled) / 2**20,
+        "train_compile_seconds": train_compile_seconds,
+        "eval_compile_seconds": eval_compile_seconds,
+    }
+
+
+def scaling(sizes: Sizes, peak_gflops: float, measured: Sequence[dict] = ()) -> dict[str, list[dict]]:
+    """CNMF+1x1 throughput against N (at a middle batch size) and against the batch size (N = 20).
+
+    A row of ``measured`` with the same model, batch size, N and device count is reused, not measured again.
+    """
+    known = {(row["model"], row["batch_size"], row["iterations"], row["devices"]): row for row in measured}
+
+    def measure(batch_size: int, iterations: int = 20) -> dict:
+        devices = parallel.largest_dividing_count(jax.device_count(), (batch_size,))
+        row = known.get(("cnmf_1x1", batch_size, iterations, devices))
+        return row or measure_train_and_eval("cnmf_1x1", batch_size, sizes.repeats, peak_gflops, iterations, devices)
+
+    batch = sizes.scaling_batch_sizes[len(sizes.scaling_batch_sizes) // 2]
+    return {
+        "iterations": [measure(batch, n) for n in sizes.scaling_iterations],
+        "batch_size": [measure(b) for b in sizes.scaling_batch_sizes],
+    }
+
+
+THROUGHPUT_COLUMNS = [
+    ("model", "model", "s"),
+    ("devices", "devices", "d"),
+    ("batch", "batch_size", "d"),
+    ("train img/s", "train_images_per_second", ".0f"),
+    ("eval img/s", "eval_images_per_second", ".0f"),
+    ("train GFLOP/img", "train_gflops_per_image", ".3f"),
+    ("train GFLOP/s", "train_gflop_per_second", ".1f"),
+    ("train % peak", "train_fraction_of_peak", ".1%"),
+    ("eval GFLOP/s", "eval_gflop_per_second", ".1f"),
+    ("train peak MB/device", "train_peak_memory_mb", ".0f"),
+    ("eval peak MB/device", "eval_peak_memory_mb", ".0f"),
+    ("compile s (train/eval)", "train_compile_seconds", ".1f"),
+]
+SCALING_COLUMNS = [("N", "iterations", "d"), *THROUGHPUT_COLUMNS[1:6]]

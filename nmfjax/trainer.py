@@ -1,0 +1,220 @@
+"""The training step of the paper's networks (arXiv 2503.20398, section 2.6, and the authors' code):
+Adam with one learning rate per parameter group, the reduce-on-plateau rule, the state a
+checkpoint holds, and :class:`Trainer` with the jitted train and eval steps over a mesh.
+
+The loss is the composite CE + MSE on the softmax output (paper eq. 21,
+:mod:`nmfjax.evaluation`); a run of many epochs in a workdir is
+:func:`nmfjax.training.train_and_evaluate`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import optax.contrib
+from flax import nnx
+from tqdm.auto import tqdm
+
+from nmfjax import data, evaluation, models, parallel
+from nmfjax.evaluation import Metrics
+
+# --- loss, optimiser, state ---
+
+
+def make_optimizer(config: ml_collections.ConfigDict, params: nnx.State) -> optax.GradientTransformation:
+    """Adam (PyTorch defaults) with one learning rate per parameter group: module a's weights,
+    the 1x1 mixing convolutions and BatchNorm (``config.learning_rates``), chosen by variable
+    type (:func:`nmfjax.models.parameter_group`).
+    """
+    is_variable = lambda value: isinstance(value, nnx.Variable)  # noqa: E731
+    # A label for each array, in the structure of ``params``.
+    labels = jax.tree.map(
+        lambda variable: jax.tree.map(lambda _: models.parameter_group(variable), variable), params, is_leaf=is_variable
+    )
+    transforms = {group: optax.adam(config.learning_rates[group]) for group in models.PARAMETER_GROUPS}
+    return optax.multi_transform(transforms, labels)
+
+
+def make_plateau(config: ml_collections.ConfigDict) -> optax.GradientTransformationExtraArgs:
+    """The learning-rate scale: ``config.plateau``'s reduce-on-plateau rule, as PyTorch's ReduceLROnPlateau."""
+    # PyTorch's ReduceLROnPlateau reduces after more than `patience` bad epochs,
+    # optax's after exactly `patience`: shift by one to match the authors' code.
+    return optax.contrib.reduce_on_plateau(
+        factor=config.plateau.factor, patience=config.plateau.patience + 1, rtol=config.plateau.rtol, atol=0.0
+    )
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything a checkpoint holds of a run: parameters, BatchNorm statistics and optimiser states."""
+
+    params: nnx.State
+    batch_stats: nnx.State
+    opt_state: optax.OptState
+    plateau: optax.contrib.ReduceLROnPlateauState
+
+
+def initial_state(config: ml_collections.ConfigDict, model: models.Network, mesh: jax.sharding.Mesh) -> TrainState:
+    """The state a new run starts from, replicated over ``mesh``: ``model``'s parameters and BatchNorm
+    statistics, and fresh optimiser and plateau states.
+    """
+    _, params, batch_stats = models.split_state(model)
+    state = TrainState(
+        params=params,
+        batch_stats=batch_stats,
+        opt_state=make_optimizer(config, params).init(params),
+        plateau=make_plateau(config).init(jnp.zeros((), jnp.float32)),
+    )
+    return jax.device_put(state, parallel.replicated(mesh))
+
+
+def learning_rates(config: ml_collections.ConfigDict, state: TrainState) -> dict[str, float]:
+    """Each parameter group's learning rate now: its ``config.learning_rates`` entry times the plateau scale."""
+    scale = float(state.plateau.scale)
+    return {group: config.learning_rates[group] * scale for group in models.PARAMETER_GROUPS}
+
+
+# --- the trainer ---
+
+
+class Trainer:
+    """The jitted train step of one config and the evaluator of its network, over a mesh."""
+
+    def __init__(self, config: ml_collections.ConfigDict, spec: models.NetworkSpec, mesh: jax.sharding.Mesh):
+        self.config = config
+        self.mesh = mesh
+        model = models.build(spec, config.seed)
+        self.graphdef, params, _ = models.split_state(model)
+        self.initial_state = initial_state(config, model, mesh)
+        self.tx = make_optimizer(config, params)
+        self.plateau_tx = make_plateau(config)
+        model.eval()
+        eval_graphdef, _, _ = models.split_state(model)
+        self.crop_size = spec.input_shape[0]
+        self.evaluator = evaluation.Evaluator(eval_graphdef, self.crop_size, config.eval_batch_size, mesh)
+        self.one_program_at_a_time = parallel.one_program_at_a_time(mesh)
+        self.train_step = jax.jit(self._train_step_impl, donate_argnums=0)
+        self._plateau_step = jax.jit(self._plateau_step_impl)
+
+    def put_replicated(self, array: np.ndarray) -> jax.Array:
+        """A host array replicated on every device of the mesh (multi-host too)."""
+        return parallel.put_replicated(self.mesh, array)
+
+    def _train_step_impl(
+        self,
+        state: TrainState,
+        images: jax.Array,
+        labels: jax.Array,
+        batch_indices: jax.Array,
+        key: jax.Array,
+        totals: Metrics,
+    ) -> tuple[TrainState, Metrics]:
+        """One Adam step on a batch; returns the new state and ``totals`` plus the batch's metric sums."""
+        batch_indices = parallel.split_batch(batch_indices, self.mesh)
+        inputs = data.augment(key, images[batch_indices], self.crop_size, self.config.augment)
+        targets = labels[batch_indices]
+        loss_fn = lambda params: evaluation.batch_loss(self.graphdef, params, state.batch_stats, inputs, targets)  # noqa: E731
+        (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
+        # Adam's step is linear in the learning rate, so scaling it scales every group's rate.
+        updates = jax.tree.map(lambda update: update * state.plateau.scale, updates)
+        state = dataclasses.replace(
+            state, params=optax.apply_updates(state.params, updates), batch_stats=batch_stats, opt_state=opt_state
+        )
+        return state, evaluation.add_metrics(totals, evaluation.summed_metrics(logits, targets, loss))
+
+    def _plateau_step_impl(
+        self, plateau: optax.contrib.ReduceLROnPlateauState, value: jax.Array
+    ) -> optax.contrib.ReduceLROnPlateauState:
+        _, plateau = self.plateau_tx.update(updates=(), state=plateau, value=value)
+        return plateau
+
+    def update_plateau(self, state: TrainState, value: float) -> TrainState:
+        """The plateau rule after an epoch whose monitored metric was ``value``."""
+        return dataclasses.replace(state, plateau=self._plateau_step(state.plateau, jnp.float32(value)))
+
+    def epoch_permutation(self, epoch: int, num_examples: int) -> np.ndarray:
+        """The epoch's shuffled batches ``(steps, batch)``, the same on every host; the remainder is dropped."""
+        rng = np.random.default_rng((self.config.seed, epoch))
+        steps = num_examples // self.config.batch_size
+        return rng.permutation(num_examples)[: steps * self.config.batch_size].reshape(steps, -1).astype(np.int32)
+
+    def step_key(self, epoch: int, step: int) -> jax.Array:
+        """The augmentation key of one step: a function of the seed, the epoch and the step only."""
+        return jax.random.fold_in(jax.random.fold_in(jax.random.key(self.config.seed), epoch), step)
+
+    def compile(
+        self,
+        state: TrainState,
+        train_images: jax.Array,
+        train_labels: jax.Array,
+        test_images: jax.Array,
+        test_labels: jax.Array,
+    ) -> float:
+        """Compiles the steps ahead of time; returns the seconds it took."""
+        start = time.perf_counter()
+        batch = jax.ShapeDtypeStruct((self.config.batch_size,), jnp.int32)
+        eval_batch = jax.ShapeDtypeStruct((self.config.eval_batch_size,), jnp.int32)
+        totals = evaluation.no_metrics(self.mesh)
+        self.train_step.lower(state, train_images, train_labels, batch, self.step_key(0, 0), totals).compile()
+        self.evaluator.step.lower(
+            state.params, state.batch_stats, test_images, test_labels, eval_batch, totals, np.int32(0)
+        ).compile()
+        return time.perf_counter() - start
+
+    def train_epoch(
+        self,
+        state: TrainState,
+        epoch: int,
+        images: jax.Array,
+        labels: jax.Array,
+        progress: bool,
+        check_stop: Callable[[], None] = lambda: None,
+    ) -> tuple[TrainState, dict[str, float]]:
+        """One epoch of train steps; ``check_stop`` runs after each step and may raise to end it early."""
+        permutation = self.epoch_permutation(epoch, labels.shape[0])
+        totals = evaluation.no_metrics(self.mesh)
+        bar = tqdm(range(len(permutation)), desc=f"epoch {epoch}", unit="step", leave=False, disable=not progress)
+        start = time.perf_counter()
+        for step in bar:
+            key = self.step_key(epoch, step)
+            state, totals = self.train_step(state, images, labels, permutation[step], key, totals)
+            if self.one_program_at_a_time:
+                jax.block_until_ready(totals)
+            check_stop()
+            if progress and (step + 1) % self.config.log_every_steps == 0:
+                seen = evaluation.mean_metrics(totals)
+                bar.set_postfix(
+                    loss=f"{seen['loss']:.4f}",
+                    acc=f"{100 * seen['accuracy']:.1f}%",
+                    img_s=f"{seen['count'] / (time.perf_counter() - start):.0f}",
+                )
+        means = evaluation.mean_metrics(totals)
+        seconds = time.perf_counter() - start
+        return state, {
+            "train_loss": means["loss"],
+            "train_loss_sum": means["loss_sum"],
+            "train_accuracy": means["accuracy"],
+            "train_seconds": seconds,
+            "train_images_per_second": means["count"] / seconds,
+        }
+
+    def evaluate(
+        self, state: TrainState, images: jax.Array, labels: jax.Array, check_stop: Callable[[], None] = lambda: None
+    ) -> dict[str, float]:
+        """Test loss and accuracy over all ``images``; ``check_stop`` runs after each batch."""
+        result = self.evaluator.evaluate(state.params, state.batch_stats, images, labels, check_stop=check_stop)
+        return {
+            "test_loss": result["loss"],
+            "test_accuracy": result["accuracy"],
+            "eval_seconds": result["seconds"],
+            "eval_images_per_second": result["images_per_second"],
+        }
