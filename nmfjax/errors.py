@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import gc
+import logging
 import os
 import re
 import signal
@@ -111,6 +112,11 @@ class TrainingInterrupted(Exception):
         return signal.Signals(self.signal_number).name
 
 
+def _drop_unretrieved_task_errors(record: logging.LogRecord) -> bool:
+    """False for asyncio's "... exception was never retrieved" reports (a reported failure's tasks)."""
+    return "exception was never retrieved" not in record.getMessage()
+
+
 @contextlib.contextmanager
 def quiet_failure(is_reported: Callable[[BaseException], bool] = lambda error: True) -> Iterator[None]:
     """Keeps what orbax and TensorStore print about a failure they raise off the terminal.
@@ -120,7 +126,9 @@ def quiet_failure(is_reported: Callable[[BaseException], bool] = lambda error: T
     descriptor 2 and to ``sys.unraisablehook``. Both go to a sink while the block runs. If it
     ends normally, or with an error ``is_reported`` rejects (it will not become one line),
     what was held is written to stderr after all; if it ends with an error that is reported,
-    the sink is dropped once it has stopped growing (at most a few seconds).
+    the sink is dropped once it has stopped growing (at most a few seconds), and asyncio's
+    reports of the failed writes' tasks, which come whenever those are garbage collected (often
+    while the program exits, after the sink is gone), are dropped from then on.
     """
     sys.stderr.flush()
     saved_descriptor, saved_hook = os.dup(2), sys.unraisablehook
@@ -133,6 +141,7 @@ def quiet_failure(is_reported: Callable[[BaseException], bool] = lambda error: T
         except Exception as error:
             held_back = is_reported(error)
             if held_back:
+                logging.getLogger("asyncio").addFilter(_drop_unretrieved_task_errors)
                 # Wait until the threads are quiet (the sink stops growing), and collect the failed
                 # tasks, whose "exception was never retrieved" reports go to the sink too.
                 size, deadline = -1, time.monotonic() + 5

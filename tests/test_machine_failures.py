@@ -5,8 +5,12 @@ The full disk and the read-only file system are small tmpfs mounts, which need r
 run as root here and in CI; elsewhere they skip, saying why).
 """
 
+import asyncio
 import contextlib
+import errno
+import gc
 import json
+import logging
 import os
 import pathlib
 import shutil
@@ -14,7 +18,7 @@ import subprocess
 
 import pytest
 
-from nmfjax import bench, experiments
+from nmfjax import bench, errors, experiments
 from tests.conftest import MOCK_DATA, ROOT, assert_one_error_line, run_process, train_command
 
 CONFIG = str(ROOT / "configs" / "cnmf_1x1.py")
@@ -145,3 +149,27 @@ def test_an_analysis_that_finds_the_disk_full_leaves_no_partial_file(tmp_path, c
         assert err.strip().splitlines()[-1].startswith("error: writing ") and "the disk is full" in err
         assert "Traceback" not in err
         assert not [path.name for path in disk.iterdir() if path.name.startswith(".")]  # no half-written files
+
+
+def test_after_a_reported_write_failure_asyncio_keeps_its_tasks_reports_off_the_terminal(caplog):
+    """orbax's failed writes leave tasks whose "exception was never retrieved" reports come whenever they are
+    garbage collected, often while the program exits after its one error line (a CI run saw them so).
+    """
+
+    def report_an_abandoned_failed_future() -> list[str]:
+        caplog.clear()
+        loop = asyncio.new_event_loop()
+        future = loop.create_future()
+        future.set_exception(OSError(errno.ENOSPC, "No space left on device"))
+        del future
+        gc.collect()
+        loop.close()
+        return [record.getMessage() for record in caplog.records if "never retrieved" in record.getMessage()]
+
+    asyncio_logger = logging.getLogger("asyncio")
+    for kept in [f for f in asyncio_logger.filters if getattr(f, "__module__", "") == "nmfjax.errors"]:
+        asyncio_logger.removeFilter(kept)  # an earlier test in this process may have failed a write
+    assert report_an_abandoned_failed_future()  # what would reach the terminal
+    with pytest.raises(OSError), errors.quiet_failure():
+        raise OSError(errno.ENOSPC, "No space left on device")
+    assert report_an_abandoned_failed_future() == []
