@@ -78,22 +78,28 @@ def _readme_command(*arguments: str) -> list[str]:
 
 @pytest.mark.slow
 def test_the_readmes_evaluate_command_reproduces_the_recorded_accuracies(tmp_path, monkeypatch):
+    # Only the running statistics are recomputed (each pass over the 10,000 test images takes minutes
+    # on 2 cores); the batch statistics' figures are the training's own, checked against its metrics below.
     _skip_without_full_cifar10()
     monkeypatch.chdir(ROOT)
-    experiments.main([*_readme_command("evaluate", "docs/reproduction/cnmf_1x1"), "--output", str(tmp_path)])
+    command = _readme_command("evaluate", "docs/reproduction/cnmf_1x1")
+    experiments.main([*command, "--statistics", "running", "--output", str(tmp_path)])
     made = json.loads((tmp_path / "evaluate.json").read_text())
     recorded = json.loads((ANALYSES / "evaluate.json").read_text())
-    by_statistics = made.pop("batch_norm_statistics")
-    for statistics, result in recorded.pop("batch_norm_statistics").items():
-        ours = by_statistics[statistics]
-        assert abs(ours["accuracy"] - result["accuracy"]) <= accuracy_tolerance(recorded["images"]), statistics
-        assert_matches_record(ours["loss"], result["loss"], where=statistics)
+    ours, result = made.pop("batch_norm_statistics")["running"], recorded.pop("batch_norm_statistics")["running"]
+    assert abs(ours["accuracy"] - result["accuracy"]) <= accuracy_tolerance(recorded["images"])
+    assert_matches_record(ours["loss"], result["loss"], where="running")
     assert_matches_record(made, recorded)
-    # With the authors' batch statistics, the accuracy and loss that training recorded (on two CPU devices,
-    # here one: their sums differ in round-off).
-    batch = by_statistics["batch"]
-    assert abs(batch["accuracy"] - made["recorded"]["test_accuracy"]) <= accuracy_tolerance(made["images"], flips=3)
-    np.testing.assert_allclose(batch["loss"], made["recorded"]["test_loss"], rtol=1e-4)
+
+
+def test_the_recorded_evaluation_with_batch_statistics_is_the_trainings_own_test_result():
+    recorded = json.loads((ANALYSES / "evaluate.json").read_text())
+    rows = [json.loads(line) for line in (ROOT / recorded["workdir"] / "metrics.jsonl").read_text().splitlines()]
+    (row,) = [row for row in rows if row["epoch"] == recorded["epoch"]]
+    batch = recorded["batch_norm_statistics"]["batch"]
+    # Training summed on two CPU devices, the evaluation on one: their sums differ in round-off.
+    assert abs(batch["accuracy"] - row["test_accuracy"]) <= accuracy_tolerance(recorded["images"], flips=3)
+    np.testing.assert_allclose(batch["loss"], row["test_loss"], rtol=1e-4)
 
 
 @pytest.mark.parametrize(
