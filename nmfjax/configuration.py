@@ -31,6 +31,8 @@ PLATEAU_METRICS = ("train_loss", "test_loss")
 #: The fields a rerun may change (how long and from where the run goes, not what its checkpoints mean).
 #: Every other field (model, NMF options, learning rates, dataset, batch sizes, seed, ...)
 #: must equal the workdir's config.json. A field covers its subfields (distributed.*).
+#: Where the NMF op runs (model.nmf.kernel) and how many steps go in one call change
+#: the numbers by float32 round-off at most.
 RESUMABLE_FIELDS = (
     "num_epochs",
     "min_learning_rate",
@@ -40,6 +42,8 @@ RESUMABLE_FIELDS = (
     "checkpoints_to_keep",
     "distributed",
     "cpu_devices",
+    "steps_per_call",
+    "model.nmf.kernel",
 )
 
 
@@ -110,6 +114,8 @@ def default_config() -> ml_collections.ConfigDict:
     # Bookkeeping.
     config.checkpoints_to_keep = 3  # the latest ones; the best by test accuracy is kept as well
     config.log_every_steps = 20
+    # Training steps per compiled call (a scan over K batches); None: 1 on a CPU, 10 on an accelerator.
+    config.steps_per_call = config_dict.placeholder(int)
     # Several processes (hosts) in one run; README "Several hosts". With enabled=True, the three
     # fields below, else JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID, else JAX's
     # own cluster detection (SLURM, ...).
@@ -159,6 +165,7 @@ FIELD_HELP = {
     "seed": "initialisation, data order and augmentation",
     "checkpoints_to_keep": "the latest checkpoints kept (the best by test accuracy is kept as well)",
     "log_every_steps": "how often the progress bar shows the running loss",
+    "steps_per_call": "training steps in one compiled call; None: 1 on a CPU, 10 on an accelerator (same results)",
     "distributed": "one run over several processes (README, 'Several hosts')",
     "distributed.enabled": "start jax.distributed; the fields below or JAX_* variables or the cluster name the run",
     "distributed.coordinator_address": "HOST:PORT of process 0",
@@ -264,6 +271,7 @@ _FIELD_RULES = {
     "distributed.num_processes": ("a positive int or None", lambda v: v is None or is_positive_int(v)),
     "distributed.process_id": ("an int >= 0 or None", lambda v: v is None or (_is_int(v) and v >= 0)),
     "cpu_devices": ("a positive int or None (one per core)", lambda v: v is None or is_positive_int(v)),
+    "steps_per_call": ("a positive int or None (per platform)", lambda v: v is None or is_positive_int(v)),
     "model.pooling": ("a tuple of True/False", lambda v: all(isinstance(entry, bool) for entry in v)),
     "model.batch_norm": ("a tuple of True/False", lambda v: all(isinstance(entry, bool) for entry in v)),
     "augment.flip": ("True or False", lambda v: isinstance(v, bool)),

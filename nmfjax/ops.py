@@ -34,6 +34,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import checkify
 
+from nmfjax import kernels
 from nmfjax.validation import check_positive_int
 
 GRADIENTS = ("approx", "unrolled", "implicit")
@@ -169,6 +170,13 @@ class NMFOptions:
         Float32 runs as such on every platform, so that a GPU computes what a
         CPU does; the other two use an accelerator's tensor cores (emulated on
         a CPU). Sums stay float32.
+      kernel: what computes the forward ``h``: ``"xla"`` (default), the fused
+        kernel of :mod:`nmfjax.kernels` (``"pallas"``) or ``"auto"`` (the
+        kernel on an NVIDIA GPU, XLA elsewhere). The kernel runs as Triton
+        on an NVIDIA GPU; ``"pallas"`` runs it in Pallas's slow interpret mode
+        elsewhere. The
+        backward passes are XLA's in every case, and ``"unrolled"``
+        differentiates XLA's loop.
       check_inputs: a debug check that ``x`` and ``w`` are non-negative and
         finite, for a function wrapped in ``jax.experimental.checkify.checkify``
         (see :func:`nmf`). Off by default, and not a config field: a training
@@ -181,6 +189,7 @@ class NMFOptions:
     learning: str = "backprop"
     adjoint_iterations: int | None = None
     precision: str = "float32"
+    kernel: str = "xla"
     check_inputs: bool = dataclasses.field(default=False, metadata={"config": False})
 
     def __post_init__(self) -> None:
@@ -202,6 +211,8 @@ class NMFOptions:
             raise ValueError(f"learning must be one of {LEARNING_RULES}, got {self.learning!r}.")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}.")
+        if self.kernel not in kernels.KERNELS:
+            raise ValueError(f"kernel must be one of {kernels.KERNELS}, got {self.kernel!r}.")
         if not isinstance(self.check_inputs, bool):
             raise TypeError(f"check_inputs must be True or False, got {self.check_inputs!r}.")
 
@@ -287,6 +298,14 @@ def _iterate(x: jax.Array, w: jax.Array, options: NMFOptions) -> jax.Array:
     return lax.fori_loop(0, options.iterations, lambda _, h: update(h, x, w), h)
 
 
+def _forward(x: jax.Array, w: jax.Array, options: NMFOptions) -> jax.Array:
+    """The forward ``h`` of the custom VJPs: XLA's loop or the fused kernel (``options.kernel``)."""
+    if options.kernel == "xla":
+        return _iterate(x, w, options)
+    xla = functools.partial(_iterate, options=options)
+    return kernels.forward(x, w, options.kernel, options.iterations, options.epsilon, options.precision, xla)
+
+
 def _sum_positions(a: jax.Array, b: jax.Array, precision: str) -> jax.Array:
     """``sum_p a[p, s] * b[p, i]`` over all leading axes: shape ``(S, I)``."""
     # One plain GEMM over flattened positions; XLA handles several contracting axes less well.
@@ -296,12 +315,12 @@ def _sum_positions(a: jax.Array, b: jax.Array, precision: str) -> jax.Array:
 # The custom VJPs take the (hashable, static) options as their last argument.
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _nmf_approx(x: jax.Array, w: jax.Array, options: NMFOptions) -> jax.Array:
-    return _iterate(x, w, options)
+    return _forward(x, w, options)
 
 
 def _iterate_keeping_residuals(x: jax.Array, w: jax.Array, options: NMFOptions) -> tuple[jax.Array, Residuals]:
     """Forward pass of both custom VJPs: only ``x``, ``W`` and the final ``h`` are kept."""
-    h = _iterate(x, w, options)
+    h = _forward(x, w, options)
     return h, (x, w, h)
 
 
@@ -327,7 +346,7 @@ _nmf_approx.defvjp(_iterate_keeping_residuals, _nmf_approx_bwd)
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _nmf_implicit(x: jax.Array, w: jax.Array, options: NMFOptions) -> jax.Array:
-    return _iterate(x, w, options)
+    return _forward(x, w, options)
 
 
 def _nmf_implicit_bwd(options: NMFOptions, residuals: Residuals, g: jax.Array) -> tuple[jax.Array, jax.Array]:

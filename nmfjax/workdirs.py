@@ -46,6 +46,7 @@ _MODEL_FIELDS_BEFORE_0_2 = (
 #: Fields added after 0.2, with the value that reproduces what a config.json written before them ran.
 _ADDED_FIELDS = {
     "model.nmf.precision": "float32",  # 0.3 (the CPU ran every product in float32)
+    "model.nmf.kernel": "xla",  # (before the fused kernel, XLA ran every NMF op)
 }
 
 
@@ -103,8 +104,12 @@ def config_differences(saved: Mapping[str, Any], config: ml_collections.ConfigDi
     return [
         (name, old.get(name, absent), new.get(name, absent))
         for name in sorted(old.keys() | new.keys())
-        if name.split(".")[0] not in RESUMABLE_FIELDS and old.get(name, absent) != new.get(name, absent)
+        if not _is_resumable(name) and old.get(name, absent) != new.get(name, absent)
     ]
+
+
+def _is_resumable(name: str) -> bool:
+    return any(name == field or name.startswith(field + ".") for field in RESUMABLE_FIELDS)
 
 
 def load_config(workdir: str | pathlib.Path) -> ml_collections.ConfigDict:

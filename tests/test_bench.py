@@ -7,6 +7,7 @@ import jax
 import pytest
 
 from nmfjax import bench, models, ops
+from nmfjax.kernels import KERNELS as _ALL_KERNELS
 from tests.conftest import mocked_tfds
 
 
@@ -50,6 +51,9 @@ def test_gpu_suite_says_there_is_no_gpu_on_a_cpu(capsys):
     assert "pip install -e '.[cuda12]'" in err
 
 
+KERNELS = tuple(kernel for kernel in _ALL_KERNELS if kernel != "auto")  # what --gpu compares
+
+
 def test_every_step_of_the_gpu_suite_runs_on_a_cpu_device(tmp_path, capsys):
     sizes = dataclasses.replace(bench.GPU_TINY, train={**bench.GPU_TINY.train, "download": True})  # mock data
     with mocked_tfds(20):
@@ -63,9 +67,34 @@ def test_every_step_of_the_gpu_suite_runs_on_a_cpu_device(tmp_path, capsys):
         float32[key] == 0.0 for key in float32 if key not in ("iterations", "precision", "device")
     )  # same device
     assert all(row["h"] > 0 for row in rows[1:])
-    cases = {(row["model"], row["batch_size"], row["precision"]) for row in results["throughput"]}
-    assert cases == {("cnmf_1x1", 4, "float32"), ("cnmf_1x1", 4, "tf32")}
+    cases = {(row["model"], row["batch_size"], row["precision"], row["kernel"]) for row in results["throughput"]}
+    assert cases == {("cnmf_1x1", 4, "float32", kernel) for kernel in KERNELS}
     assert all(row["train_images_per_second"] > 0 for row in results["throughput"])
-    assert results["train"]["epoch"] == 1 and 0 <= results["train"]["test_accuracy"] <= 1
-    assert "--config.model.nmf.iterations=2" in results["train"]["command"]
-    assert "Throughput" in capsys.readouterr().out
+    # The profile of one step with each kernel: the fused kernel's program has no loop of N updates.
+    assert [row["kernel"] for row in results["profile"]] == list(KERNELS)
+    assert all(row["fusions"] > 0 and row["wall_ms_per_step"] > 0 for row in results["profile"])
+    assert [row["kernel"] for row in results["train"]] == list(KERNELS)
+    for row in results["train"]:
+        assert row["epoch"] == 1 and 0 <= row["test_accuracy"] <= 1
+        assert f"--config.model.nmf.kernel={row['kernel']}" in row["command"]
+        assert "--config.model.nmf.iterations=2" in row["command"]
+        assert row["paper_recipe_minutes"] == pytest.approx(bench.paper_recipe_minutes(row))
+    out = capsys.readouterr().out
+    assert "Throughput" in out and "profiled" in out and "paper's recipe" in out
+
+
+def test_the_paper_recipe_is_projected_from_an_epochs_train_and_test_speed():
+    # 500 epochs of 50,000 train images at 50,000 img/s and 10,000 test images at 100,000 img/s: 500 * 1.1 s.
+    row = {"train_images_per_second": 50_000.0, "eval_images_per_second": 100_000.0}
+    assert bench.paper_recipe_minutes(row) == pytest.approx(500 * 1.1 / 60)
+
+
+def test_program_counts_reads_fusions_custom_calls_and_loops_from_hlo_text():
+    hlo = """ENTRY %main {
+  %a = f32[4]{0} fusion(f32[4]{0} %p), kind=kLoop, calls=%fused
+  %b = (f32[4]{0}) custom-call(f32[4]{0} %a), custom_call_target="__gpu$xla.gpu.triton"
+  %c = (s32[], f32[4]{0}) while((s32[], f32[4]{0}) %t), condition=%cond, body=%body
+  ROOT %d = f32[4]{0} fusion(f32[4]{0} %a), kind=kLoop, calls=%fused.1
+}"""
+    counts = bench.program_counts(hlo)
+    assert (counts["fusions"], counts["custom_calls"], counts["while_loops"]) == (2, 1, 1)

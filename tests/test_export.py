@@ -13,11 +13,14 @@ import numpy as np
 import pytest
 from jax import export
 
-from nmfjax import configuration, evaluation, models, ops, parallel
+from nmfjax import configuration, evaluation, kernels, models, ops, parallel
 from nmfjax import trainer as trainer_module
 from tests.conftest import tiny_config
 
 CUDA = ("cuda",)
+# The fused kernel's Triton call has no compatibility guarantee across jaxlib versions (it is
+# compiled where it runs), so jax.export must be told to accept it.
+TRITON = [export.DisabledSafetyCheck.custom_call(kernels.TRITON_CALL_TARGET)]
 
 
 def _abstract(tree):
@@ -30,33 +33,64 @@ def _module(exported: export.Exported) -> str:
 
 
 def _custom_call_targets(module: str) -> set[str]:
-    return set(re.findall(r"stablehlo\.custom_call @(\w+)", module)) | set(
-        re.findall(r'call_target_name = "(\w+)"', module)
+    return set(re.findall(r"stablehlo\.custom_call @([\w$.]+)", module)) | set(
+        re.findall(r'call_target_name = "([\w$.]+)"', module)
     )
 
 
+def _while_loops(module: str) -> int:
+    return module.count("stablehlo.while")
+
+
+@pytest.mark.parametrize("kernel", ["xla", "pallas"])
 @pytest.mark.parametrize("model", list(models.ARCHITECTURES))
-def test_train_and_eval_steps_of_each_network_lower_for_cuda(model):
-    config = tiny_config(model, batch_size=4, eval_batch_size=4)
+def test_train_and_eval_steps_of_each_network_lower_for_cuda(model, kernel):
+    config = tiny_config(model, batch_size=4, eval_batch_size=4, steps_per_call=3)
     config.model.nmf.iterations = 20
-    trainer = trainer_module.Trainer(config, configuration.validate_config(config), parallel.data_mesh())
+    config.model.nmf.kernel = kernel
+    spec = configuration.validate_config(config)
+    trainer = trainer_module.Trainer(config, spec, parallel.data_mesh())
     state = trainer.initial_state
     images = trainer.put_replicated(np.zeros((8, 32, 32, 3), np.uint8))
     labels = trainer.put_replicated(np.zeros((8,), np.int32))
     batch = jax.ShapeDtypeStruct((4,), jnp.int32)
     totals = evaluation.no_metrics(trainer.mesh)
-    train = export.export(trainer.train_step, platforms=CUDA)(
+    train = export.export(trainer.train_step, platforms=CUDA, disabled_checks=TRITON)(
         _abstract(state), images, labels, batch, trainer.step_key(0, 0), totals
     )
-    evaluate = export.export(trainer.evaluator.step, platforms=CUDA)(
+    evaluate = export.export(trainer.evaluator.step, platforms=CUDA, disabled_checks=TRITON)(
         _abstract(state.params), _abstract(state.batch_stats), images, labels, batch, totals, np.int32(0)
     )
-    for exported in (train, evaluate):
+    batches = jax.ShapeDtypeStruct((3, 4), jnp.int32)
+    train_calls = export.export(trainer.train_steps, platforms=CUDA, disabled_checks=TRITON)(
+        _abstract(state), images, labels, batches, 0, 0, totals
+    )
+    nmf_layers = len(spec.features) if spec.uses_nmf else 0
+    for exported in (train, evaluate, train_calls):
         module = _module(exported)
-        assert "callback" not in module and not _custom_call_targets(module), _custom_call_targets(module)
+        assert "callback" not in module
+        if kernel == "pallas" or not nmf_layers:
+            # One kernel per NMF layer (the forward h; the backward passes are XLA's), and no loop
+            # around the N iterations: the step has no while loop but that of the K steps per call.
+            assert _custom_call_targets(module) <= {kernels.TRITON_CALL_TARGET}
+            assert module.count(kernels.TRITON_CALL_TARGET) == nmf_layers
+            assert _while_loops(module) == (exported is train_calls)
+        else:
+            assert not _custom_call_targets(module)
+            assert _while_loops(module) >= nmf_layers
     # The state comes back in the structure it went in (what a GPU run would checkpoint).
-    assert train.out_tree == jax.tree.structure((state, totals))
-    assert [aval.shape for aval in train.out_avals] == [leaf.shape for leaf in jax.tree.leaves((state, totals))]
+    for exported in (train, train_calls):
+        assert exported.out_tree == jax.tree.structure((state, totals))
+        assert [aval.shape for aval in exported.out_avals] == [leaf.shape for leaf in jax.tree.leaves((state, totals))]
+
+
+def test_auto_takes_the_kernel_on_a_gpu_and_xla_on_a_cpu():
+    x = jax.ShapeDtypeStruct((64, 75), jnp.float32)
+    w = jax.ShapeDtypeStruct((75, 32), jnp.float32)
+    op = jax.jit(lambda x, w: ops.nmf(x, w, kernel="auto"))
+    assert kernels.TRITON_CALL_TARGET in _module(export.export(op, platforms=CUDA, disabled_checks=TRITON)(x, w))
+    on_cpu = export.export(op, platforms=("cpu",))(x, w).mlir_module()
+    assert kernels.TRITON_CALL_TARGET not in on_cpu and _while_loops(on_cpu) == 1  # XLA's loop of N updates
 
 
 @pytest.mark.parametrize("mode", ops.GRADIENTS)

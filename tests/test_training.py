@@ -140,14 +140,19 @@ def _final_state(workdir):
     return jax.device_get(state), epoch
 
 
-def test_resuming_gives_the_same_parameters_as_one_run(tmp_path):
+def test_resuming_and_any_steps_per_call_give_the_same_parameters_and_metrics_as_one_run(tmp_path):
+    # 3 steps per epoch: one step per call straight through; resumed, 2 per call (a call of 2 and one
+    # of 1) for epoch 1, then 3 for epoch 2.
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     with mocked_tfds(30):
-        training.train_and_evaluate(tiny_config(num_epochs=2), straight)
-        training.train_and_evaluate(tiny_config(num_epochs=1), resumed)
+        training.train_and_evaluate(tiny_config(num_epochs=2, steps_per_call=1), straight)
+        training.train_and_evaluate(tiny_config(num_epochs=1, steps_per_call=2), resumed)
         assert [row["epoch"] for row in workdirs.read_metrics(resumed)] == [1]
-        training.train_and_evaluate(tiny_config(num_epochs=2), resumed)
+        training.train_and_evaluate(tiny_config(num_epochs=2, steps_per_call=3), resumed)
     assert [row["epoch"] for row in workdirs.read_metrics(resumed)] == [1, 2]
+    measured = ("train_loss", "train_accuracy", "test_loss", "test_accuracy")
+    rows = [[{key: row[key] for key in measured} for row in workdirs.read_metrics(run)] for run in (straight, resumed)]
+    assert rows[0] == rows[1]
     (state_a, epoch_a), (state_b, epoch_b) = _final_state(straight), _final_state(resumed)
     assert epoch_a == epoch_b == 2
     for a, b in zip(jax.tree.leaves(state_a), jax.tree.leaves(state_b), strict=True):
@@ -156,6 +161,26 @@ def test_resuming_gives_the_same_parameters_as_one_run(tmp_path):
     config = tiny_config()
     initial = trainer_module.Trainer(config, configuration.validate_config(config), parallel.data_mesh()).initial_state
     assert not np.allclose(jax.tree.leaves(initial.params)[0], jax.tree.leaves(state_a.params)[0])
+
+
+@pytest.mark.parametrize(("steps_per_call", "calls"), [(1, 7), (3, 3), (7, 1), (50, 1)])
+def test_an_epoch_runs_its_steps_in_calls_of_steps_per_call_and_checks_for_a_stop_after_each(steps_per_call, calls):
+    config = tiny_config("cnn", steps_per_call=steps_per_call)
+    trainer = trainer_module.Trainer(config, configuration.validate_config(config), parallel.data_mesh())
+    images = trainer.put_replicated(np.zeros((70, 32, 32, 3), np.uint8))
+    labels = trainer.put_replicated(np.zeros((70,), np.int32))
+    stops = []
+    _, metrics = trainer.train_epoch(trainer.initial_state, 1, images, labels, False, lambda: stops.append(1))
+    assert len(stops) == calls
+    assert metrics["train_images_per_second"] * metrics["train_seconds"] == pytest.approx(70)  # all 7 batches
+
+
+def test_steps_per_call_defaults_to_one_on_a_cpu_and_ten_on_an_accelerator():
+    config = tiny_config()
+    assert config.steps_per_call is None and trainer_module.steps_per_call(config) == 1
+    with mock.patch.object(jax, "default_backend", return_value="gpu"):
+        assert trainer_module.steps_per_call(config) == 10
+    assert trainer_module.steps_per_call(tiny_config(steps_per_call=4)) == 4
 
 
 def test_a_finished_run_is_not_trained_again(tmp_path):

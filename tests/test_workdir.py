@@ -108,13 +108,15 @@ def test_config_differences_ignore_exactly_the_resumable_fields():
         "distributed.enabled": True,
         "distributed.num_processes": 2,
         "cpu_devices": 2,
+        "steps_per_call": 4,
+        "model.nmf.kernel": "pallas",
     }
-    assert {name.split(".")[0] for name in changes} == set(configuration.RESUMABLE_FIELDS)
+    covered = {field for field in configuration.RESUMABLE_FIELDS for name in changes if name.startswith(field)}
+    assert covered == set(configuration.RESUMABLE_FIELDS)
     assert workdirs.config_differences(saved, _config(**changes)) == []
-    assert workdirs.config_differences(saved, _config(**{"eval_batch_size": 5, "plateau.patience": 3})) == [
-        ("eval_batch_size", 10, 5),
-        ("plateau.patience", 10, 3),
-    ]
+    assert workdirs.config_differences(
+        saved, _config(**{"eval_batch_size": 5, "plateau.patience": 3, "model.nmf.precision": "tf32"})
+    ) == [("eval_batch_size", 10, 5), ("model.nmf.precision", "float32", "tf32"), ("plateau.patience", 10, 3)]
     del saved["model"]["readout_learning"]  # a field the saved run did not have
     assert workdirs.config_differences(saved, _config()) == [("model.readout_learning", "(absent)", None)]
 

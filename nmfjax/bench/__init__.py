@@ -29,14 +29,21 @@ Two more suites, each its own JSON::
 * ``--gpu`` (``gpu.json``): the op's results on the GPU against the CPU's
   (float32, and TF32 and bfloat16 on the GPU's own tensor cores), train and
   eval images/s of the four networks at batch 50 and 500 (CNMF+1x1 in each
-  precision), and one short ``train.py`` epoch on ``--data_dir``. Without a
-  GPU it stops with an error (exit status 2).
+  precision), the NMF networks with XLA's loop (``kernel="xla"``) and with the
+  fused kernel (``"pallas"``, :mod:`nmfjax.kernels`); a profile of CNMF+1x1's
+  train step at batch 50 with each (:mod:`nmfjax.bench.profile`: fusions,
+  custom calls and while loops of the program, device kernels per step and
+  their time from a trace); and a short ``train.py`` run on ``--data_dir``
+  with each, with the paper's recipe (500 epochs of all CIFAR-10) projected
+  from its last epoch's train and test speed. Without a GPU it stops with an
+  error (exit status 2).
 """
 
 from nmfjax.bench.cli import main, run
 from nmfjax.bench.figure1 import FIGURE1_COLUMNS, figure1, measure_backward
-from nmfjax.bench.gpu import GPU_FULL, GPU_THROUGHPUT_COLUMNS, GPU_TINY, GPUSizes, gpu_suite
+from nmfjax.bench.gpu import GPU_FULL, GPU_THROUGHPUT_COLUMNS, GPU_TINY, GPUSizes, gpu_suite, paper_recipe_minutes
 from nmfjax.bench.precision import PRECISION_COLUMNS, PRECISION_ITERATIONS, op_errors, op_problem, precision_study
+from nmfjax.bench.profile import PROFILE_COLUMNS, profile_step, program_counts
 from nmfjax.bench.throughput import (
     DEFAULT_PEAK_GFLOPS,
     FULL,
@@ -58,6 +65,7 @@ __all__ = [
     "GPU_TINY",
     "PRECISION_COLUMNS",
     "PRECISION_ITERATIONS",
+    "PROFILE_COLUMNS",
     "SCALING_COLUMNS",
     "THROUGHPUT_COLUMNS",
     "TINY",
@@ -70,7 +78,10 @@ __all__ = [
     "measure_train_and_eval",
     "op_errors",
     "op_problem",
+    "paper_recipe_minutes",
     "precision_study",
+    "profile_step",
+    "program_counts",
     "run",
     "scaling",
     "uncounted_loop_flops",

@@ -1,5 +1,6 @@
 """The GPU table (``--gpu``): the op on the GPU against the CPU, the throughput of the four networks
-in each precision, and one training epoch.
+in each precision with XLA's NMF loop and with the fused kernel, a profile of CNMF+1x1's train step
+with each, and a training epoch with each, projected to the paper's recipe.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import jax
 
 from nmfjax import cli, configuration, ops, training
 from nmfjax.bench.precision import PRECISION_COLUMNS, PRECISION_ITERATIONS, op_errors, op_problem
+from nmfjax.bench.profile import PROFILE_COLUMNS, profile_step
 from nmfjax.bench.throughput import THROUGHPUT_COLUMNS, measure_train_and_eval
 from nmfjax.outputs import write_output
 from nmfjax.tables import markdown_table
@@ -31,8 +33,10 @@ class GPUSizes:
     precisions: tuple[str, ...]
     iterations: tuple[int, ...]
     problem_positions: int
-    train: dict[str, Any]  # config overrides of the training run (CNMF+1x1, one epoch)
+    train: dict[str, Any]  # config overrides of the training runs (CNMF+1x1, one per kernel)
     repeats: int
+    kernels: tuple[str, ...] = ("xla", "pallas")
+    profile_steps: int = 20
 
 
 GPU_FULL = GPUSizes(
@@ -42,27 +46,44 @@ GPU_FULL = GPUSizes(
     precisions=ops.PRECISIONS,
     iterations=PRECISION_ITERATIONS,
     problem_positions=28_800,  # block 1 of a batch of 50
-    train={"num_train_examples": 10_000},
+    train={"num_train_examples": 10_000, "num_epochs": 2},
     repeats=5,
 )
 GPU_TINY = GPUSizes(
     models=("cnmf_1x1",),
     batch_sizes=(4,),
     precision_model="cnmf_1x1",
-    precisions=("float32", "tf32"),
+    precisions=("float32",),  # (the other precisions' rows differ only in their NMFOptions)
     iterations=(2,),
     problem_positions=64,
-    train={"num_train_examples": 20, "batch_size": 4, "eval_batch_size": 4, "model.nmf.iterations": 2},
+    train={
+        "num_train_examples": 8,
+        "num_epochs": 1,
+        "batch_size": 4,
+        "eval_batch_size": 4,
+        "model.nmf.iterations": 2,
+    },
     repeats=1,
+    profile_steps=2,
 )
+
+# The paper's recipe on all of CIFAR-10 (section 2.6): 500 epochs of 50,000 images, tested on 10,000 each.
+PAPER_EPOCHS, PAPER_TRAIN_IMAGES, PAPER_TEST_IMAGES = 500, 50_000, 10_000
+
+
+def paper_recipe_minutes(row: dict) -> float:
+    """Minutes the paper's recipe would take at the train and test throughput of an epoch's ``row``."""
+    epoch = PAPER_TRAIN_IMAGES / row["train_images_per_second"] + PAPER_TEST_IMAGES / row["eval_images_per_second"]
+    return PAPER_EPOCHS * epoch / 60
 
 
 def gpu_suite(
     device, data_dir: str | None, output: pathlib.Path, sizes: GPUSizes = GPU_FULL, peak_gflops: float = math.nan
 ) -> dict:
     """``--gpu``: the op on ``device`` against the CPU, the throughput table on the default
-    backend's devices, and a short training run (one epoch of CNMF+1x1 on ``data_dir``, with
-    ``sizes.train``); prints the tables and writes ``gpu.json``. ``device`` is normally a GPU;
+    backend's devices with each of ``sizes.kernels``, a profile of one train step with each, and a
+    short training run with each (CNMF+1x1 on ``data_dir``, with ``sizes.train``) projected to the
+    paper's recipe; prints the tables and writes ``gpu.json``. ``device`` is normally a GPU;
     the tests pass a CPU device, so that every step runs where there is no GPU.
     """
     started = time.perf_counter()
@@ -79,32 +100,70 @@ def gpu_suite(
         + markdown_table(results["op_against_cpu"], PRECISION_COLUMNS),
         flush=True,
     )
-    cases = [(model, batch, "float32") for model in sizes.models for batch in sizes.batch_sizes]
+    cases = [
+        (model, batch, "float32", kernel)
+        for model in sizes.models
+        for batch in sizes.batch_sizes
+        for kernel in (sizes.kernels if model in NMF_MODELS else ("xla",))
+    ]
     cases += [
-        (sizes.precision_model, batch, p) for batch in sizes.batch_sizes for p in sizes.precisions if p != "float32"
+        (sizes.precision_model, batch, precision, kernel)
+        for batch in sizes.batch_sizes
+        for precision in sizes.precisions
+        if precision != "float32"
+        for kernel in sizes.kernels
     ]
     results["throughput"] = [
-        measure_train_and_eval(model, batch, sizes.repeats, peak_gflops, precision=precision)
-        for model, batch, precision in cases
+        measure_train_and_eval(model, batch, sizes.repeats, peak_gflops, precision=precision, kernel=kernel)
+        for model, batch, precision, kernel in cases
     ]
     print("\nThroughput (N=20):\n" + markdown_table(results["throughput"], GPU_THROUGHPUT_COLUMNS), flush=True)
-    overrides = {"data_dir": data_dir, "download": False, "num_epochs": 1, **sizes.train}
-    config = configuration.apply_overrides(configuration.default_config(), overrides)
-    with tempfile.TemporaryDirectory() as workdir:
-        row = training.train_and_evaluate(config, workdir)
-    command = "python train.py --config configs/cnmf_1x1.py " + " ".join(
-        f"--config.{k}={v}" for k, v in overrides.items()
+    results["profile"] = [
+        profile_step(sizes.precision_model, sizes.batch_sizes[0], kernel, sizes.profile_steps)
+        for kernel in sizes.kernels
+    ]
+    print("\nOne train step, profiled:\n" + markdown_table(results["profile"], PROFILE_COLUMNS), flush=True)
+    results["train"] = [train_epochs(data_dir, sizes.train, kernel) for kernel in sizes.kernels]
+    print(
+        "\nTraining, and the paper's recipe (500 epochs of all CIFAR-10) at its last epoch's speed:\n"
+        + markdown_table(results["train"], TRAIN_COLUMNS),
+        flush=True,
     )
-    results["train"] = {"command": command, **row}
     results["seconds"] = time.perf_counter() - started
     write_output(output / "gpu.json", json.dumps(results, indent=2))
     print(f"\nwrote {output / 'gpu.json'} ({results['seconds']:.0f} s in all)")
     return results
 
 
+def train_epochs(data_dir: str | None, overrides: dict[str, Any], kernel: str) -> dict:
+    """``train.py``'s run of CNMF+1x1 with ``overrides`` and the NMF op's ``kernel`` in a temporary
+    workdir: its last epoch's row, the command, and the paper's recipe projected from that epoch.
+    """
+    overrides = {"data_dir": data_dir, "download": False, **overrides, "model.nmf.kernel": kernel}
+    config = configuration.apply_overrides(configuration.default_config(), overrides)
+    with tempfile.TemporaryDirectory() as workdir:
+        row = training.train_and_evaluate(config, workdir)
+    command = "python train.py --config configs/cnmf_1x1.py " + " ".join(
+        f"--config.{key}={value}" for key, value in overrides.items()
+    )
+    return {"command": command, "kernel": kernel, **row, "paper_recipe_minutes": paper_recipe_minutes(row)}
+
+
+NMF_MODELS = ("cnmf", "cnmf_1x1")
+
+TRAIN_COLUMNS = [
+    ("kernel", "kernel", "s"),
+    ("epoch", "epoch", "d"),
+    ("train img/s", "train_images_per_second", ".0f"),
+    ("eval img/s", "eval_images_per_second", ".0f"),
+    ("test accuracy", "test_accuracy", ".2%"),
+    ("paper's recipe (min)", "paper_recipe_minutes", ".1f"),
+]
+
 GPU_THROUGHPUT_COLUMNS = [
     *THROUGHPUT_COLUMNS[:3],
     ("precision", "precision", "s"),
+    ("kernel", "kernel", "s"),
     *THROUGHPUT_COLUMNS[3:5],
     ("train GFLOP/s", "train_gflop_per_second", ".0f"),
     ("eval GFLOP/s", "eval_gflop_per_second", ".0f"),

@@ -51,13 +51,21 @@ TINY = Sizes(
 )
 
 
-def _config(model: str, batch_size: int, iterations: int = 20, gradient: str = "approx", precision: str = "float32"):
+def _config(
+    model: str,
+    batch_size: int,
+    iterations: int = 20,
+    gradient: str = "approx",
+    precision: str = "float32",
+    kernel: str = "xla",
+):
     config = configuration.default_config()
     config.model.architecture = model
     config.batch_size = config.eval_batch_size = batch_size
     config.model.nmf.iterations = iterations
     config.model.nmf.gradient = gradient
     config.model.nmf.precision = precision
+    config.model.nmf.kernel = kernel
     return config
 
 
@@ -76,13 +84,15 @@ def measure_train_and_eval(
     iterations: int = 20,
     devices: int | None = None,
     precision: str = "float32",
+    kernel: str = "xla",
 ) -> dict:
     """Train-step and eval throughput of one model at one batch size, data-parallel over the first
-    ``devices`` devices (default: as many as divide the batch), the NMF products in ``precision``.
+    ``devices`` devices (default: as many as divide the batch), the NMF products in ``precision``,
+    the NMF forward by ``kernel`` (:class:`nmfjax.ops.NMFOptions`).
     """
     if devices is None:
         devices = parallel.largest_dividing_count(jax.device_count(), (batch_size,))
-    config = _config(model, batch_size, iterations, precision=precision)
+    config = _config(model, batch_size, iterations, precision=precision, kernel=kernel)
     spec = configuration.validate_config(config, devices)
     trainer = Trainer(config, spec, parallel.data_mesh(jax.devices()[:devices]))
     images, labels = _synthetic_data(trainer, 2 * batch_size)
@@ -118,6 +128,7 @@ def measure_train_and_eval(
         "batch_size": batch_size,
         "iterations": iterations,
         "precision": precision,
+        "kernel": kernel,
         "train_images_per_second": batch_size / train_seconds,
         "eval_images_per_second": batch_size / eval_seconds,
         "train_step_ms": 1e3 * train_seconds,

@@ -1,0 +1,114 @@
+"""A profile of one train step: what the compiled program holds (kernels, custom calls, while loops,
+whose conditions go to the host on a GPU) and, from a trace of a few steps, the device's kernels per
+step and their time.
+"""
+
+from __future__ import annotations
+
+import collections
+import gzip
+import json
+import pathlib
+import re
+import tempfile
+import time
+
+import jax
+import numpy as np
+
+from nmfjax import configuration, evaluation, parallel
+from nmfjax.bench.throughput import _config, _synthetic_data
+from nmfjax.trainer import Trainer
+
+
+def program_counts(hlo_text: str) -> dict[str, int]:
+    """Counts in an optimised HLO module's text: fusions (each a kernel), custom calls (cuBLAS, the
+    fused NMF kernel's Triton call), while loops, and the module's size.
+    """
+    # "%name = SHAPE opcode(operands), ...", SHAPE a tuple "(...)" or one array shape.
+    opcode = re.compile(r"^\s*(?:ROOT\s+)?%[\w.-]+\s*=\s*(?:\([^)]*\)|\S+)\s+([\w-]+)\(")
+    counts = collections.Counter(match.group(1) for line in hlo_text.splitlines() if (match := opcode.match(line)))
+    return {
+        "fusions": counts["fusion"],
+        "custom_calls": counts["custom-call"],
+        "while_loops": counts["while"],
+        "hlo_chars": len(hlo_text),
+    }
+
+
+def device_events(trace_dir: pathlib.Path) -> list[tuple[str, float]]:
+    """``(name, milliseconds)`` of every event on a device (``/device:...`` processes) in the Perfetto
+    trace that ``jax.profiler.trace(..., create_perfetto_trace=True)`` wrote under ``trace_dir``.
+    """
+    (path,) = trace_dir.rglob("perfetto_trace.json.gz")
+    trace = json.loads(gzip.decompress(path.read_bytes()))
+    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    devices = {
+        event["pid"]
+        for event in events
+        if event.get("ph") == "M" and event.get("name") == "process_name"
+        if str(event.get("args", {}).get("name", "")).startswith("/device:")
+    }
+    return [
+        (event["name"], event["dur"] / 1e3) for event in events if event.get("ph") == "X" and event["pid"] in devices
+    ]
+
+
+def profile_step(model: str, batch_size: int, kernel: str, steps: int = 20, iterations: int = 20) -> dict:
+    """The train step of ``model`` at ``batch_size`` with the NMF op's ``kernel``: its program's counts,
+    its wall time per step over ``steps`` steps, and the device's kernels per step (their count, busy
+    time and the 15 that take longest) from a trace of those steps.
+    """
+    config = _config(model, batch_size, iterations)
+    config.model.nmf.kernel = kernel
+    devices = parallel.largest_dividing_count(jax.device_count(), (batch_size,))
+    trainer = Trainer(
+        config, configuration.validate_config(config, devices), parallel.data_mesh(jax.devices()[:devices])
+    )
+    images, labels = _synthetic_data(trainer, 2 * batch_size)
+    batch, key, totals = (
+        np.arange(batch_size, dtype=np.int32),
+        trainer.step_key(1, 0),
+        evaluation.no_metrics(trainer.mesh),
+    )
+    compiled = trainer.train_step.lower(trainer.initial_state, images, labels, batch, key, totals).compile()
+    state = compiled(trainer.initial_state, images, labels, batch, key, totals)[0]  # warm up
+    jax.block_until_ready(state)
+    with tempfile.TemporaryDirectory() as trace_dir:
+        with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+            start = time.perf_counter()
+            for _ in range(steps):
+                state, _ = compiled(state, images, labels, batch, key, totals)
+            jax.block_until_ready(state)
+            wall = time.perf_counter() - start
+        events = device_events(pathlib.Path(trace_dir))
+    by_name: dict[str, list[float]] = collections.defaultdict(list)
+    for name, milliseconds in events:
+        by_name[name].append(milliseconds)
+    top = sorted(by_name.items(), key=lambda item: -sum(item[1]))[:15]
+    return {
+        "model": model,
+        "batch_size": batch_size,
+        "kernel": kernel,
+        "steps": steps,
+        "wall_ms_per_step": 1e3 * wall / steps,
+        **program_counts(compiled.as_text() or ""),
+        "device_events_per_step": len(events) / steps,
+        "device_busy_ms_per_step": sum(ms for _, ms in events) / steps,
+        "top_kernels": [
+            {"name": name, "per_step": len(times) / steps, "ms_per_step": sum(times) / steps} for name, times in top
+        ],
+    }
+
+
+PROFILE_COLUMNS = [
+    ("model", "model", "s"),
+    ("batch", "batch_size", "d"),
+    ("kernel", "kernel", "s"),
+    ("wall ms/step", "wall_ms_per_step", ".2f"),
+    ("device kernels/step", "device_events_per_step", ".0f"),
+    ("device busy ms/step", "device_busy_ms_per_step", ".2f"),
+    ("fusions", "fusions", "d"),
+    ("custom calls", "custom_calls", "d"),
+    ("while loops", "while_loops", "d"),
+]
