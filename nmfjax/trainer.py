@@ -148,23 +148,20 @@ class Trainer:
         images: jax.Array,
         labels: jax.Array,
         batches: jax.Array,
-        epoch: jax.Array,
-        first_step: jax.Array,
+        keys: jax.Array,
         totals: Metrics,
     ) -> tuple[TrainState, Metrics]:
-        """``len(batches)`` train steps in one call (a scan over the rows of ``batches``, ``(K, batch)``), the
-        steps numbered from ``first_step`` for their augmentation keys (:meth:`step_key`).
+        """``len(batches)`` train steps in one call: a scan over the rows of ``batches`` ``(K, batch)``
+        and their augmentation keys ``keys`` ``(K,)`` (:meth:`step_key`).
         """
 
         def step(
             carry: tuple[TrainState, Metrics], batch: tuple[jax.Array, jax.Array]
         ) -> tuple[tuple[TrainState, Metrics], None]:
-            (state, totals), (indices, number) = carry, batch
-            key = self.step_key(epoch, number)
+            (state, totals), (indices, key) = carry, batch
             return self._train_step_impl(state, images, labels, indices, key, totals), None
 
-        numbers = first_step + jnp.arange(batches.shape[0], dtype=jnp.int32)
-        (state, totals), _ = jax.lax.scan(step, (state, totals), (batches, numbers))
+        (state, totals), _ = jax.lax.scan(step, (state, totals), (batches, keys))
         return state, totals
 
     def _plateau_step_impl(
@@ -183,9 +180,13 @@ class Trainer:
         steps = num_examples // self.config.batch_size
         return rng.permutation(num_examples)[: steps * self.config.batch_size].reshape(steps, -1).astype(np.int32)
 
-    def step_key(self, epoch: int | jax.Array, step: int | jax.Array) -> jax.Array:
+    def step_key(self, epoch: int, step: int) -> jax.Array:
         """The augmentation key of one step: a function of the seed, the epoch and the step only."""
         return jax.random.fold_in(jax.random.fold_in(jax.random.key(self.config.seed), epoch), step)
+
+    def step_keys(self, epoch: int, steps: range) -> jax.Array:
+        """The keys of ``steps`` of ``epoch``, stacked: one call's (made on the host, step by step)."""
+        return jnp.stack([self.step_key(epoch, step) for step in steps])
 
     def compile(
         self,
@@ -203,7 +204,8 @@ class Trainer:
         # One program per length of call an epoch has: K steps, and the remainder's.
         for steps in {min(self.steps_per_call, steps_per_epoch), steps_per_epoch % self.steps_per_call} - {0}:
             batches = jax.ShapeDtypeStruct((steps, self.config.batch_size), jnp.int32)
-            self.train_steps.lower(state, train_images, train_labels, batches, 0, 0, totals).compile()
+            keys = self.step_keys(0, range(steps))
+            self.train_steps.lower(state, train_images, train_labels, batches, keys, totals).compile()
         self.evaluator.step.lower(
             state.params, state.batch_stats, test_images, test_labels, eval_batch, totals, np.int32(0)
         ).compile()
@@ -228,7 +230,8 @@ class Trainer:
         logged = 0
         for first in range(0, len(permutation), self.steps_per_call):
             batches = permutation[first : first + self.steps_per_call]
-            state, totals = self.train_steps(state, images, labels, batches, epoch, first, totals)
+            keys = self.step_keys(epoch, range(first, first + len(batches)))
+            state, totals = self.train_steps(state, images, labels, batches, keys, totals)
             if self.one_program_at_a_time:
                 jax.block_until_ready(totals)
             check_stop()

@@ -63,7 +63,7 @@ def test_train_and_eval_steps_of_each_network_lower_for_cuda(model, kernel):
     )
     batches = jax.ShapeDtypeStruct((3, 4), jnp.int32)
     train_calls = export.export(trainer.train_steps, platforms=CUDA, disabled_checks=TRITON)(
-        _abstract(state), images, labels, batches, 0, 0, totals
+        _abstract(state), images, labels, batches, trainer.step_keys(0, range(3)), totals
     )
     nmf_layers = len(spec.features) if spec.uses_nmf else 0
     for exported in (train, evaluate, train_calls):
