@@ -31,7 +31,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-KERNELS = ("xla", "pallas", "auto")
+from nmfjax import ops
+from nmfjax.ops import _LOWER_PRECISIONS, _NORMALIZE_EPS, _RECONSTRUCTION_EPS
+
 #: The custom call a Pallas kernel lowers to for NVIDIA GPUs (jax.export names it).
 TRITON_CALL_TARGET = "__gpu$xla.gpu.triton"
 
@@ -41,17 +43,9 @@ POSITION_TILE = 32
 FEATURE_CHUNK = 128
 _MIN_DOT_SIZE = 16
 
-# Guards of the authors' code, as in nmfjax.ops.
-_NORMALIZE_EPS = 1e-19
-_RECONSTRUCTION_EPS = 1e-20
-
 # Each precision of nmfjax.ops.matmul as a dot algorithm (Triton) and as the operands' mantissa bits
-# (the interpret mode's emulation on a CPU, as nmfjax.ops.matmul does it).
-_ALGORITHMS = {
-    "float32": (lax.DotAlgorithmPreset.F32_F32_F32, None),
-    "tf32": (lax.DotAlgorithmPreset.TF32_TF32_F32, 10),
-    "bfloat16": (lax.DotAlgorithmPreset.BF16_BF16_F32, 7),
-}
+# (the interpret mode's emulation on a CPU, as nmfjax.ops.matmul does it; None: float32 as it is).
+_ALGORITHMS = {"float32": (lax.DotAlgorithmPreset.F32_F32_F32, None), **_LOWER_PRECISIONS}
 
 
 def padded_size(size: int) -> int:
@@ -158,10 +152,12 @@ def nmf_forward(
     return h[:positions, :num_hidden]
 
 
-def forward(x: jax.Array, w: jax.Array, kernel: str, iterations: int, epsilon: float | None, precision: str, xla):
-    """The forward ``h`` by ``kernel`` (``"pallas"`` or ``"auto"``; see the module docstring); ``xla(x, w)``
-    is the XLA loop that ``"auto"`` takes off a GPU.
+def forward(x: jax.Array, w: jax.Array, options: ops.NMFOptions, xla) -> jax.Array:
+    """The forward ``h`` by ``options.kernel`` (``"pallas"`` or ``"auto"``; see the module docstring);
+    ``xla(x, w)`` is the XLA loop that ``"auto"`` takes off a GPU.
     """
-    fused = functools.partial(nmf_forward, iterations=iterations, epsilon=epsilon, precision=precision)
-    off_gpu = functools.partial(fused, interpret=True) if kernel == "pallas" else xla
+    fused = functools.partial(
+        nmf_forward, iterations=options.iterations, epsilon=options.epsilon, precision=options.precision
+    )
+    off_gpu = functools.partial(fused, interpret=True) if options.kernel == "pallas" else xla
     return lax.platform_dependent(x, w, cuda=fused, default=off_gpu)

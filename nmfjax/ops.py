@@ -34,12 +34,12 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import checkify
 
-from nmfjax import kernels
 from nmfjax.validation import check_positive_int
 
 GRADIENTS = ("approx", "unrolled", "implicit")
 LEARNING_RULES = ("backprop", "local_kl", "local_mse")
 PRECISIONS = ("float32", "tf32", "bfloat16")
+KERNELS = ("xla", "pallas", "auto")
 
 # The lower precisions: the dot algorithm an accelerator runs (operands rounded, float32 sums) and the
 # mantissa bits of its operands, which the CPU emulates by rounding them before a float32 product.
@@ -174,9 +174,8 @@ class NMFOptions:
         kernel of :mod:`nmfjax.kernels` (``"pallas"``) or ``"auto"`` (the
         kernel on an NVIDIA GPU, XLA elsewhere). The kernel runs as Triton
         on an NVIDIA GPU; ``"pallas"`` runs it in Pallas's slow interpret mode
-        elsewhere. The
-        backward passes are XLA's in every case, and ``"unrolled"``
-        differentiates XLA's loop.
+        elsewhere. The backward passes are XLA's in every case, and
+        ``"unrolled"`` differentiates XLA's loop.
       check_inputs: a debug check that ``x`` and ``w`` are non-negative and
         finite, for a function wrapped in ``jax.experimental.checkify.checkify``
         (see :func:`nmf`). Off by default, and not a config field: a training
@@ -211,8 +210,8 @@ class NMFOptions:
             raise ValueError(f"learning must be one of {LEARNING_RULES}, got {self.learning!r}.")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}.")
-        if self.kernel not in kernels.KERNELS:
-            raise ValueError(f"kernel must be one of {kernels.KERNELS}, got {self.kernel!r}.")
+        if self.kernel not in KERNELS:
+            raise ValueError(f"kernel must be one of {KERNELS}, got {self.kernel!r}.")
         if not isinstance(self.check_inputs, bool):
             raise TypeError(f"check_inputs must be True or False, got {self.check_inputs!r}.")
 
@@ -302,8 +301,9 @@ def _forward(x: jax.Array, w: jax.Array, options: NMFOptions) -> jax.Array:
     """The forward ``h`` of the custom VJPs: XLA's loop or the fused kernel (``options.kernel``)."""
     if options.kernel == "xla":
         return _iterate(x, w, options)
-    xla = functools.partial(_iterate, options=options)
-    return kernels.forward(x, w, options.kernel, options.iterations, options.epsilon, options.precision, xla)
+    from nmfjax import kernels  # (which builds on this module's guards and precisions)
+
+    return kernels.forward(x, w, options, functools.partial(_iterate, options=options))
 
 
 def _sum_positions(a: jax.Array, b: jax.Array, precision: str) -> jax.Array:

@@ -114,6 +114,7 @@ class Trainer:
         self.train_steps = jax.jit(self._train_steps_impl, donate_argnums=0)
         self.steps_per_call = steps_per_call(config)
         self._plateau_step = jax.jit(self._plateau_step_impl)
+        self._step_keys = jax.jit(jax.vmap(self.step_key, in_axes=(None, 0)))
 
     def put_replicated(self, array: np.ndarray) -> jax.Array:
         """A host array replicated on every device of the mesh (multi-host too)."""
@@ -180,13 +181,13 @@ class Trainer:
         steps = num_examples // self.config.batch_size
         return rng.permutation(num_examples)[: steps * self.config.batch_size].reshape(steps, -1).astype(np.int32)
 
-    def step_key(self, epoch: int, step: int) -> jax.Array:
+    def step_key(self, epoch: int | jax.Array, step: int | jax.Array) -> jax.Array:
         """The augmentation key of one step: a function of the seed, the epoch and the step only."""
         return jax.random.fold_in(jax.random.fold_in(jax.random.key(self.config.seed), epoch), step)
 
     def step_keys(self, epoch: int, steps: range) -> jax.Array:
-        """The keys of ``steps`` of ``epoch``, stacked: one call's (made on the host, step by step)."""
-        return jnp.stack([self.step_key(epoch, step) for step in steps])
+        """The :meth:`step_key` of each of ``steps`` of ``epoch``, stacked (one call's), in one dispatch."""
+        return self._step_keys(np.int32(epoch), np.arange(steps.start, steps.stop, dtype=np.int32))
 
     def compile(
         self,

@@ -42,7 +42,7 @@ def _rows(workdir):
 
 
 def _kill_at_step(epoch: int, step: int) -> str:
-    """A prelude that SIGKILLs the process before it dispatches train step ``step`` of ``epoch``,
+    """A prelude that SIGKILLs the process before it dispatches the call with train step ``step`` of ``epoch``,
     each checkpoint complete before training goes on (so the rerun's starting point is known).
     """
     return f"""
@@ -55,12 +55,12 @@ def _kill_at_step(epoch: int, step: int) -> str:
             self.wait_until_finished()
             return saved
         ocp.CheckpointManager.save = save
-        original_step_key = trainer.Trainer.step_key
-        def step_key(self, epoch, step):
-            if (epoch, step) == ({epoch}, {step}):
+        original_step_keys = trainer.Trainer.step_keys
+        def step_keys(self, epoch, steps):  # the keys of the call that runs these steps
+            if epoch == {epoch} and {step} in steps:
                 os.kill(os.getpid(), signal.SIGKILL)
-            return original_step_key(self, epoch, step)
-        trainer.Trainer.step_key = step_key
+            return original_step_keys(self, epoch, steps)
+        trainer.Trainer.step_keys = step_keys
     """
 
 

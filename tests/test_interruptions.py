@@ -26,16 +26,16 @@ DETERMINISTIC = ("epoch", "train_loss", "train_loss_sum", "train_accuracy", "tes
 
 
 def signal_at_step(number: int, epoch: int, step: int) -> str:
-    """A prelude that sends the process ``number`` after train step ``step`` of ``epoch`` has been dispatched."""
+    """A prelude that sends the process ``number`` as the call with train step ``step`` of ``epoch`` is made."""
     return f"""
         import os
         from nmfjax import trainer
-        original_step_key = trainer.Trainer.step_key
-        def step_key(self, epoch, step):
-            if (epoch, step) == ({epoch}, {step}):
+        original_step_keys = trainer.Trainer.step_keys
+        def step_keys(self, epoch, steps):  # the keys of the call that runs these steps
+            if epoch == {epoch} and {step} in steps:
                 os.kill(os.getpid(), {int(number)})
-            return original_step_key(self, epoch, step)
-        trainer.Trainer.step_key = step_key
+            return original_step_keys(self, epoch, steps)
+        trainer.Trainer.step_keys = step_keys
     """
 
 

@@ -175,6 +175,14 @@ def test_an_epoch_runs_its_steps_in_calls_of_steps_per_call_and_checks_for_a_sto
     assert metrics["train_images_per_second"] * metrics["train_seconds"] == pytest.approx(70)  # all 7 batches
 
 
+def test_a_calls_keys_are_the_keys_of_its_steps():
+    config = tiny_config("cnn")
+    trainer = trainer_module.Trainer(config, configuration.validate_config(config), parallel.data_mesh())
+    keys = jax.random.key_data(trainer.step_keys(2, range(3, 6)))
+    expected = [jax.random.key_data(trainer.step_key(2, step)) for step in range(3, 6)]
+    np.testing.assert_array_equal(keys, np.stack(expected))
+
+
 def test_steps_per_call_defaults_to_one_on_a_cpu_and_ten_on_an_accelerator():
     config = tiny_config()
     assert config.steps_per_call is None and trainer_module.steps_per_call(config) == 1

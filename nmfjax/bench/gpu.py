@@ -15,7 +15,7 @@ from typing import Any
 
 import jax
 
-from nmfjax import cli, configuration, ops, training
+from nmfjax import cli, configuration, models, ops, training
 from nmfjax.bench.precision import PRECISION_COLUMNS, PRECISION_ITERATIONS, op_errors, op_problem
 from nmfjax.bench.profile import PROFILE_COLUMNS, profile_step
 from nmfjax.bench.throughput import THROUGHPUT_COLUMNS, measure_train_and_eval
@@ -104,7 +104,7 @@ def gpu_suite(
         (model, batch, "float32", kernel)
         for model in sizes.models
         for batch in sizes.batch_sizes
-        for kernel in (sizes.kernels if model in NMF_MODELS else ("xla",))
+        for kernel in (sizes.kernels if models.NetworkSpec(architecture=model).uses_nmf else ("xla",))
     ]
     cases += [
         (sizes.precision_model, batch, precision, kernel)
@@ -148,8 +148,6 @@ def train_epochs(data_dir: str | None, overrides: dict[str, Any], kernel: str) -
     )
     return {"command": command, "kernel": kernel, **row, "paper_recipe_minutes": paper_recipe_minutes(row)}
 
-
-NMF_MODELS = ("cnmf", "cnmf_1x1")
 
 TRAIN_COLUMNS = [
     ("kernel", "kernel", "s"),

@@ -14,11 +14,8 @@ import tempfile
 import time
 
 import jax
-import numpy as np
 
-from nmfjax import configuration, evaluation, parallel
-from nmfjax.bench.throughput import _config, _synthetic_data
-from nmfjax.trainer import Trainer
+from nmfjax.bench.throughput import synthetic_train_step
 
 
 def program_counts(hlo_text: str) -> dict[str, int]:
@@ -59,20 +56,11 @@ def profile_step(model: str, batch_size: int, kernel: str, steps: int = 20, iter
     its wall time per step over ``steps`` steps, and the device's kernels per step (their count, busy
     time and the 15 that take longest) from a trace of those steps.
     """
-    config = _config(model, batch_size, iterations)
-    config.model.nmf.kernel = kernel
-    devices = parallel.largest_dividing_count(jax.device_count(), (batch_size,))
-    trainer = Trainer(
-        config, configuration.validate_config(config, devices), parallel.data_mesh(jax.devices()[:devices])
+    trainer, _, (state, images, labels, batch, key, totals) = synthetic_train_step(
+        model, batch_size, iterations, kernel=kernel
     )
-    images, labels = _synthetic_data(trainer, 2 * batch_size)
-    batch, key, totals = (
-        np.arange(batch_size, dtype=np.int32),
-        trainer.step_key(1, 0),
-        evaluation.no_metrics(trainer.mesh),
-    )
-    compiled = trainer.train_step.lower(trainer.initial_state, images, labels, batch, key, totals).compile()
-    state = compiled(trainer.initial_state, images, labels, batch, key, totals)[0]  # warm up
+    compiled = trainer.train_step.lower(state, images, labels, batch, key, totals).compile()
+    state = compiled(state, images, labels, batch, key, totals)[0]  # warm up
     jax.block_until_ready(state)
     with tempfile.TemporaryDirectory() as trace_dir:
         with jax.profiler.trace(trace_dir, create_perfetto_trace=True):

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 import jax
 import numpy as np
 
-from nmfjax import configuration, evaluation, parallel
+from nmfjax import configuration, evaluation, models, parallel
 from nmfjax.bench import timing
 from nmfjax.trainer import Trainer
 
@@ -76,6 +76,31 @@ def _synthetic_data(trainer: Trainer, count: int):
     return trainer.put_replicated(images), trainer.put_replicated(labels)
 
 
+def synthetic_train_step(
+    model: str, batch_size: int, iterations: int, devices: int | None = None, **nmf_fields: str
+) -> tuple[Trainer, models.NetworkSpec, tuple]:
+    """The trainer of ``model`` at ``batch_size`` on the first ``devices`` devices (default: as many
+    as divide the batch; the NMF op's ``iterations`` and ``nmf_fields``, e.g. ``kernel``), its spec,
+    and the arguments of one train step on synthetic images: ``(state, images, labels, batch, key, totals)``.
+    """
+    if devices is None:
+        devices = parallel.largest_dividing_count(jax.device_count(), (batch_size,))
+    config = _config(model, batch_size, iterations, **nmf_fields)
+    spec = configuration.validate_config(config, devices)
+    trainer = Trainer(config, spec, parallel.data_mesh(jax.devices()[:devices]))
+    images, labels = _synthetic_data(trainer, 2 * batch_size)
+    batch = np.arange(batch_size, dtype=np.int32)
+    arguments = (
+        trainer.initial_state,
+        images,
+        labels,
+        batch,
+        trainer.step_key(1, 0),
+        evaluation.no_metrics(trainer.mesh),
+    )
+    return trainer, spec, arguments
+
+
 def measure_train_and_eval(
     model: str,
     batch_size: int,
@@ -90,17 +115,10 @@ def measure_train_and_eval(
     ``devices`` devices (default: as many as divide the batch), the NMF products in ``precision``,
     the NMF forward by ``kernel`` (:class:`nmfjax.ops.NMFOptions`).
     """
-    if devices is None:
-        devices = parallel.largest_dividing_count(jax.device_count(), (batch_size,))
-    config = _config(model, batch_size, iterations, precision=precision, kernel=kernel)
-    spec = configuration.validate_config(config, devices)
-    trainer = Trainer(config, spec, parallel.data_mesh(jax.devices()[:devices]))
-    images, labels = _synthetic_data(trainer, 2 * batch_size)
-    batch = np.arange(batch_size, dtype=np.int32)
-    key = trainer.step_key(1, 0)
-    state = trainer.initial_state
-
-    totals = evaluation.no_metrics(trainer.mesh)
+    trainer, spec, (state, images, labels, batch, key, totals) = synthetic_train_step(
+        model, batch_size, iterations, devices, precision=precision, kernel=kernel
+    )
+    devices = trainer.mesh.size
     train_compiled, train_compile_seconds = timing.compile_timed(
         trainer.train_step, state, images, labels, batch, key, totals
     )
