@@ -43,6 +43,24 @@ def test_mixing_starts_as_identity_plus_small_noise():
     assert 0 < np.abs(np.asarray(mixing.bias[...])).max() <= 0.5e-4
 
 
+@pytest.mark.parametrize("groups", [1, 4])
+def test_mixing_is_the_1x1_convolution_of_its_kernel_and_bias(groups):
+    mixing = models.MixingConv(16, feature_group_count=groups, rngs=nnx.Rngs(0))
+    mixing.kernel[...] = jax.random.normal(jax.random.key(1), mixing.kernel.shape)
+    mixing.bias[...] = jax.random.normal(jax.random.key(2), mixing.bias.shape)
+    x = jax.random.uniform(jax.random.key(3), (2, 5, 5, 16))
+    convolution = jax.lax.conv_general_dilated(
+        x,
+        mixing.kernel[...],
+        (1, 1),
+        "VALID",
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        feature_group_count=groups,
+        precision=jax.lax.Precision.HIGHEST,
+    )
+    np.testing.assert_allclose(mixing(x), convolution + mixing.bias[...], rtol=1e-5, atol=1e-5)
+
+
 def test_width_and_groups_change_the_counts_as_expected():
     spec = models.NetworkSpec(architecture="cnn_1x1", width=2, groups=(1, 4, 4, 1), mix_groups=(2, 2, 2, 1))
     model = models.Network(spec, rngs=nnx.Rngs(0))
