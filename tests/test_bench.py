@@ -14,13 +14,28 @@ def test_tiny_benchmark_writes_json_and_plot(tmp_path, capsys):
     bench.main(["--tiny", "--output", str(tmp_path)])
     results = json.loads((tmp_path / "bench.json").read_text())
     assert {row["model"] for row in results["throughput"]} == set(bench.TINY.models)
+    # The peak is measured in the run, for one device and for all of them, and is each row's yardstick.
+    peaks = results["peak_gflops"]
+    assert set(peaks) == {"1", str(jax.device_count())} and all(peak > 0 for peak in peaks.values())
     for row in results["throughput"]:
         assert row["train_images_per_second"] > 0 and row["train_peak_memory_mb"] > 0
+        peak = peaks[str(row["devices"])]
+        assert row["train_fraction_of_peak"] == pytest.approx(row["train_gflop_per_second"] / peak)
+        assert row["eval_fraction_of_peak"] == pytest.approx(row["eval_gflop_per_second"] / peak)
+    # train.py's epoch path next to the bare step, on the same trainer.
+    (loop,) = results["loop"]
+    assert loop["model"] == "cnmf_1x1" and loop["steps_per_call"] == 1
+    for part in ("train", "eval"):
+        assert loop[f"loop_{part}_ratio"] == pytest.approx(
+            loop[f"loop_{part}_images_per_second"] / loop[f"bare_{part}_images_per_second"]
+        )
+    assert not hasattr(bench, "DEFAULT_PEAK_GFLOPS")
     assert {row["gradient"] for row in results["figure1"]} == {"autodiff", "unrolled", "approx", "implicit"}
     # CNMF+1x1 at N = 20 on one device is in the throughput table already: reused, not measured again.
     assert results["scaling"]["batch_size"] == [results["throughput"][0]]
     assert (tmp_path / "bench.png").read_bytes()[:4] == b"\x89PNG"
-    assert "Figure 1" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "Figure 1" in out and "float32 peak" in out and "train.py's epoch against the bare step" in out
 
 
 def test_loop_flops_match_a_hand_count_for_the_default_cnmf():
@@ -59,6 +74,7 @@ def test_every_step_of_the_gpu_suite_runs_on_a_cpu_device(tmp_path, capsys):
         results = bench.gpu_suite(jax.devices("cpu")[0], None, tmp_path, sizes)
     written = json.loads((tmp_path / "gpu.json").read_text())
     assert written["op_against_cpu"] == results["op_against_cpu"] and written["train"] == results["train"]
+    assert written["peak_gflops"]["1"] > 0  # the device's own float32 peak, measured in the run
     rows = results["op_against_cpu"]
     assert [row["precision"] for row in rows] == list(ops.PRECISIONS)
     float32 = rows[0]

@@ -143,7 +143,7 @@ def test_plots_and_bench_name_each_mistake(tmp_path, capsys):
     _assert_user_error(capsys, plots.main, [str(tmp_path)], "holds no epochs")
     _assert_user_error(capsys, plots.main, [], "the following arguments are required: workdirs")
     _assert_user_error(capsys, bench.main, ["--output", str(tmp_path / "file")], "is a file; give a folder")
-    _assert_user_error(capsys, bench.main, ["--peak_gflops", "-3"], "expected a positive number, got '-3'")
+    _assert_user_error(capsys, bench.main, ["--repeats", "-3"], "expected a positive int")
 
 
 def test_an_unexpected_failure_keeps_its_traceback(tmp_path):

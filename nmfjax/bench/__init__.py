@@ -9,8 +9,13 @@ call; compile time is reported apart. Prints tables and writes
 
 * ``throughput``: per model and batch size, train-step images/s (the real
   jitted step: gather, augmentation, forward, backward, Adam) and eval images/s;
-  achieved GFLOP/s from XLA's cost analysis and its fraction of ``--peak_gflops``;
-  peak memory of the compiled step (arguments + outputs + temporaries).
+  achieved GFLOP/s from XLA's cost analysis and its fraction of the machine's
+  float32 peak, measured first in the same run (2048 x 2048 products on the
+  same devices, :mod:`nmfjax.bench.peak`); peak memory of the compiled step
+  (arguments + outputs + temporaries).
+* ``loop``: ``train.py``'s own epoch (``Trainer.train_epoch``, ``evaluate``)
+  next to the bare train and eval steps on the same trainer: the ratio is what
+  the loop adds.
 * ``figure1``: the paper's Figure 1: backward time and memory of the CNN,
   and of the CNMF network with the "unrolled", "approx" and "implicit"
   backward, relative to the CNN, at N in {5, 20, 50}.
@@ -42,10 +47,11 @@ Two more suites, each its own JSON::
 from nmfjax.bench.cli import main, run
 from nmfjax.bench.figure1 import FIGURE1_COLUMNS, figure1, measure_backward
 from nmfjax.bench.gpu import GPU_FULL, GPU_THROUGHPUT_COLUMNS, GPU_TINY, GPUSizes, gpu_suite, paper_recipe_minutes
+from nmfjax.bench.loop import LOOP_COLUMNS, measure_loop
+from nmfjax.bench.peak import PEAK_SIZE, measure_peak_gflops
 from nmfjax.bench.precision import PRECISION_COLUMNS, PRECISION_ITERATIONS, op_errors, op_problem, precision_study
 from nmfjax.bench.profile import PROFILE_COLUMNS, profile_step, program_counts
 from nmfjax.bench.throughput import (
-    DEFAULT_PEAK_GFLOPS,
     FULL,
     SCALING_COLUMNS,
     THROUGHPUT_COLUMNS,
@@ -57,12 +63,13 @@ from nmfjax.bench.throughput import (
 from nmfjax.bench.timing import uncounted_loop_flops
 
 __all__ = [
-    "DEFAULT_PEAK_GFLOPS",
     "FIGURE1_COLUMNS",
     "FULL",
     "GPU_FULL",
     "GPU_THROUGHPUT_COLUMNS",
     "GPU_TINY",
+    "LOOP_COLUMNS",
+    "PEAK_SIZE",
     "PRECISION_COLUMNS",
     "PRECISION_ITERATIONS",
     "PROFILE_COLUMNS",
@@ -75,6 +82,8 @@ __all__ = [
     "gpu_suite",
     "main",
     "measure_backward",
+    "measure_loop",
+    "measure_peak_gflops",
     "measure_train_and_eval",
     "op_errors",
     "op_problem",

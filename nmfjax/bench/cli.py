@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import pathlib
 import platform
 from typing import Any
@@ -15,9 +14,10 @@ import jax
 from nmfjax import cli, parallel, plots
 from nmfjax.bench.figure1 import FIGURE1_COLUMNS, figure1
 from nmfjax.bench.gpu import GPU_FULL, GPU_TINY, gpu_suite, gpus
+from nmfjax.bench.loop import LOOP_COLUMNS, measure_loop
+from nmfjax.bench.peak import PEAK_SIZE, measure_peak_gflops
 from nmfjax.bench.precision import precision_study
 from nmfjax.bench.throughput import (
-    DEFAULT_PEAK_GFLOPS,
     FULL,
     SCALING_COLUMNS,
     THROUGHPUT_COLUMNS,
@@ -30,38 +30,60 @@ from nmfjax.outputs import storage_errors, write_output
 from nmfjax.tables import markdown_table
 
 
-def run(sizes: Sizes, output: pathlib.Path, peak_gflops: float) -> dict:
+def run(sizes: Sizes, output: pathlib.Path) -> dict:
     """The whole suite: prints its tables and writes ``bench.json`` and ``bench.png`` to ``output``."""
+    # One device next to all of them (one per core by default), measured in the same process.
+    device_counts = sorted({1, jax.device_count()})
+    # The yardstick of every row: this machine's float32 products, on the devices the row uses.
+    peaks = {count: measure_peak_gflops(jax.devices()[:count], repeats=sizes.repeats) for count in device_counts}
     results: dict[str, Any] = {
         "device": str(jax.devices()[0].device_kind),
         "platform": jax.default_backend(),
         "device_count": jax.device_count(),
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": cpu_name(),
         "jax": jax.__version__,
-        "peak_gflops": peak_gflops,
+        "peak_size": PEAK_SIZE,
+        "peak_gflops": {str(count): peak for count, peak in peaks.items()},
         "repeats": sizes.repeats,
     }
-    # One device next to all of them (one per core by default), measured in the same process.
-    device_counts = sorted({1, jax.device_count()})
+    peak_line = ", ".join(f"{peak:.0f} on {count} device(s)" for count, peak in peaks.items())
+    print(f"{results['cpu']}: float32 peak {peak_line} (GFLOP/s, {PEAK_SIZE}x{PEAK_SIZE} products)", flush=True)
     results["throughput"] = [
-        measure_train_and_eval(model, batch, sizes.repeats, peak_gflops, devices=count)
+        measure_train_and_eval(model, batch, sizes.repeats, peaks[count], devices=count)
         for model in sizes.models
         for batch in sizes.batch_sizes
         for count in device_counts
     ]
     print("\nThroughput (N=20):\n" + markdown_table(results["throughput"], THROUGHPUT_COLUMNS), flush=True)
+    all_devices = parallel.largest_dividing_count(jax.device_count(), (sizes.loop_batch,))
+    results["loop"] = [
+        measure_loop(model, sizes.loop_batch, peaks[all_devices], sizes.loop_steps, sizes.repeats)
+        for model in sizes.loop_models
+    ]
+    print("\ntrain.py's epoch against the bare step:\n" + markdown_table(results["loop"], LOOP_COLUMNS), flush=True)
     results["figure1"] = figure1(sizes)
     print(
         "\nFigure 1 (backward of the whole network):\n" + markdown_table(results["figure1"], FIGURE1_COLUMNS),
         flush=True,
     )
-    results["scaling"] = scaling(sizes, peak_gflops, results["throughput"])
+    results["scaling"] = scaling(sizes, peaks, results["throughput"])
     for name, rows in results["scaling"].items():
         print(f"\nCNMF+1x1 against {name}:\n" + markdown_table(rows, SCALING_COLUMNS), flush=True)
     write_output(output / "bench.json", json.dumps(results, indent=2))
     plots.plot_bench(results, output / "bench.png")
     print(f"\nwrote {output / 'bench.json'} and {output / 'bench.png'}")
     return results
+
+
+def cpu_name() -> str:
+    """The processor's model name (Linux's /proc/cpuinfo), else what ``platform`` knows."""
+    try:
+        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -74,11 +96,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--output", default="bench", help="folder for bench.json and bench.png")
     parser.add_argument("--tiny", action="store_true", help="tiny sizes (a smoke test, not a measurement)")
     parser.add_argument("--repeats", type=cli.positive_int, help="timed calls per figure (default 5; tiny: 2)")
-    parser.add_argument(
-        "--peak_gflops",
-        type=cli.positive_float,
-        help=f"the machine's peak GFLOP/s (default {DEFAULT_PEAK_GFLOPS:g}, two AVX2 cores; --gpu: none)",
-    )
     parser.add_argument(
         "--cpu_devices", type=cli.positive_int, help="XLA devices on a CPU (default: one per core; XLA_FLAGS wins)"
     )
@@ -101,8 +118,7 @@ def main(argv: list[str] | None = None) -> None:
                 cli.fail("--gpu trains for one epoch on CIFAR-10: give its TFDS data directory as --data_dir.")
             gpu_sizes = GPU_TINY if args.tiny else GPU_FULL
             repeats = args.repeats or gpu_sizes.repeats
-            peak = args.peak_gflops or math.nan
-            gpu_suite(gpu, args.data_dir, output, dataclasses.replace(gpu_sizes, repeats=repeats), peak)
+            gpu_suite(gpu, args.data_dir, output, dataclasses.replace(gpu_sizes, repeats=repeats))
             return
         if args.precision:
             precision_study(output, *(((2,), 64) if args.tiny else ()))
@@ -110,4 +126,4 @@ def main(argv: list[str] | None = None) -> None:
     sizes = TINY if args.tiny else FULL
     if args.repeats:
         sizes = dataclasses.replace(sizes, repeats=args.repeats)
-    run(sizes, output, args.peak_gflops or DEFAULT_PEAK_GFLOPS)
+    run(sizes, output)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import pathlib
 import tempfile
 import time
@@ -15,7 +14,8 @@ from typing import Any
 
 import jax
 
-from nmfjax import cli, configuration, models, ops, training
+from nmfjax import cli, configuration, models, ops, parallel, training
+from nmfjax.bench.peak import measure_peak_gflops
 from nmfjax.bench.precision import PRECISION_COLUMNS, PRECISION_ITERATIONS, op_errors, op_problem
 from nmfjax.bench.profile import PROFILE_COLUMNS, profile_step
 from nmfjax.bench.throughput import THROUGHPUT_COLUMNS, measure_train_and_eval
@@ -37,6 +37,7 @@ class GPUSizes:
     repeats: int
     kernels: tuple[str, ...] = ("xla", "pallas")
     profile_steps: int = 20
+    peak_size: int = 8192  # the side of the float32 products that measure the device's peak
 
 
 GPU_FULL = GPUSizes(
@@ -65,6 +66,7 @@ GPU_TINY = GPUSizes(
     },
     repeats=1,
     profile_steps=2,
+    peak_size=256,
 )
 
 # The paper's recipe on all of CIFAR-10 (section 2.6): 500 epochs of 50,000 images, tested on 10,000 each.
@@ -77,9 +79,7 @@ def paper_recipe_minutes(row: dict) -> float:
     return PAPER_EPOCHS * epoch / 60
 
 
-def gpu_suite(
-    device, data_dir: str | None, output: pathlib.Path, sizes: GPUSizes = GPU_FULL, peak_gflops: float = math.nan
-) -> dict:
+def gpu_suite(device, data_dir: str | None, output: pathlib.Path, sizes: GPUSizes = GPU_FULL) -> dict:
     """``--gpu``: the op on ``device`` against the CPU, the throughput table on the default
     backend's devices with each of ``sizes.kernels``, a profile of one train step with each, and a
     short training run with each (CNMF+1x1 on ``data_dir``, with ``sizes.train``) projected to the
@@ -113,8 +113,19 @@ def gpu_suite(
         if precision != "float32"
         for kernel in sizes.kernels
     ]
+    # Each row's yardstick: float32 products on the devices it runs on (as many as divide its batch).
+    counts = {parallel.largest_dividing_count(jax.device_count(), (batch,)) for batch in sizes.batch_sizes}
+    peaks = {count: measure_peak_gflops(jax.devices()[:count], sizes.peak_size, sizes.repeats) for count in counts}
+    results["peak_gflops"] = {str(count): peak for count, peak in peaks.items()}
     results["throughput"] = [
-        measure_train_and_eval(model, batch, sizes.repeats, peak_gflops, precision=precision, kernel=kernel)
+        measure_train_and_eval(
+            model,
+            batch,
+            sizes.repeats,
+            peaks[parallel.largest_dividing_count(jax.device_count(), (batch,))],
+            precision=precision,
+            kernel=kernel,
+        )
         for model, batch, precision, kernel in cases
     ]
     print("\nThroughput (N=20):\n" + markdown_table(results["throughput"], GPU_THROUGHPUT_COLUMNS), flush=True)

@@ -5,7 +5,7 @@ with N and the batch size.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import jax
 import numpy as np
@@ -13,9 +13,6 @@ import numpy as np
 from nmfjax import configuration, evaluation, models, parallel
 from nmfjax.bench import timing
 from nmfjax.trainer import Trainer
-
-# Two AVX2 cores with two FMA units each at ~3 GHz: 2 x 2 x 8 lanes x 2 flops x 3e9.
-DEFAULT_PEAK_GFLOPS = 190.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,6 +26,9 @@ class Sizes:
     scaling_iterations: tuple[int, ...]
     scaling_batch_sizes: tuple[int, ...]
     repeats: int
+    loop_models: tuple[str, ...] = ("cnmf_1x1",)
+    loop_batch: int = 50
+    loop_steps: int = 20
 
 
 FULL = Sizes(
@@ -48,6 +48,8 @@ TINY = Sizes(
     scaling_iterations=(2,),
     scaling_batch_sizes=(4,),
     repeats=2,
+    loop_batch=4,
+    loop_steps=3,
 )
 
 
@@ -69,7 +71,8 @@ def _config(
     return config
 
 
-def _synthetic_data(trainer: Trainer, count: int):
+def synthetic_data(trainer: Trainer, count: int) -> tuple:
+    """``count`` random uint8 CIFAR-sized images and labels, replicated on the trainer's devices."""
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (count, 32, 32, 3), dtype=np.uint8)
     labels = rng.integers(0, 10, count).astype(np.int32)
@@ -88,7 +91,7 @@ def synthetic_train_step(
     config = _config(model, batch_size, iterations, **nmf_fields)
     spec = configuration.validate_config(config, devices)
     trainer = Trainer(config, spec, parallel.data_mesh(jax.devices()[:devices]))
-    images, labels = _synthetic_data(trainer, 2 * batch_size)
+    images, labels = synthetic_data(trainer, 2 * batch_size)
     batch = np.arange(batch_size, dtype=np.int32)
     arguments = (
         trainer.initial_state,
@@ -163,8 +166,9 @@ def measure_train_and_eval(
     }
 
 
-def scaling(sizes: Sizes, peak_gflops: float, measured: Sequence[dict] = ()) -> dict[str, list[dict]]:
-    """CNMF+1x1 throughput against N (at a middle batch size) and against the batch size (N = 20).
+def scaling(sizes: Sizes, peaks: Mapping[int, float], measured: Sequence[dict] = ()) -> dict[str, list[dict]]:
+    """CNMF+1x1 throughput against N (at a middle batch size) and against the batch size (N = 20);
+    ``peaks`` is the measured peak GFLOP/s of each device count (:func:`nmfjax.bench.peak.measure_peak_gflops`).
 
     A row of ``measured`` with the same model, batch size, N and device count is reused, not measured again.
     """
@@ -173,7 +177,7 @@ def scaling(sizes: Sizes, peak_gflops: float, measured: Sequence[dict] = ()) -> 
     def measure(batch_size: int, iterations: int = 20) -> dict:
         devices = parallel.largest_dividing_count(jax.device_count(), (batch_size,))
         row = known.get(("cnmf_1x1", batch_size, iterations, devices))
-        return row or measure_train_and_eval("cnmf_1x1", batch_size, sizes.repeats, peak_gflops, iterations, devices)
+        return row or measure_train_and_eval("cnmf_1x1", batch_size, sizes.repeats, peaks[devices], iterations, devices)
 
     batch = sizes.scaling_batch_sizes[len(sizes.scaling_batch_sizes) // 2]
     return {
@@ -192,6 +196,7 @@ THROUGHPUT_COLUMNS = [
     ("train GFLOP/s", "train_gflop_per_second", ".1f"),
     ("train % peak", "train_fraction_of_peak", ".1%"),
     ("eval GFLOP/s", "eval_gflop_per_second", ".1f"),
+    ("eval % peak", "eval_fraction_of_peak", ".1%"),
     ("train peak MB/device", "train_peak_memory_mb", ".0f"),
     ("eval peak MB/device", "eval_peak_memory_mb", ".0f"),
     ("compile s (train/eval)", "train_compile_seconds", ".1f"),
