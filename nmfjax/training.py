@@ -317,6 +317,8 @@ def _run_epochs(
                 **train_metrics,
                 **test_metrics,
                 **{f"learning_rate_{group}": rate for group, rate in rates.items()},
+                # The plateau rule's verdict on this epoch: the scale of every rate in the next one.
+                "next_learning_rate_scale": float(state.plateau.scale),
                 "compile_seconds": compile_seconds,
                 "epoch_seconds": time.perf_counter() - epoch_start,
             }

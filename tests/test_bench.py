@@ -113,3 +113,34 @@ def test_program_counts_reads_fusions_custom_calls_and_loops_from_hlo_text():
 }"""
     counts = bench.program_counts(hlo)
     assert (counts["fusions"], counts["custom_calls"], counts["while_loops"]) == (2, 1, 1)
+
+
+def test_cpu_profile_splits_the_step_into_the_nmf_iterations_and_the_rest(tmp_path, capsys):
+    bench.main(["--profile", "--tiny", "--output", str(tmp_path)])
+    profile = json.loads((tmp_path / "profile-cpu.json").read_text())
+    # Both parts were found in the trace: the loops' instructions by the op's name, the rest by theirs.
+    assert profile["nmf_iterations_ms"] > 0 and profile["rest_ms"] > 0
+    assert profile["operations_ms_per_device_step"] == pytest.approx(profile["nmf_iterations_ms"] + profile["rest_ms"])
+    assert profile["top_rest"] and all(row["shape"] and row["ms"] > 0 for row in profile["top_rest"])
+    assert "NMF forward iterations ms" in capsys.readouterr().out
+
+
+def test_nmf_loop_instructions_are_those_of_the_ops_while_bodies_only():
+    hlo = "\n".join(
+        [
+            "%body.1 (p: (s32[], f32[4])) -> (s32[], f32[4]) {",
+            "  %p = (s32[], f32[4]) parameter(0)",
+            "  ROOT %ynn_fusion.3 = f32[4]{0} fusion(%p), kind=kCustom",
+            "}",
+            "%body.2 (q: (s32[], u32[4])) -> (s32[], u32[4]) {",
+            "  ROOT %threefry.1 = u32[4]{0} fusion(%q), kind=kLoop",
+            "}",
+            "ENTRY %main {",
+            "  %while.1 = (s32[], f32[4]) while(%t), condition=%c.1, body=%body.1, "
+            'metadata={op_name="jit(f)/jvp(jit(_nmf))/while"}',
+            "  %while.2 = (s32[], u32[4]) while(%u), condition=%c.2, body=%body.2, "
+            'metadata={op_name="jit(f)/augment/while"}',
+            "}",
+        ]
+    )
+    assert bench.nmf_loop_instructions(hlo) == {"p", "ynn_fusion.3"}

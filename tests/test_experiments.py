@@ -523,3 +523,84 @@ def test_learning_curves_show_the_learning_rates_only_where_the_plateau_rule_low
     with_rates = tmp_path / "with_rates.png"
     plots.plot_learning_curves([workdirs / "cnn", lowered], with_rates)
     assert _png_width(with_rates) > 1.3 * _png_width(constant)  # a third panel
+
+
+# --- progress: long runs of the paper's recipe ---
+
+
+def _recipe_record(target: pathlib.Path, rates: list[float], num_epochs: int = 500, next_scale=None) -> pathlib.Path:
+    """A run's record whose epochs ran at module a's ``rates`` (the other groups scaled alike)."""
+    config = tiny_config(num_epochs=num_epochs)
+    target.mkdir(parents=True)
+    (target / "config.json").write_text(config.to_json_best_effort())
+    rows = []
+    for epoch, rate in enumerate(rates, 1):
+        scale = rate / config.learning_rates.module_a
+        rows.append(
+            {
+                "epoch": epoch,
+                "test_accuracy": 0.1 * epoch if epoch < 4 else 0.2,
+                **{f"learning_rate_{group}": config.learning_rates[group] * scale for group in models.PARAMETER_GROUPS},
+            }
+        )
+    if next_scale is not None:
+        rows[-1]["next_learning_rate_scale"] = next_scale
+    (target / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return target
+
+
+def test_progress_status_reads_epochs_rates_drops_and_why_a_run_ended(tmp_path):
+    running = experiments.recipe.run_status(_recipe_record(tmp_path / "a", [1e-2, 1e-2, 1e-3, 1e-3, 1e-4]))
+    assert (running["epochs"], running["best_epoch"], running["best_test_accuracy"]) == (5, 3, pytest.approx(0.3))
+    assert running["drops"] == [2, 4] and running["rates"]["module_a"] == pytest.approx(1e-4)
+    assert running["rates"]["mixing"] == pytest.approx(1e-5) and not running["ended"] and running["why"] == "running"
+    # The rule's verdict on the last epoch, recorded with it: a drop after it, and the stop below 1e-9.
+    stopped = experiments.recipe.run_status(_recipe_record(tmp_path / "b", [1e-8, 1e-8], next_scale=1e-8))
+    assert stopped["drops"] == [2] and stopped["rates"]["module_a"] == pytest.approx(1e-10)
+    assert stopped["ended"] and stopped["why"] == "every rate below 1e-09"
+    done = experiments.recipe.run_status(_recipe_record(tmp_path / "c", [1e-2] * 3, num_epochs=3, next_scale=1.0))
+    assert done["drops"] == [] and done["ended"] and done["why"] == "3 epochs"
+
+
+def test_progress_command_publishes_the_records_a_status_table_and_a_state_to_resume_from(
+    workdirs, mock_data, tmp_path, capsys
+):
+    output = tmp_path / "paper_recipe"
+    output.mkdir()
+    (output / "README.md").write_text("# Runs\n\nText kept.\n")
+    run = tmp_path / "run"
+    shutil.copytree(workdirs / "cnmf_1x1", run)  # 2 of 2 epochs: ended; say it runs to 4
+    config = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps({**config, "num_epochs": 4}))
+    for _ in range(2):  # the second time replaces what the first wrote
+        experiments.main(["progress", str(run), "--output", str(output), "--keep_state"])
+    out = capsys.readouterr().out
+    assert "| CNMF + 1x1 | 2 of 4 |" in out and "kept the state to resume from" in out
+    readme = (output / "README.md").read_text()
+    assert readme.startswith("# Runs\n\nText kept.\n") and readme.count(experiments.recipe.STATUS_BEGIN) == 1
+    assert "| CNMF + 1x1 | 2 of 4 |" in readme and "| running |" in readme
+    published = output / "cnmf_1x1"
+    assert load_config(published).data_dir is None
+    assert read_metrics(published) == read_metrics(run)
+    # The kept state is a workdir: copied back, train.py's run continues from it and does not restart.
+    resumed = tmp_path / "resumed"
+    shutil.copytree(published / "resume", resumed)
+    assert [path.name for path in (resumed / "checkpoints").iterdir()] == ["2"]
+    training.train_and_evaluate(tiny_config("cnmf_1x1", num_epochs=3), resumed)
+    rows = read_metrics(resumed)
+    assert [row["epoch"] for row in rows] == [1, 2, 3] and rows[:2] == read_metrics(run)
+    assert "next_learning_rate_scale" in rows[2]
+    # Once the run has ended, its kept state goes.
+    (run / "config.json").write_text(json.dumps({**config, "num_epochs": 2}))
+    experiments.main(["progress", str(run), "--output", str(output), "--keep_state"])
+    assert not (published / "resume").exists() and "ended: 2 epochs" in (output / "README.md").read_text()
+
+
+def test_progress_names_a_run_without_epochs(tmp_path, capsys):
+    empty = _recipe_record(tmp_path / "empty", [])
+    _assert_user_error(
+        capsys,
+        "holds no finished epoch yet",
+        experiments.main,
+        ["progress", str(empty), "--output", str(tmp_path / "o")],
+    )

@@ -21,11 +21,16 @@ call; compile time is reported apart. Prints tables and writes
   backward, relative to the CNN, at N in {5, 20, 50}.
 * ``scaling``: train-step time of CNMF+1x1 against N and against batch size.
 
-Two more suites, each its own JSON::
+More suites, each its own JSON::
+
+    python -m nmfjax.bench --profile --output bench     # where a CNMF+1x1 train step's time goes (CPU)
 
     python -m nmfjax.bench --precision --output bench   # the op in tf32 and bfloat16 against float32
     python -m nmfjax.bench --gpu --data_dir DIR --output bench   # on a machine with a GPU: its table
 
+* ``--profile`` (``profile-cpu.json``): a trace of CNMF+1x1's train step at
+  batch 50: the time of each XLA operation per device and step, split into the
+  NMF op's forward iterations and the rest, with the rest's 15 largest.
 * ``--precision`` (``precision.json``): the relative error of ``h`` and of the
   input and weight gradients of each backward mode when every product of the
   op runs in TF32 or bfloat16 instead of float32, at N in {5, 20, 50}, on a
@@ -50,7 +55,14 @@ from nmfjax.bench.gpu import GPU_FULL, GPU_THROUGHPUT_COLUMNS, GPU_TINY, GPUSize
 from nmfjax.bench.loop import LOOP_COLUMNS, measure_loop
 from nmfjax.bench.peak import PEAK_SIZE, measure_peak_gflops
 from nmfjax.bench.precision import PRECISION_COLUMNS, PRECISION_ITERATIONS, op_errors, op_problem, precision_study
-from nmfjax.bench.profile import PROFILE_COLUMNS, profile_step, program_counts
+from nmfjax.bench.profile import (
+    CPU_PROFILE_COLUMNS,
+    PROFILE_COLUMNS,
+    cpu_profile,
+    nmf_loop_instructions,
+    profile_step,
+    program_counts,
+)
 from nmfjax.bench.throughput import (
     FULL,
     SCALING_COLUMNS,
@@ -63,6 +75,7 @@ from nmfjax.bench.throughput import (
 from nmfjax.bench.timing import uncounted_loop_flops
 
 __all__ = [
+    "CPU_PROFILE_COLUMNS",
     "FIGURE1_COLUMNS",
     "FULL",
     "GPU_FULL",
@@ -78,6 +91,7 @@ __all__ = [
     "TINY",
     "GPUSizes",
     "Sizes",
+    "cpu_profile",
     "figure1",
     "gpu_suite",
     "main",
@@ -85,6 +99,7 @@ __all__ = [
     "measure_loop",
     "measure_peak_gflops",
     "measure_train_and_eval",
+    "nmf_loop_instructions",
     "op_errors",
     "op_problem",
     "paper_recipe_minutes",

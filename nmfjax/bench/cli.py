@@ -17,6 +17,7 @@ from nmfjax.bench.gpu import GPU_FULL, GPU_TINY, gpu_suite, gpus
 from nmfjax.bench.loop import LOOP_COLUMNS, measure_loop
 from nmfjax.bench.peak import PEAK_SIZE, measure_peak_gflops
 from nmfjax.bench.precision import precision_study
+from nmfjax.bench.profile import CPU_PROFILE_COLUMNS, TOP_REST_COLUMNS, cpu_profile
 from nmfjax.bench.throughput import (
     FULL,
     SCALING_COLUMNS,
@@ -101,6 +102,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     suite = parser.add_mutually_exclusive_group()
     suite.add_argument("--precision", action="store_true", help="the op in tf32 and bfloat16 against float32")
+    suite.add_argument("--profile", action="store_true", help="where a CNMF+1x1 train step's time goes on a CPU")
     suite.add_argument("--gpu", action="store_true", help="the GPU table (needs a GPU and --data_dir)")
     parser.add_argument("--data_dir", help="TFDS data directory with CIFAR-10, for --gpu's training run")
     args = parser.parse_args(argv)
@@ -119,6 +121,13 @@ def main(argv: list[str] | None = None) -> None:
             gpu_sizes = GPU_TINY if args.tiny else GPU_FULL
             repeats = args.repeats or gpu_sizes.repeats
             gpu_suite(gpu, args.data_dir, output, dataclasses.replace(gpu_sizes, repeats=repeats))
+            return
+        if args.profile:
+            profile = cpu_profile(*(("cnmf_1x1", 4, 2, 2) if args.tiny else ()))
+            print(markdown_table([profile], CPU_PROFILE_COLUMNS))
+            print(markdown_table(profile["top_rest"], TOP_REST_COLUMNS))
+            write_output(output / "profile-cpu.json", json.dumps(profile, indent=2))
+            print(f"wrote {output / 'profile-cpu.json'}")
             return
         if args.precision:
             precision_study(output, *(((2,), 64) if args.tiny else ()))

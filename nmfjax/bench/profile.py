@@ -100,3 +100,93 @@ PROFILE_COLUMNS = [
     ("custom calls", "custom_calls", "d"),
     ("while loops", "while_loops", "d"),
 ]
+
+
+def nmf_loop_instructions(hlo_text: str) -> set[str]:
+    """Names of the instructions in the bodies of the NMF op's while loops (the N forward iterations)
+    in an optimised HLO module's text: the loops whose ``op_name`` comes from :func:`nmfjax.ops.nmf`.
+    """
+    bodies = set(re.findall(r"while\(.*?body=%([\w.-]+).*?op_name=\"[^\"]*_nmf[^\"]*/while\"", hlo_text))
+    names: set[str] = set()
+    body = None
+    for line in hlo_text.splitlines():
+        if header := re.match(r"^%([\w.-]+) ", line):
+            body = header.group(1) if header.group(1) in bodies else None
+        elif line.startswith("}"):
+            body = None
+        elif body and (instruction := re.match(r"^\s*(?:ROOT\s+)?%([\w.-]+)\s*=", line)):
+            names.add(instruction.group(1))
+    return names
+
+
+def thread_events(trace_dir: pathlib.Path) -> list[tuple[str, str, float]]:
+    """``(thread, name, milliseconds)`` of every complete event in the Perfetto trace under ``trace_dir``."""
+    (path,) = trace_dir.rglob("perfetto_trace.json.gz")
+    trace = json.loads(gzip.decompress(path.read_bytes()))
+    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    threads = {
+        (event["pid"], event["tid"]): str(event.get("args", {}).get("name", ""))
+        for event in events
+        if event.get("ph") == "M" and event.get("name") == "thread_name"
+    }
+    return [
+        (threads.get((event["pid"], event["tid"]), ""), event["name"], event["dur"] / 1e3)
+        for event in events
+        if event.get("ph") == "X"
+    ]
+
+
+def cpu_profile(model: str = "cnmf_1x1", batch_size: int = 50, steps: int = 10, iterations: int = 20) -> dict:
+    """Where a train step's time goes on a CPU: the XLA operations that each device ran (its thunks,
+    from a trace of ``steps`` steps), split into the NMF op's forward iterations and the rest, per
+    device and step, with the 15 operations of the rest that take longest (their HLO shapes).
+    """
+    trainer, _, (state, images, labels, batch, key, totals) = synthetic_train_step(model, batch_size, iterations)
+    compiled = trainer.train_step.lower(state, images, labels, batch, key, totals).compile()
+    hlo = compiled.as_text() or ""
+    in_loops = nmf_loop_instructions(hlo)
+    shapes = dict(re.findall(r"^\s*(?:ROOT\s+)?%([\w.-]+)\s*=\s*(\([^)]*\)|\S+)\s", hlo, re.MULTILINE))
+    for _ in range(2):  # warm up
+        state, _ = compiled(state, images, labels, batch, key, totals)
+    jax.block_until_ready(state)
+    with tempfile.TemporaryDirectory() as trace_dir:
+        with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+            start = time.perf_counter()
+            for _ in range(steps):
+                state, _ = compiled(state, images, labels, batch, key, totals)
+            jax.block_until_ready(state)
+            wall = time.perf_counter() - start
+        events = thread_events(pathlib.Path(trace_dir))
+    # The operations are the events named after an instruction of the program (not its while loops,
+    # which contain others); they run on XLA's threads, one device's share each.
+    per_step = 1 / (steps * trainer.mesh.size)
+    operations: dict[str, float] = collections.defaultdict(float)
+    for _, name, milliseconds in events:
+        if name in shapes and not name.startswith("while"):
+            operations[name] += milliseconds * per_step
+    loops = sum(ms for name, ms in operations.items() if name in in_loops)
+    rest = {name: ms for name, ms in operations.items() if name not in in_loops}
+    top = sorted(rest.items(), key=lambda item: -item[1])[:15]
+    return {
+        "model": model,
+        "batch_size": batch_size,
+        "devices": trainer.mesh.size,
+        "steps": steps,
+        "wall_ms_per_step": 1e3 * wall / steps,
+        "operations_ms_per_device_step": sum(operations.values()),
+        "nmf_iterations_ms": loops,
+        "rest_ms": sum(rest.values()),
+        "top_rest": [{"name": name, "shape": shapes[name], "ms": ms} for name, ms in top],
+    }
+
+
+CPU_PROFILE_COLUMNS = [
+    ("model", "model", "s"),
+    ("batch", "batch_size", "d"),
+    ("devices", "devices", "d"),
+    ("wall ms/step", "wall_ms_per_step", ".1f"),
+    ("operations ms/step/device", "operations_ms_per_device_step", ".1f"),
+    ("NMF forward iterations ms", "nmf_iterations_ms", ".1f"),
+    ("the rest ms", "rest_ms", ".1f"),
+]
+TOP_REST_COLUMNS = [("the rest: operation", "name", "s"), ("shape", "shape", "s"), ("ms/step/device", "ms", ".2f")]

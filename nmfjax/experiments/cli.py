@@ -13,7 +13,7 @@ import numpy as np
 
 from nmfjax import checkpoints, cli, configuration, data, models, outputs, plots, variants, workdirs
 from nmfjax.errors import ConfigError
-from nmfjax.experiments import compare, gradients, iterations, noise, pictures, sweep
+from nmfjax.experiments import compare, gradients, iterations, noise, pictures, recipe, sweep
 from nmfjax.experiments.common import (
     Trained,
     evaluator,
@@ -209,6 +209,17 @@ def _command_compare(args) -> None:
     print(table, end="")
 
 
+def _command_progress(args) -> None:
+    output = pathlib.Path(args.output)
+    statuses = [recipe.publish(workdir, output, args.keep_state) for workdir in args.workdirs]
+    readme = recipe.write_status(output / "README.md", statuses)
+    print(recipe.status_table(statuses).rstrip("\n"))
+    kept = [status["model"] for status in statuses if args.keep_state and not status["ended"]]
+    print(f"wrote {readme} and {', '.join(str(output / status['model']) for status in statuses)}/")
+    if kept:
+        print(f"kept the state to resume from in {', '.join(str(output / model / recipe.RESUME) for model in kept)}")
+
+
 def _command_export(args) -> None:
     weights = checkpoints.export_network(args.workdir, args.output, args.step)
     print(f"wrote {pathlib.Path(args.output) / 'config.json'}, {pathlib.Path(args.output) / 'metrics.jsonl'}")
@@ -356,6 +367,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--step", default="latest", type=_step, help='checkpoint: "latest" (default), "best" or an epoch'
     )
     command.set_defaults(function=_command_export, accepts_overrides=False)
+    help_text = "long runs of the paper's recipe: their records and a status table published into OUTPUT"
+    command = commands.add_parser("progress", help=help_text, description=help_text)
+    command.add_argument("workdirs", nargs="+", metavar="WORKDIR", help="workdirs of train.py, running or ended")
+    command.add_argument("--output", required=True, help="e.g. docs/reproduction/paper_recipe")
+    command.add_argument(
+        "--keep_state",
+        action="store_true",
+        help="keep each running run's newest checkpoint in OUTPUT/MODEL/resume (removed when the run ends)",
+    )
+    command.set_defaults(function=_command_progress, accepts_overrides=False)
 
     def trainings(name, function, help_text):
         command = commands.add_parser(name, help=help_text, description=help_text)
