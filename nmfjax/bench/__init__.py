@@ -58,6 +58,7 @@ from nmfjax.bench.precision import PRECISION_COLUMNS, PRECISION_ITERATIONS, op_e
 from nmfjax.bench.profile import (
     CPU_PROFILE_COLUMNS,
     PROFILE_COLUMNS,
+    TOP_REST_COLUMNS,
     cpu_profile,
     nmf_loop_instructions,
     profile_step,
@@ -88,6 +89,7 @@ __all__ = [
     "PROFILE_COLUMNS",
     "SCALING_COLUMNS",
     "THROUGHPUT_COLUMNS",
+    "TOP_REST_COLUMNS",
     "TINY",
     "GPUSizes",
     "Sizes",
