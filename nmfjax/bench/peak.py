@@ -12,8 +12,8 @@ from jax.sharding import PartitionSpec as P
 from nmfjax import parallel
 from nmfjax.bench import timing
 
-#: The side of the square float32 products that measure the peak: large enough that a CPU's GEMM
-#: runs at its best (2048: 282 GFLOP/s on two Xeon cores against 283 at 1024 and 266 at 3072).
+#: The side of the square float32 products that measure the peak, large enough that a CPU's GEMM
+#: runs at its best (on two Xeon cores, as fast as 1024 and faster than 3072).
 PEAK_SIZE = 2048
 
 
