@@ -33,13 +33,38 @@ def program_counts(hlo_text: str) -> dict[str, int]:
     }
 
 
-def device_events(trace_dir: pathlib.Path) -> list[tuple[str, float]]:
-    """``(name, milliseconds)`` of every event on a device (``/device:...`` processes) in the Perfetto
-    trace that ``jax.profiler.trace(..., create_perfetto_trace=True)`` wrote under ``trace_dir``.
+def _trace_events(trace_dir: pathlib.Path) -> list[dict]:
+    """The events of the Perfetto trace that ``jax.profiler.trace(..., create_perfetto_trace=True)``
+    wrote under ``trace_dir``.
     """
     (path,) = trace_dir.rglob("perfetto_trace.json.gz")
     trace = json.loads(gzip.decompress(path.read_bytes()))
-    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    return trace["traceEvents"] if isinstance(trace, dict) else trace
+
+
+def _traced_steps(compiled, arguments: tuple, steps: int, read) -> tuple[float, list]:
+    """Runs the compiled train step ``steps`` times on ``arguments`` (its state threaded through,
+    after two warm-up steps) under ``jax.profiler``; returns the wall seconds and ``read(trace_dir)``.
+    """
+    state, rest = arguments[0], arguments[1:]
+    for _ in range(2):  # warm up
+        state, _ = compiled(state, *rest)
+    jax.block_until_ready(state)
+    with tempfile.TemporaryDirectory() as trace_dir:
+        with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+            start = time.perf_counter()
+            for _ in range(steps):
+                state, _ = compiled(state, *rest)
+            jax.block_until_ready(state)
+            wall = time.perf_counter() - start
+        return wall, read(pathlib.Path(trace_dir))
+
+
+def device_events(trace_dir: pathlib.Path) -> list[tuple[str, float]]:
+    """``(name, milliseconds)`` of every event on a device (``/device:...`` processes) in the Perfetto
+    trace under ``trace_dir``.
+    """
+    events = _trace_events(trace_dir)
     devices = {
         event["pid"]
         for event in events
@@ -60,16 +85,7 @@ def profile_step(model: str, batch_size: int, kernel: str, steps: int = 20, iter
         model, batch_size, iterations, kernel=kernel
     )
     compiled = trainer.train_step.lower(state, images, labels, batch, key, totals).compile()
-    state = compiled(state, images, labels, batch, key, totals)[0]  # warm up
-    jax.block_until_ready(state)
-    with tempfile.TemporaryDirectory() as trace_dir:
-        with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
-            start = time.perf_counter()
-            for _ in range(steps):
-                state, _ = compiled(state, images, labels, batch, key, totals)
-            jax.block_until_ready(state)
-            wall = time.perf_counter() - start
-        events = device_events(pathlib.Path(trace_dir))
+    wall, events = _traced_steps(compiled, (state, images, labels, batch, key, totals), steps, device_events)
     by_name: dict[str, list[float]] = collections.defaultdict(list)
     for name, milliseconds in events:
         by_name[name].append(milliseconds)
@@ -121,9 +137,7 @@ def nmf_loop_instructions(hlo_text: str) -> set[str]:
 
 def thread_events(trace_dir: pathlib.Path) -> list[tuple[str, str, float]]:
     """``(thread, name, milliseconds)`` of every complete event in the Perfetto trace under ``trace_dir``."""
-    (path,) = trace_dir.rglob("perfetto_trace.json.gz")
-    trace = json.loads(gzip.decompress(path.read_bytes()))
-    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    events = _trace_events(trace_dir)
     threads = {
         (event["pid"], event["tid"]): str(event.get("args", {}).get("name", ""))
         for event in events
@@ -146,17 +160,7 @@ def cpu_profile(model: str = "cnmf_1x1", batch_size: int = 50, steps: int = 10, 
     hlo = compiled.as_text() or ""
     in_loops = nmf_loop_instructions(hlo)
     shapes = dict(re.findall(r"^\s*(?:ROOT\s+)?%([\w.-]+)\s*=\s*(\([^)]*\)|\S+)\s", hlo, re.MULTILINE))
-    for _ in range(2):  # warm up
-        state, _ = compiled(state, images, labels, batch, key, totals)
-    jax.block_until_ready(state)
-    with tempfile.TemporaryDirectory() as trace_dir:
-        with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
-            start = time.perf_counter()
-            for _ in range(steps):
-                state, _ = compiled(state, images, labels, batch, key, totals)
-            jax.block_until_ready(state)
-            wall = time.perf_counter() - start
-        events = thread_events(pathlib.Path(trace_dir))
+    wall, events = _traced_steps(compiled, (state, images, labels, batch, key, totals), steps, thread_events)
     # The operations are the events named after an instruction of the program (not its while loops,
     # which contain others); they run on XLA's threads, one device's share each.
     per_step = 1 / (steps * trainer.mesh.size)
