@@ -10,6 +10,7 @@ from scratch. Ctrl-C (or SIGTERM) stops at the next step, after any save in
 progress.
 """
 
+import contextlib
 import pathlib
 import sys
 
@@ -17,6 +18,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from nmfjax import cli
+from nmfjax.errors import UserError
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).", lock_config=True)
@@ -52,6 +54,8 @@ def main(argv):
 
         print(f"{config_file}, as this command sets it.")
         print(configuration.describe_config(FLAGS.config))
+        with contextlib.suppress(UserError):  # data not at hand: the fields above are still the answer
+            print(configuration.describe_data_defaults(FLAGS.config))
         return
     from nmfjax import parallel
 

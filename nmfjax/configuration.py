@@ -28,6 +28,9 @@ from nmfjax.validation import is_positive_int
 
 PLATEAU_METRICS = ("train_loss", "test_loss")
 
+#: The last entry of ``config.model.features`` that stands for the data's number of classes.
+CLASSES = 0
+
 #: The fields a rerun may change (how long and from where the run goes, not what its checkpoints mean).
 #: Every other field (model, NMF options, learning rates, dataset, batch sizes, seed, ...)
 #: must equal the workdir's config.json. A field covers its subfields (distributed.*).
@@ -92,14 +95,19 @@ def default_config() -> ml_collections.ConfigDict:
 
     # The network (paper section 2.5): the fields of nmfjax.models.NetworkSpec, NMF options under model.nmf.
     config.model = model_config()
+    config.model.features = (32, 64, 96, CLASSES)  # the last block has one output per class of the data
 
     # Data (paper section 2.6): random crops, flips and colour jitter; pixels in [0, 1].
-    config.dataset = "cifar10"  # "cifar10" | "mnist" | "fashion_mnist"
+    config.dataset = "cifar10"  # any TFDS image classification dataset, or "image_folder" (data_dir: the folder)
     config.data_dir = config_dict.placeholder(str)  # TFDS data directory; None: tfds's default
     config.download = True  # download and prepare a missing dataset (needs network and TensorFlow)
-    config.crop_size = config_dict.placeholder(int)  # None: the dataset's default (28 CIFAR, 24 MNIST)
+    config.image_size = config_dict.placeholder(int)  # None: as stored; N: every image resized to N x N
+    config.crop_size = config_dict.placeholder(int)  # None: 7/8 of the image (28 of 32 as the paper, 24 of 28)
     config.num_train_examples = config_dict.placeholder(int)  # None: the whole train split
-    config.augment = ml_collections.ConfigDict(dict(flip=True, brightness=0.5, contrast=0.1, saturation=0.1, hue=0.15))
+    config.augment = ml_collections.ConfigDict(
+        # flip None: the data's default (off for digits and letters); saturation and hue need colour.
+        dict(flip=config_dict.placeholder(bool), brightness=0.5, contrast=0.1, saturation=0.1, hue=0.15)
+    )
 
     # Optimisation: Adam with one learning rate per parameter group (nmfjax.models.PARAMETER_GROUPS),
     # divided by 10 after 10 epochs without improvement, until every rate is below 1e-9 or 500 epochs.
@@ -138,17 +146,20 @@ def default_config() -> ml_collections.ConfigDict:
 FIELD_HELP = {
     "model": "the network (paper section 2.5): fields of nmfjax.models.NetworkSpec",
     "model.nmf": "options of the NMF op in module a: fields of nmfjax.ops.NMFOptions",
-    "dataset": f"the TFDS dataset: one of {tuple(data.DATASETS)}",
+    "dataset": f"any TFDS image classification dataset by name (cifar10, cifar100, mnist, ...), or "
+    f"{data.IMAGE_FOLDER!r}: data_dir holding train/LABEL/IMAGE and test/LABEL/IMAGE",
     "data_dir": "TFDS data directory that holds the dataset; None: tfds's default (~/tensorflow_datasets)",
     "download": "download and prepare a missing dataset into data_dir (needs network and the download extra)",
-    "crop_size": "side of the random (train) and centre (test) crops; None: the dataset's default",
+    "image_size": "resize every image to N x N (needed where the images differ in size); None: as stored",
+    "crop_size": "side of the random (train) and centre (test) crops; None: 7/8 of the image side (28 of 32)",
     "num_train_examples": "train on the first N training images only; None: all",
     "augment": "the training augmentation (paper section 2.6)",
-    "augment.flip": "random horizontal flips",
+    "augment.flip": "random horizontal flips; None: the data's default, off for digits and letters "
+    f"({', '.join(data.NO_FLIP_DATASETS)}), on for the rest and image folders",
     "augment.brightness": "colour jitter: brightness factor range 1 +- this",
     "augment.contrast": "colour jitter: contrast factor range 1 +- this",
-    "augment.saturation": "colour jitter: saturation factor range 1 +- this",
-    "augment.hue": "colour jitter: hue shift range +- this (of a full turn)",
+    "augment.saturation": "colour jitter: saturation factor range 1 +- this (colour images only)",
+    "augment.hue": "colour jitter: hue shift range +- this, of a full turn (colour images only)",
     "batch_size": "training batch size (must divide by the device count)",
     "eval_batch_size": "test batch size; with batch statistics in BatchNorm it changes the results",
     "num_epochs": "epochs to train (a rerun with more continues)",
@@ -232,9 +243,10 @@ def network_spec(config: ml_collections.ConfigDict) -> models.NetworkSpec:
     Raises:
       ConfigError: naming the field that is wrong.
     """
-    info = data.check_dataset(config.dataset)
-    crop = config.crop_size or info.crop_size
+    info = data.dataset_info(config.dataset, config.data_dir)
+    crop = config.crop_size or info.crop_size(config.image_size)
     fields = config.model.to_dict()
+    fields["features"] = _features_for(tuple(fields["features"]), info)
     try:
         nmf = ops.NMFOptions(**fields.pop("nmf"))
     except (TypeError, ValueError) as error:
@@ -244,6 +256,48 @@ def network_spec(config: ml_collections.ConfigDict) -> models.NetworkSpec:
         return models.NetworkSpec(input_shape=(crop, crop, info.channels), nmf=nmf, **fields)
     except (TypeError, ValueError) as error:
         raise ConfigError(str(error)) from None
+
+
+def _features_for(features: tuple[int, ...], info: data.DatasetInfo) -> tuple[int, ...]:
+    """``config.model.features`` with its last entry the data's classes (where it is :data:`CLASSES`);
+    a last entry that is another number than the classes is a ConfigError.
+    """
+    if not features or features[-1] == CLASSES:
+        return features[:-1] + (info.num_classes,)
+    if features[-1] != info.num_classes:
+        raise ConfigError(
+            f"config.model.features ends in {features[-1]}, but {info.name} has {info.num_classes} classes: the last "
+            f"block has one output per class. End it in {info.num_classes}, or in {CLASSES} (the data's classes)."
+        )
+    return features
+
+
+def with_data_defaults(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """A copy of ``config`` with the defaults that depend on the data filled in: the last block's
+    outputs (:data:`CLASSES`: the number of classes) and ``augment.flip`` (None: the data's default).
+    This is the config a run saves in its ``config.json``.
+    """
+    info = data.dataset_info(config.dataset, config.data_dir)
+    config = copy.deepcopy(config)
+    with config.unlocked():
+        config.model.features = _features_for(tuple(config.model.features), info)
+        if config.augment.flip is None:
+            config.augment.flip = info.flip
+    return config
+
+
+def describe_data_defaults(config: ml_collections.ConfigDict) -> str:
+    """What the defaults that follow the data come to for ``config.dataset`` (``--show_config``'s last lines)."""
+    info = data.dataset_info(config.dataset, config.data_dir)
+    resolved = with_data_defaults(config)
+    height, width = info.image_size(config.image_size)
+    crop = config.crop_size or info.crop_size(config.image_size)
+    colour = "brightness, contrast, saturation and hue" if info.channels == 3 else "brightness and contrast"
+    return (
+        f"For {config.dataset} ({height}x{width}x{info.channels} images, {info.num_classes} classes): "
+        f"model.features = {tuple(resolved.model.features)!r}, crop_size {crop}, "
+        f"augment.flip = {resolved.augment.flip!r}, colour jitter of {colour}."
+    )
 
 
 def _is_int(value) -> bool:
@@ -263,6 +317,7 @@ _FIELD_RULES = {
     "checkpoints_to_keep": ("a positive int", is_positive_int),
     "num_train_examples": ("a positive int or None (all)", lambda v: v is None or is_positive_int(v)),
     "crop_size": ("a positive int or None (the dataset's default)", lambda v: v is None or is_positive_int(v)),
+    "image_size": ("a positive int or None (as stored)", lambda v: v is None or is_positive_int(v)),
     "seed": ("an int", _is_int),
     "data_dir": ("a path or None (tfds's default)", lambda v: v is None or isinstance(v, str)),
     "download": ("True or False", lambda v: isinstance(v, bool)),
@@ -274,7 +329,7 @@ _FIELD_RULES = {
     "steps_per_call": ("a positive int or None (per platform)", lambda v: v is None or is_positive_int(v)),
     "model.pooling": ("a tuple of True/False", lambda v: all(isinstance(entry, bool) for entry in v)),
     "model.batch_norm": ("a tuple of True/False", lambda v: all(isinstance(entry, bool) for entry in v)),
-    "augment.flip": ("True or False", lambda v: isinstance(v, bool)),
+    "augment.flip": ("True, False or None (the data's default)", lambda v: v is None or isinstance(v, bool)),
     "augment.brightness": ("a number >= 0", lambda v: _is_number(v) and v >= 0),
     "augment.contrast": ("a number >= 0", lambda v: _is_number(v) and v >= 0),
     "augment.saturation": ("a number >= 0", lambda v: _is_number(v) and v >= 0),
@@ -314,15 +369,16 @@ def validate_config(config: ml_collections.ConfigDict, device_count: int | None 
     Raises:
       ConfigError: naming the field, its value and what it must be.
     """
-    spec = network_spec(config)
     for name, (expected, is_valid) in _FIELD_RULES.items():
         value = _field(config, name)
         if not is_valid(value):
             raise ConfigError(f"config.{name} must be {expected}, got {value!r}.")
-    info = data.DATASETS[config.dataset]
-    if spec.input_shape[0] > info.image_size:
+    spec = network_spec(config)
+    info = data.dataset_info(config.dataset, config.data_dir)
+    height, width = info.image_size(config.image_size)
+    if spec.input_shape[0] > min(height, width):
         raise ConfigError(
-            f"config.crop_size={spec.input_shape[0]} exceeds the {info.image_size}px images of {config.dataset}."
+            f"config.crop_size={spec.input_shape[0]} exceeds the {height}x{width}px images of {config.dataset}."
         )
     try:  # the shapes only: kernel sizes that do not fit the map, groups that do not divide
         models.check_buildable(spec)

@@ -1,6 +1,7 @@
-"""Input pipeline: TFDS datasets decoded once into resident uint8 arrays, and the
-paper's augmentation as pure JAX functions that run inside the jitted step
-(arXiv 2503.20398, section 2.6).
+"""Input pipeline: what a dataset is (:func:`dataset_info`: any TFDS image
+classification dataset by name, or a folder of one's own images), its splits
+decoded once into resident uint8 arrays, and the paper's augmentation as pure
+JAX functions that run inside the jitted step (arXiv 2503.20398, section 2.6).
 
 Train images get a random crop (no padding), a horizontal flip with p = 0.5 and
 torchvision-style colour jitter (brightness 0.5, contrast 0.1, saturation 0.1,
@@ -11,72 +12,147 @@ input.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import dataclasses
 import difflib
 import pathlib
 import socket
+import ssl
+import urllib.parse
 from collections.abc import Iterator
 
 import dm_pix
 import jax
 import jax.numpy as jnp
 import numpy as np
+import PIL.Image
 import requests
 import tensorflow_datasets as tfds
 from absl import logging as absl_logging
 from tqdm.auto import tqdm
 
+from nmfjax import image_folder
 from nmfjax.errors import ConfigError, DatasetUnavailableError, causes, describe
+
+#: ``config.dataset`` for a folder of one's own images (:mod:`nmfjax.image_folder`).
+IMAGE_FOLDER = "image_folder"
+
+#: Where tfds downloads these datasets from, where it is not their homepage's host.
+_DOWNLOAD_HOSTS = {
+    "cifar10": "www.cs.toronto.edu",
+    "mnist": "storage.googleapis.com",
+    "fashion_mnist": "fashion-mnist.s3-website.eu-central-1.amazonaws.com",
+}
+
+#: Digits, letters and characters: a mirror image is another symbol, so no horizontal flips by default.
+NO_FLIP_DATASETS = ("mnist", "emnist", "kmnist", "svhn_cropped", "omniglot", "binary_alpha_digits")
 
 
 @dataclasses.dataclass(frozen=True)
 class DatasetInfo:
-    """What nmfjax needs to know of a TFDS image dataset."""
+    """What nmfjax needs to know of an image classification dataset, read without a download."""
 
-    image_size: int  # side of the stored square images
-    channels: int
-    crop_size: int  # default crop (28 of 32 for CIFAR-10, as the paper; 24 of 28 for MNIST, as the authors' code)
-    download_host: str  # where tfds downloads it from (its builder's URL)
+    name: str  # config.dataset
+    image_shape: tuple[int | None, int | None, int]  # (height, width, channels) as stored; None: sizes vary
     class_names: tuple[str, ...]
-    num_classes: int = 10
+    download_host: str | None = None  # where tfds downloads it from; None: nothing to download
+    flip: bool = True  # the default of config.augment.flip
+    image_key: str = "image"  # the features of a TFDS record that hold the image and the label
+    label_key: str = "label"
+
+    @property
+    def channels(self) -> int:
+        """Channels of the images: 1 (grey) or 3."""
+        return self.image_shape[2]
+
+    @property
+    def num_classes(self) -> int:
+        """How many classes the labels name."""
+        return len(self.class_names)
+
+    def image_size(self, resize: int | None = None) -> tuple[int, int]:
+        """``(height, width)`` of the images a run sees: ``resize x resize`` (``config.image_size``),
+        else as stored; a :class:`~nmfjax.errors.ConfigError` where stored sizes vary and no size is set.
+        """
+        if resize is not None:
+            return resize, resize
+        height, width, _ = self.image_shape
+        if height is None or width is None:
+            raise ConfigError(
+                f"the images of {self.name} differ in size: set --config.image_size=N to resize them to N x N "
+                "(e.g. 32)."
+            )
+        return height, width
+
+    def crop_size(self, resize: int | None = None) -> int:
+        """The default crop: 7/8 of the shorter side, the paper's 28 of 32 (and the authors' 24 of 28 for MNIST)."""
+        return min(self.image_size(resize)) * 7 // 8
 
 
-#: The datasets nmfjax trains on, by TFDS name.
-DATASETS = {
-    "cifar10": DatasetInfo(
-        image_size=32,
-        channels=3,
-        crop_size=28,
-        download_host="www.cs.toronto.edu",
-        class_names=("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"),
-    ),
-    "mnist": DatasetInfo(
-        image_size=28,
-        channels=1,
-        crop_size=24,
-        download_host="storage.googleapis.com",
-        class_names=tuple(str(digit) for digit in range(10)),
-    ),
-    "fashion_mnist": DatasetInfo(
-        image_size=28,
-        channels=1,
-        crop_size=24,
-        download_host="fashion-mnist.s3-website.eu-central-1.amazonaws.com",
-        class_names=(
-            "T-shirt/top",
-            "trouser",
-            "pullover",
-            "dress",
-            "coat",
-            "sandal",
-            "shirt",
-            "sneaker",
-            "bag",
-            "ankle boot",
-        ),
-    ),
-}
+def _base_name(name: str) -> str:
+    return name.split("/")[0].split(":")[0]
+
+
+def _tfds_info(name: str, data_dir: str | None) -> DatasetInfo:
+    """A TFDS dataset's info from its builder (no download); a ConfigError unless it is image classification."""
+    in_dir = data_dir if data_dir is not None and pathlib.Path(data_dir).expanduser().is_dir() else None
+    known = tfds.list_builders(with_community_datasets=False)
+    # A name tfds does not know may still be a dataset prepared in data_dir (tfds reads its info from there);
+    # anything else is refused before tfds looks for it on the network.
+    prepared = in_dir is not None and (pathlib.Path(in_dir).expanduser() / _base_name(name)).is_dir()
+    if _base_name(name) not in known and not prepared:
+        close = difflib.get_close_matches(_base_name(name), known, n=3)
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        raise ConfigError(
+            f"config.dataset={name!r} is not a TFDS dataset{hint}: use a name of tfds.list_builders() "
+            f"(e.g. cifar10, cifar100, mnist, svhn_cropped), or {IMAGE_FOLDER!r} for a folder of images."
+        )
+    try:
+        with _absl_errors_only():
+            info = tfds.builder(name, data_dir=in_dir).info
+    except Exception as error:  # a builder config that does not exist, a damaged dataset_info.json
+        raise ConfigError(f"config.dataset={name!r}: tfds cannot read its info ({describe(error)}).") from None
+    features = info.features
+    image_key, label_key = info.supervised_keys if _is_pair(info.supervised_keys) else ("image", "label")
+    image, label = (features[key] if key in features else None for key in (image_key, label_key))
+    if not (isinstance(image, tfds.features.Image) and isinstance(label, tfds.features.ClassLabel)):
+        raise ConfigError(
+            f"config.dataset={name!r} is not an image classification dataset: nmfjax needs one image and one "
+            f"class label per example, and its features are {', '.join(features.keys())}."
+        )
+    height, width, channels = image.shape
+    host = _DOWNLOAD_HOSTS.get(_base_name(name)) or urllib.parse.urlparse(info.homepage or "").hostname
+    return DatasetInfo(
+        name=name,
+        image_shape=(height, width, channels or 3),
+        class_names=tuple(label.names),
+        download_host=host,
+        flip=_base_name(name) not in NO_FLIP_DATASETS,
+        image_key=image_key,
+        label_key=label_key,
+    )
+
+
+def _is_pair(keys) -> bool:
+    return isinstance(keys, tuple) and len(keys) == 2 and all(isinstance(key, str) for key in keys)
+
+
+def dataset_info(name: str, data_dir: str | None = None) -> DatasetInfo:
+    """What nmfjax needs to know of ``config.dataset``: a TFDS name, or :data:`IMAGE_FOLDER` with the folder
+    in ``data_dir``.
+
+    Raises:
+      ConfigError: ``name`` is not a TFDS dataset, or not image classification.
+      DatasetUnavailableError: an image folder that is missing or not in the expected layout.
+    """
+    if not isinstance(name, str) or not name:
+        raise ConfigError(f"config.dataset must be a TFDS dataset name or {IMAGE_FOLDER!r}, got {name!r}.")
+    if name == IMAGE_FOLDER:
+        contents = image_folder.scan(data_dir)
+        return DatasetInfo(name, contents.image_shape, contents.class_names, download_host=None)
+    return _tfds_info(name, data_dir)
+
 
 #: How many seconds the one try to reach a dataset's host may take before a download
 #: (so that offline a run fails at once).
@@ -87,12 +163,48 @@ def check_host_reachable(host: str, timeout: float = REACHABLE_TIMEOUT) -> None:
     """One short try to open a connection to ``host``; ``ConnectionError`` naming it if none opens.
 
     tfds's downloader retries a missing network for minutes; this answers in
-    seconds, before anything is written into the data directory.
+    seconds, before anything is written into the data directory. Behind a proxy
+    (``HTTPS_PROXY`` or ``ALL_PROXY``, unless ``NO_PROXY`` names the host: the
+    settings requests, and so tfds's downloader, follow) it asks the proxy to
+    open the connection (HTTP ``CONNECT``), the way the download will.
     """
+    url = f"https://{host}"
+    proxy = requests.utils.select_proxy(url, requests.utils.get_environ_proxies(url))
     try:
-        socket.create_connection((host, 443), timeout=timeout).close()
+        if proxy is None:
+            socket.create_connection((host, 443), timeout=timeout).close()
+        else:
+            _connect_through(proxy, host, timeout)
     except OSError as error:
-        raise ConnectionError(f"cannot reach {host} ({describe(error)})") from error
+        through = f" through the proxy {_without_password(proxy)}" if proxy else ""
+        raise ConnectionError(f"cannot reach {host}{through} ({describe(error)})") from error
+
+
+def _without_password(proxy: str) -> str:
+    parsed = urllib.parse.urlsplit(proxy)
+    if parsed.password is None:
+        return proxy
+    return parsed._replace(netloc=parsed.netloc.replace(f":{parsed.password}@", ":***@")).geturl()
+
+
+def _connect_through(proxy: str, host: str, timeout: float) -> None:
+    """Asks an HTTP(S) proxy to ``CONNECT`` to ``host``:443; ``ConnectionError`` unless it answers 2xx."""
+    parsed = urllib.parse.urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+    if parsed.scheme not in ("http", "https"):
+        return  # a SOCKS proxy: requests needs an extra module for it, and tfds reports its own failure
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    request = f"CONNECT {host}:443 HTTP/1.1\r\nHost: {host}:443\r\n"
+    if parsed.username is not None:
+        credentials = f"{urllib.parse.unquote(parsed.username)}:{urllib.parse.unquote(parsed.password or '')}"
+        request += f"Proxy-Authorization: Basic {base64.b64encode(credentials.encode()).decode()}\r\n"
+    with socket.create_connection((parsed.hostname, port), timeout=timeout) as connection:
+        if parsed.scheme == "https":
+            connection = ssl.create_default_context().wrap_socket(connection, server_hostname=parsed.hostname)
+        connection.sendall((request + "\r\n").encode())
+        status = connection.makefile("rb").readline(1024).decode("latin-1").strip()
+    code = status.split(" ")[1] if status.startswith("HTTP/") and " " in status else ""
+    if not code.startswith("2"):
+        raise ConnectionError(f"the proxy answered {status!r}" if status else "the proxy closed the connection")
 
 
 def _check_data_dir(name: str, data_dir: str | None, download: bool) -> None:
@@ -123,13 +235,6 @@ class Split:
 
     def __len__(self) -> int:
         return len(self.labels)
-
-
-def check_dataset(name: str) -> DatasetInfo:
-    """The :class:`DatasetInfo` of ``name``; a :class:`~nmfjax.errors.ConfigError` naming the known ones otherwise."""
-    if name not in DATASETS:
-        raise ConfigError(f"config.dataset must be one of {tuple(DATASETS)}, got {name!r}.")
-    return DATASETS[name]
 
 
 # What tfds's downloader raises when the server cannot be reached at all.
@@ -211,7 +316,9 @@ def _open_source(name: str, split: str, data_dir: str | None, download: bool):
                 "or allow the download with --config.download=True."
             )
         try:
-            check_host_reachable(check_dataset(name).download_host)
+            host = dataset_info(name).download_host
+            if host is not None:
+                check_host_reachable(host)
             # try_download_gcs=False: tfds's prepared copies on GCS are tfrecord, which cannot be used here.
             builder.download_and_prepare(download_config=tfds.download.DownloadConfig(try_download_gcs=False))
         except Exception as error:  # the causes are many (network, modules, archives); _download_failure names them
@@ -254,36 +361,56 @@ def load_split(
     data_dir: str | None = None,
     download: bool = True,
     limit: int | None = None,
+    image_size: int | None = None,
 ) -> Split:
-    """Reads a split through ``tfds.data_source`` and decodes it once into arrays.
+    """Reads a split (through ``tfds.data_source``, or an image folder's files) and decodes it once into arrays.
 
     Args:
-      name: a key of :data:`DATASETS`.
-      split: a TFDS split name (``"train"``, ``"test"``).
-      data_dir: TFDS data directory (``None``: tfds's default).
-      download: whether a missing dataset may be downloaded and prepared.
+      name: ``config.dataset``: a TFDS name, or :data:`IMAGE_FOLDER`.
+      split: ``"train"`` or ``"test"`` (any TFDS split name for a TFDS dataset).
+      data_dir: TFDS data directory (``None``: tfds's default); the image folder for :data:`IMAGE_FOLDER`.
+      download: whether a missing TFDS dataset may be downloaded and prepared.
       limit: read only the first ``limit`` examples.
+      image_size: resize every image to ``image_size x image_size`` (``config.image_size``); ``None``:
+        as stored, which needs one size throughout.
 
     Returns:
       A :class:`Split` with uint8 images ``(N, H, W, C)`` and int32 labels.
     """
-    check_dataset(name)
+    info = dataset_info(name, data_dir)
+    info.image_size(image_size)  # images of several sizes need image_size: say so before decoding
+    if name == IMAGE_FOLDER:
+        contents = image_folder.scan(data_dir)
+        return Split(*image_folder.read_split(contents, split, image_size=image_size, limit=limit))
     source = _open_source(name, split, data_dir, download)
     count = len(source) if limit is None else min(limit, len(source))
-    records = []
+    images: list[np.ndarray] = []
+    labels: list[int] = []
     # _absl_errors_only: tfds's image decoder warns that OpenCV is not installed (it decodes with PIL alike).
     with _absl_errors_only(), tqdm(total=count, desc=f"decoding {name} {split}", unit="img", leave=False) as bar:
         # Reads in chunks: one read of many records is about twice as fast as one read per record.
         for first in range(0, count, DECODE_CHUNK):
             try:
-                records += _read_records(source, range(first, min(first + DECODE_CHUNK, count)))
+                records = _read_records(source, range(first, min(first + DECODE_CHUNK, count)))
             except RuntimeError as error:  # array_record's reader: "Corrupted Riegeli/records file: ..."
                 if "Riegeli" not in str(error):
                     raise
                 raise _damaged(name, split, source, error) from None
-            bar.update(len(records) - bar.n)
-    images = np.stack([record["image"] for record in records]).astype(np.uint8)
-    return Split(images, np.asarray([record["label"] for record in records], np.int32))
+            images += [_resized(np.asarray(record[info.image_key]), image_size) for record in records]
+            labels += [record[info.label_key] for record in records]
+            bar.update(len(records))
+    return Split(np.stack(images).astype(np.uint8), np.asarray(labels, np.int32))
+
+
+def _resized(image: np.ndarray, image_size: int | None) -> np.ndarray:
+    """``(H, W, C)`` uint8 resized to ``image_size x image_size`` (bilinear, Pillow's); as it is where ``None``."""
+    if image_size is None or image.shape[:2] == (image_size, image_size):
+        return image
+    channels = image.shape[-1]
+    resized = PIL.Image.fromarray(image[..., 0] if channels == 1 else image).resize(
+        (image_size, image_size), PIL.Image.Resampling.BILINEAR
+    )
+    return np.asarray(resized, np.uint8).reshape(image_size, image_size, channels)
 
 
 # --- augmentation, on the device ---

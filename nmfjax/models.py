@@ -183,7 +183,7 @@ class NetworkSpec:
       input_shape: ``(height, width, channels)`` of the (cropped) images.
       kernel_sizes: module a's kernel per block; 0 is "the whole remaining map"
         (block 3 of the paper's networks).
-      features: outputs per block (paper: 32, 64, 96, 10).
+      features: outputs per block (paper: 32, 64, 96, 10); in a config, a last 0 is the data's number of classes.
       pooling: 2x2 average pooling after the block.
       batch_norm: BatchNorm in the block (only while the map is larger than 1x1).
       groups: groups of module a (paper section 3.1).

@@ -23,7 +23,7 @@ import optax.contrib
 from flax import nnx
 from tqdm.auto import tqdm
 
-from nmfjax import data, evaluation, models, parallel
+from nmfjax import configuration, data, evaluation, models, parallel
 from nmfjax.evaluation import Metrics
 
 # --- loss, optimiser, state ---
@@ -98,7 +98,7 @@ class Trainer:
     """The jitted train step of one config and the evaluator of its network, over a mesh."""
 
     def __init__(self, config: ml_collections.ConfigDict, spec: models.NetworkSpec, mesh: jax.sharding.Mesh):
-        self.config = config
+        self.config = configuration.with_data_defaults(config)  # augment.flip None: the data's default
         self.mesh = mesh
         model = models.build(spec, config.seed)
         self.graphdef, params, _ = models.split_state(model)

@@ -113,6 +113,7 @@ def train_and_evaluate(
       TrainingInterrupted: SIGINT or SIGTERM; the latest complete checkpoint is intact.
     """
     spec = configuration.validate_config(config)
+    config = configuration.with_data_defaults(config)
     workdir = pathlib.Path(workdir)
     is_main_process = jax.process_index() == 0
     new_workdir = not workdir.exists()
@@ -168,10 +169,9 @@ def train_and_evaluate(
 
 def _read_splits(config: ml_collections.ConfigDict) -> tuple[data.Split, data.Split]:
     """The run's train and test splits, decoded; a train split smaller than a batch is a ConfigError."""
-    train = data.load_split(
-        config.dataset, "train", data_dir=config.data_dir, download=config.download, limit=config.num_train_examples
-    )
-    test = data.load_split(config.dataset, "test", data_dir=config.data_dir, download=config.download)
+    read = dict(data_dir=config.data_dir, download=config.download, image_size=config.image_size)
+    train = data.load_split(config.dataset, "train", limit=config.num_train_examples, **read)
+    test = data.load_split(config.dataset, "test", **read)
     if len(train) < config.batch_size:
         raise ConfigError(
             f"the train split of {config.dataset!r} holds {len(train)} examples, fewer than config.batch_size="

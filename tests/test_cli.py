@@ -18,6 +18,7 @@ def _saved_run(workdir: pathlib.Path, epochs: int = 0, **changes) -> pathlib.Pat
     config.model.architecture = "cnn"
     for name, value in changes.items():
         config.model[name] = value
+    config = configuration.with_data_defaults(config)
     workdir.mkdir(parents=True)
     (workdir / "config.json").write_text(config.to_json_best_effort())
     rows = [{"epoch": epoch, "test_accuracy": 0.1} for epoch in range(1, epochs + 1)]
@@ -193,7 +194,8 @@ def test_show_config_lists_every_field_with_its_value_and_meaning(tmp_path):
     assert child.process.returncode == 0, child.stderr[-3000:]
     lines = child.stdout.splitlines()
     assert lines[0] == f"{CNN}, as this command sets it." and "--config.FIELD=VALUE" in lines[1]
-    fields = [line.split("=")[0].strip() for line in lines[2:] if " = " in line]
+    fields = [line.split("=")[0].strip() for line in lines[2:-1] if " = " in line]
+    assert lines[-1].startswith("For cifar10 (32x32x3 images, 10 classes): model.features = (32, 64, 96, 10),")
     expected = configuration.default_config()
     leaves = []
 
@@ -207,5 +209,5 @@ def test_show_config_lists_every_field_with_its_value_and_meaning(tmp_path):
     walk(expected)
     assert sorted(fields) == sorted(leaves)
     assert "    iterations = 7" in child.stdout and "  architecture = 'cnn'" in child.stdout
-    assert all(len(line.split("  ", 1)[-1].strip()) > 5 for line in lines[2:])  # each with its meaning
+    assert all(len(line.split("  ", 1)[-1].strip()) > 5 for line in lines[2:-1])  # each with its meaning
     assert "--show_config" in run_process(train_command("--help"), tmp_path / "help", timeout=120).stdout

@@ -32,7 +32,24 @@ def test_the_description_shows_each_value_under_its_group():
     text = configuration.describe_config(config)
     assert "\n  nmf:  options of the NMF op" in text
     assert "\n    iterations = 7 " in text and "\nbatch_size = 50 " in text
-    assert "\n  features = (32, 64, 96, 10) " in text  # tuples as the command line takes them
+    assert "\n  features = (32, 64, 96, 0) " in text  # tuples as the command line takes them
+
+
+def test_the_data_fills_in_the_readout_width_and_the_flips():
+    config = configuration.default_config()
+    resolved = configuration.with_data_defaults(config)
+    assert tuple(resolved.model.features) == (32, 64, 96, 10) and resolved.augment.flip is True
+    assert tuple(config.model.features) == (32, 64, 96, 0) and config.augment.flip is None  # a copy
+    mnist = configuration.with_data_defaults(configuration.apply_overrides(config, {"dataset": "mnist"}))
+    assert mnist.augment.flip is False
+    cifar100 = configuration.apply_overrides(config, {"dataset": "cifar100"})
+    assert configuration.network_spec(cifar100).features == (32, 64, 96, 100)
+    assert configuration.network_spec(cifar100).input_shape == (28, 28, 3)
+    wrong = configuration.apply_overrides(cifar100, {"model.features": (32, 64, 96, 10)})
+    with pytest.raises(errors.ConfigError, match="ends in 10, but cifar100 has 100 classes"):
+        configuration.network_spec(wrong)
+    text = configuration.describe_data_defaults(configuration.apply_overrides(config, {"dataset": "mnist"}))
+    assert text.startswith("For mnist (28x28x1 images, 10 classes): model.features = (32, 64, 96, 10), crop_size 24")
 
 
 def test_an_override_of_a_field_that_does_not_exist_is_refused():

@@ -63,9 +63,35 @@ def test_missing_dataset_without_download_names_the_remedy(tmp_path):
         data.load_split("mnist", "train", data_dir=str(tmp_path), download=False)
 
 
-def test_unknown_dataset_is_rejected():
-    with pytest.raises(ValueError, match="config.dataset must be one of"):
-        data.load_split("imagenet", "train")
+def test_unknown_dataset_is_rejected_with_the_names_it_is_close_to():
+    with pytest.raises(ValueError, match=r"config.dataset='cifar' is not a TFDS dataset \(did you mean cifar10"):
+        data.load_split("cifar", "train")
+
+
+def test_a_tfds_dataset_that_is_not_image_classification_is_refused():
+    with pytest.raises(ValueError, match="'squad' is not an image classification dataset.*features are id, title"):
+        data.dataset_info("squad")
+
+
+@pytest.mark.parametrize(
+    "name, shape, classes, crop, flip",
+    [
+        ("cifar10", (32, 32, 3), 10, 28, True),
+        ("cifar100", (32, 32, 3), 100, 28, True),
+        ("mnist", (28, 28, 1), 10, 24, False),
+        ("svhn_cropped", (32, 32, 3), 10, 28, False),
+        ("oxford_flowers102", (None, None, 3), 102, None, True),
+    ],
+)
+def test_dataset_info_comes_from_the_builder_without_a_download(tmp_path, name, shape, classes, crop, flip):
+    info = data.dataset_info(name, str(tmp_path))  # an empty data directory: nothing downloaded
+    assert (info.image_shape, info.num_classes, info.flip) == (shape, classes, flip)
+    if crop is None:  # sizes vary: a size must be set
+        with pytest.raises(ValueError, match="--config.image_size=N"):
+            info.crop_size()
+        assert info.crop_size(64) == 56
+    else:
+        assert info.crop_size() == crop
 
 
 def test_load_split_decodes_into_uint8_arrays_under_mock_data():

@@ -277,13 +277,14 @@ def readme_devices_and_gpu(doc: Document) -> None:
     doc.claim("measured first in the same run: {} x {} products", str(bench.PEAK_SIZE), str(bench.PEAK_SIZE))
     warm, cold = _first_epoch("seed_1")["compile_seconds"], _first_epoch("precision_float32")["compile_seconds"]
     doc.claim("CNMF + 1x1 on 2 CPU cores: {} instead of {};", f"{warm:.1f} s", f"{cold:.1f} s")
-    cifar10 = data.check_dataset("cifar10")
-    image_bytes = cifar10.image_size**2 * cifar10.channels
+    cifar10 = data.dataset_info("cifar10")
+    height, width, channels = cifar10.image_shape
+    image_bytes = height * width * channels
     doc.claim(
         "(CIFAR-10's {} x {} x {} bytes an image: {} train, {} test)",
-        str(cifar10.image_size),
-        str(cifar10.image_size),
-        str(cifar10.channels),
+        str(height),
+        str(width),
+        str(channels),
         f"{CIFAR10_TRAIN * image_bytes / 1e6:.0f} MB",
         f"{CIFAR10_TEST * image_bytes / 1e6:.0f} MB",
     )

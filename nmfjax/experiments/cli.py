@@ -263,7 +263,8 @@ def _command_sweep(args) -> None:
         raise ConfigError(
             f"the sweep varies NMF and 1x1 parameters: use a cnmf_1x1 config, got model {config.model.architecture!r}."
         )
-    channels = data.check_dataset(config.dataset).channels
+    config = configuration.with_data_defaults(config)  # the readout's width: the data's classes
+    channels = data.dataset_info(config.dataset, config.data_dir).channels
     grid = sweep.sweep_variants(config.model.features, channels, args.widths, args.nmf_groups, args.mix_groups)
     overrides = {name: {f"model.{field}": value for field, value in fields.items()} for name, fields in grid.items()}
     summaries = _train_and_summarize(args, config, overrides)

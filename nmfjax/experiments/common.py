@@ -71,7 +71,12 @@ def in_evaluation_mode(model: models.Network) -> models.Network:
 def load_test_split(config: ml_collections.ConfigDict, data_dir: str | None, limit: int | None) -> data.Split:
     """The test split of a run's dataset (from ``data_dir``, else the run's own), first ``limit`` images."""
     return data.load_split(
-        config.dataset, "test", data_dir=data_dir or config.data_dir, download=config.download, limit=limit
+        config.dataset,
+        "test",
+        data_dir=data_dir or config.data_dir,
+        download=config.download,
+        limit=limit,
+        image_size=config.image_size,
     )
 
 
