@@ -34,8 +34,8 @@ CLASSES = 0
 #: The fields a rerun may change (how long and from where the run goes, not what its checkpoints mean).
 #: Every other field (model, NMF options, learning rates, dataset, batch sizes, seed, ...)
 #: must equal the workdir's config.json. A field covers its subfields (distributed.*).
-#: Where the NMF op runs (model.nmf.kernel) and how many steps go in one call change
-#: the numbers by float32 round-off at most.
+#: Where the NMF op runs (model.nmf.kernel), whether XLA's loop is unrolled (model.nmf.unroll)
+#: and how many steps go in one call change the numbers by float32 round-off at most.
 RESUMABLE_FIELDS = (
     "num_epochs",
     "min_learning_rate",
@@ -47,6 +47,7 @@ RESUMABLE_FIELDS = (
     "cpu_devices",
     "steps_per_call",
     "model.nmf.kernel",
+    "model.nmf.unroll",
 )
 
 

@@ -47,6 +47,7 @@ _MODEL_FIELDS_BEFORE_0_2 = (
 _ADDED_FIELDS = {
     "model.nmf.precision": "float32",  # 0.3 (the CPU ran every product in float32)
     "model.nmf.kernel": "xla",  # (before the fused kernel, XLA ran every NMF op)
+    "model.nmf.unroll": False,  # (XLA's while loop)
     "steps_per_call": None,  # (one step per call: what None gives on a CPU)
     "image_size": None,  # (the images as stored)
 }

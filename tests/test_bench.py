@@ -65,7 +65,7 @@ def test_gpu_suite_says_there_is_no_gpu_on_a_cpu(capsys):
     assert "pip install -e '.[cuda12]'" in err
 
 
-KERNELS = ("xla", "pallas")  # what --gpu compares: XLA's loop and the fused kernel
+KERNELS = ("xla", "xla_unrolled", "pallas")  # what --gpu compares: XLA's loop, unrolled, and the fused kernel
 
 
 def test_every_step_of_the_gpu_suite_runs_on_a_cpu_device(tmp_path, capsys):
@@ -91,7 +91,9 @@ def test_every_step_of_the_gpu_suite_runs_on_a_cpu_device(tmp_path, capsys):
     assert [row["kernel"] for row in results["train"]] == list(KERNELS)
     for row in results["train"]:
         assert row["epoch"] == 1 and 0 <= row["test_accuracy"] <= 1
-        assert f"--config.model.nmf.kernel={row['kernel']}" in row["command"]
+        options = bench.nmf_variant(row["kernel"])
+        assert f"--config.model.nmf.kernel={options['kernel']}" in row["command"]
+        assert ("--config.model.nmf.unroll=True" in row["command"]) == options.get("unroll", False)
         assert "--config.model.nmf.iterations=2" in row["command"]
         assert row["paper_recipe_minutes"] == pytest.approx(bench.paper_recipe_minutes(row))
     out = capsys.readouterr().out
@@ -144,3 +146,14 @@ def test_nmf_loop_instructions_are_those_of_the_ops_while_bodies_only():
         ]
     )
     assert bench.nmf_loop_instructions(hlo) == {"p", "ynn_fusion.3"}
+
+
+def test_the_unroll_study_compares_the_loop_and_its_unrolled_form(tmp_path, capsys):
+    bench.main(["--unroll", "--tiny", "--output", str(tmp_path)])
+    written = json.loads((tmp_path / "unroll.json").read_text())
+    assert [(row["model"], row["kernel"]) for row in written["rows"]] == [
+        ("cnmf_1x1", "xla"),
+        ("cnmf_1x1", "xla_unrolled"),
+    ]
+    assert all(row["train_compile_seconds"] > 0 and row["train_images_per_second"] > 0 for row in written["rows"])
+    assert written["peak_gflops"] > 0 and "xla_unrolled" in capsys.readouterr().out

@@ -42,12 +42,13 @@ def _while_loops(module: str) -> int:
     return module.count("stablehlo.while")
 
 
-@pytest.mark.parametrize("kernel", ["xla", "pallas"])
+@pytest.mark.parametrize("kernel", ["xla", "xla_unrolled", "pallas"])
 @pytest.mark.parametrize("model", list(models.ARCHITECTURES))
 def test_train_and_eval_steps_of_each_network_lower_for_cuda(model, kernel):
     config = tiny_config(model, batch_size=4, eval_batch_size=4, steps_per_call=3)
     config.model.nmf.iterations = 20
-    config.model.nmf.kernel = kernel
+    config.model.nmf.kernel = "pallas" if kernel == "pallas" else "xla"
+    config.model.nmf.unroll = kernel == "xla_unrolled"
     spec = configuration.validate_config(config)
     trainer = trainer_module.Trainer(config, spec, parallel.data_mesh())
     state = trainer.initial_state
@@ -74,6 +75,11 @@ def test_train_and_eval_steps_of_each_network_lower_for_cuda(model, kernel):
             # around the N iterations: the step has no while loop but that of the K steps per call.
             assert _custom_call_targets(module) <= {kernels.TRITON_CALL_TARGET}
             assert module.count(kernels.TRITON_CALL_TARGET) == nmf_layers
+            assert _while_loops(module) == (exported is train_calls)
+        elif kernel == "xla_unrolled":
+            # The N updates as straight-line code: no loop condition for the host to read, so XLA
+            # can capture the step in one command buffer. Only the K steps per call loop.
+            assert not _custom_call_targets(module)
             assert _while_loops(module) == (exported is train_calls)
         else:
             assert not _custom_call_targets(module)

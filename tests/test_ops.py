@@ -207,11 +207,34 @@ def test_shape_mismatch_raises(x_shape, w_shape, match):
             ValueError,
             r"precision must be one of \('float32', 'tf32', 'bfloat16'\), got 'float16'",
         ),
+        ({"unroll": 1}, TypeError, "unroll must be True or False, got 1"),
     ],
 )
 def test_bad_options_raise_clear_errors(options, error, match):
     with pytest.raises(error, match=match):
         ops.nmf(jnp.ones((4, 12)), jnp.ones((12, 4)) / 12, **options)
+
+
+# --- the loop unrolled ---
+
+
+@pytest.mark.parametrize("gradient", GRADIENTS)
+def test_the_unrolled_loop_gives_the_loops_h_and_gradients(gradient):
+    x, w, cotangent = (np.asarray(a, np.float32) for a in random_problem(7, positions=48, features=20, hidden=6))
+    options = ops.NMFOptions(iterations=12, gradient=gradient, adjoint_iterations=9)
+
+    def h_and_gradients(unroll):
+        h, vjp = jax.vjp(lambda x_, w_: ops.nmf(x_, w_, options, unroll=unroll), x, w)
+        return (h, *vjp(cotangent))
+
+    run = jax.jit(h_and_gradients, static_argnums=0)
+    loop, unrolled = run(False), run(True)
+    for looped_value, unrolled_value in zip(loop, unrolled, strict=True):
+        # float32 round-off: XLA fuses the straight-line updates differently from the loop's body
+        scale = float(np.abs(looped_value).max())
+        np.testing.assert_allclose(unrolled_value, looped_value, rtol=2e-5, atol=2e-5 * scale)
+    program = jax.jit(lambda x_, w_: jax.vjp(lambda a, b: ops.nmf(a, b, options, unroll=True), x_, w_)[0])
+    assert "while" not in program.lower(x, w).as_text()
 
 
 # --- precision of the products ---

@@ -69,7 +69,7 @@ def test_plateau_rule_reduces_after_more_than_patience_bad_epochs():
         ({"download": "false"}, "config.download must be True or False, got 'false'"),
         ({"distributed.enabled": 1}, "config.distributed.enabled must be True or False, got 1"),
         ({"data_dir": 3}, "config.data_dir must be a path or None"),
-        ({"augment.flip": "yes"}, "config.augment.flip must be True, False or None \\(the data's default\\), got 'yes'"),
+        ({"augment.flip": "yes"}, r"config.augment.flip must be True, False or None \(the data's default\), got 'yes'"),
         ({"augment.brightness": -0.5}, r"config.augment.brightness must be a number >= 0, got -0.5"),
         ({"augment.hue": 0.9}, r"config.augment.hue must be a number in \[0, 0.5\], got 0.9"),
         ({"dataset": "imagenet"}, r"config.dataset='imagenet' is not a TFDS dataset \(did you mean imagenet"),

@@ -26,11 +26,15 @@ More suites, each its own JSON::
     python -m nmfjax.bench --profile --output bench     # where a CNMF+1x1 train step's time goes (CPU)
 
     python -m nmfjax.bench --precision --output bench   # the op in tf32 and bfloat16 against float32
+    python -m nmfjax.bench --unroll --output bench      # the NMF loop unrolled: compile time and speed
     python -m nmfjax.bench --gpu --data_dir DIR --output bench   # on a machine with a GPU: its table
 
 * ``--profile`` (``profile-cpu.json``): a trace of CNMF+1x1's train step at
   batch 50: the time of each XLA operation per device and step, split into the
   NMF op's forward iterations and the rest, with the rest's 15 largest.
+* ``--unroll`` (``unroll.json``): each NMF network at batch 50 with XLA's
+  while loop of the N updates and with it unrolled (``NMFOptions.unroll``):
+  compile seconds and train and eval images/s.
 * ``--precision`` (``precision.json``): the relative error of ``h`` and of the
   input and weight gradients of each backward mode when every product of the
   op runs in TF32 or bfloat16 instead of float32, at N in {5, 20, 50}, on a
@@ -39,7 +43,8 @@ More suites, each its own JSON::
 * ``--gpu`` (``gpu.json``): the op's results on the GPU against the CPU's
   (float32, and TF32 and bfloat16 on the GPU's own tensor cores), train and
   eval images/s of the four networks at batch 50 and 500 (CNMF+1x1 in each
-  precision), the NMF networks with XLA's loop (``kernel="xla"``) and with the
+  precision), the NMF networks with XLA's loop (``kernel="xla"``), with that
+  loop unrolled (``"xla_unrolled"``, ``NMFOptions.unroll``) and with the
   fused kernel (``"pallas"``, :mod:`nmfjax.kernels`); a profile of CNMF+1x1's
   train step at batch 50 with each (:mod:`nmfjax.bench.profile`: fusions,
   custom calls and while loops of the program, device kernels per step and
@@ -66,12 +71,16 @@ from nmfjax.bench.profile import (
 )
 from nmfjax.bench.throughput import (
     FULL,
+    NMF_VARIANTS,
     SCALING_COLUMNS,
     THROUGHPUT_COLUMNS,
     TINY,
+    UNROLL_COLUMNS,
     Sizes,
     measure_train_and_eval,
+    nmf_variant,
     scaling,
+    unroll_study,
 )
 from nmfjax.bench.timing import uncounted_loop_flops
 
@@ -83,6 +92,7 @@ __all__ = [
     "GPU_THROUGHPUT_COLUMNS",
     "GPU_TINY",
     "LOOP_COLUMNS",
+    "NMF_VARIANTS",
     "PEAK_SIZE",
     "PRECISION_COLUMNS",
     "PRECISION_ITERATIONS",
@@ -91,6 +101,7 @@ __all__ = [
     "THROUGHPUT_COLUMNS",
     "TOP_REST_COLUMNS",
     "TINY",
+    "UNROLL_COLUMNS",
     "GPUSizes",
     "Sizes",
     "cpu_profile",
@@ -102,6 +113,7 @@ __all__ = [
     "measure_peak_gflops",
     "measure_train_and_eval",
     "nmf_loop_instructions",
+    "nmf_variant",
     "op_errors",
     "op_problem",
     "paper_recipe_minutes",
@@ -111,4 +123,5 @@ __all__ = [
     "run",
     "scaling",
     "uncounted_loop_flops",
+    "unroll_study",
 ]

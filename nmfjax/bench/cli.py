@@ -23,9 +23,11 @@ from nmfjax.bench.throughput import (
     SCALING_COLUMNS,
     THROUGHPUT_COLUMNS,
     TINY,
+    UNROLL_COLUMNS,
     Sizes,
     measure_train_and_eval,
     scaling,
+    unroll_study,
 )
 from nmfjax.outputs import storage_errors, write_output
 from nmfjax.tables import markdown_table
@@ -103,6 +105,9 @@ def main(argv: list[str] | None = None) -> None:
     suite = parser.add_mutually_exclusive_group()
     suite.add_argument("--precision", action="store_true", help="the op in tf32 and bfloat16 against float32")
     suite.add_argument("--profile", action="store_true", help="where a CNMF+1x1 train step's time goes on a CPU")
+    suite.add_argument(
+        "--unroll", action="store_true", help="compile time and speed of the NMF loop unrolled (model.nmf.unroll)"
+    )
     suite.add_argument("--gpu", action="store_true", help="the GPU table (needs a GPU and --data_dir)")
     parser.add_argument("--data_dir", help="TFDS data directory with CIFAR-10, for --gpu's training run")
     args = parser.parse_args(argv)
@@ -135,4 +140,21 @@ def main(argv: list[str] | None = None) -> None:
     sizes = TINY if args.tiny else FULL
     if args.repeats:
         sizes = dataclasses.replace(sizes, repeats=args.repeats)
+    if args.unroll:
+        write_unroll_study(sizes, output, iterations=2 if args.tiny else 20)
+        return
     run(sizes, output)
+
+
+def write_unroll_study(sizes: Sizes, output: pathlib.Path, iterations: int = 20) -> dict:
+    """``--unroll``: :func:`~nmfjax.bench.throughput.unroll_study` with the machine's peak, printed and
+    written to ``unroll.json``.
+    """
+    devices = parallel.largest_dividing_count(jax.device_count(), (sizes.loop_batch,))
+    peak = measure_peak_gflops(jax.devices()[:devices], repeats=sizes.repeats)
+    results = {"cpu": cpu_name(), "jax": jax.__version__, "peak_gflops": peak}
+    results["rows"] = unroll_study(sizes, peak, iterations)
+    print(f"The NMF loop, and unrolled (N = {iterations}):\n" + markdown_table(results["rows"], UNROLL_COLUMNS))
+    write_output(output / "unroll.json", json.dumps(results, indent=2))
+    print(f"wrote {output / 'unroll.json'}")
+    return results

@@ -18,7 +18,7 @@ from nmfjax import cli, configuration, models, ops, parallel, training
 from nmfjax.bench.peak import measure_peak_gflops
 from nmfjax.bench.precision import PRECISION_COLUMNS, PRECISION_ITERATIONS, op_errors, op_problem
 from nmfjax.bench.profile import PROFILE_COLUMNS, profile_step
-from nmfjax.bench.throughput import THROUGHPUT_COLUMNS, measure_train_and_eval
+from nmfjax.bench.throughput import NMF_VARIANTS, THROUGHPUT_COLUMNS, measure_train_and_eval, nmf_variant
 from nmfjax.outputs import write_output
 from nmfjax.tables import markdown_table
 
@@ -35,7 +35,7 @@ class GPUSizes:
     problem_positions: int
     train: dict[str, Any]  # config overrides of the training runs (CNMF+1x1, one per kernel)
     repeats: int
-    kernels: tuple[str, ...] = ("xla", "pallas")
+    kernels: tuple[str, ...] = tuple(NMF_VARIANTS)  # XLA's loop, unrolled, and the fused kernel
     profile_steps: int = 20
     peak_size: int = 8192  # the side of the float32 products that measure the device's peak
 
@@ -147,10 +147,12 @@ def gpu_suite(device, data_dir: str | None, output: pathlib.Path, sizes: GPUSize
 
 
 def train_epochs(data_dir: str | None, overrides: dict[str, Any], kernel: str) -> dict:
-    """``train.py``'s run of CNMF+1x1 with ``overrides`` and the NMF op's ``kernel`` in a temporary
-    workdir: its last epoch's row, the command, and the paper's recipe projected from that epoch.
+    """``train.py``'s run of CNMF+1x1 with ``overrides`` and the NMF op's ``kernel`` (a name of
+    :data:`~nmfjax.bench.throughput.NMF_VARIANTS`) in a temporary workdir: its last epoch's row, the
+    command, and the paper's recipe projected from that epoch.
     """
-    overrides = {"data_dir": data_dir, "download": False, **overrides, "model.nmf.kernel": kernel}
+    variant = {f"model.nmf.{field}": value for field, value in nmf_variant(kernel).items()}
+    overrides = {"data_dir": data_dir, "download": False, **overrides, **variant}
     config = configuration.apply_overrides(configuration.default_config(), overrides)
     with tempfile.TemporaryDirectory() as workdir:
         row = training.train_and_evaluate(config, workdir)

@@ -15,7 +15,7 @@ import time
 
 import jax
 
-from nmfjax.bench.throughput import synthetic_train_step
+from nmfjax.bench.throughput import nmf_variant, synthetic_train_step
 
 
 def program_counts(hlo_text: str) -> dict[str, int]:
@@ -82,7 +82,7 @@ def profile_step(model: str, batch_size: int, kernel: str, steps: int = 20, iter
     time and the 15 that take longest) from a trace of those steps.
     """
     trainer, _, (state, images, labels, batch, key, totals) = synthetic_train_step(
-        model, batch_size, iterations, kernel=kernel
+        model, batch_size, iterations, **nmf_variant(kernel)
     )
     compiled = trainer.train_step.lower(state, images, labels, batch, key, totals).compile()
     wall, events = _traced_steps(compiled, (state, images, labels, batch, key, totals), steps, device_events)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import jax
 import numpy as np
@@ -53,21 +54,30 @@ TINY = Sizes(
 )
 
 
-def _config(
-    model: str,
-    batch_size: int,
-    iterations: int = 20,
-    gradient: str = "approx",
-    precision: str = "float32",
-    kernel: str = "xla",
-):
+#: The ways the NMF forward pass runs, by name (a table's "kernel" column): XLA's while loop of the N
+#: updates, the same unrolled (``NMFOptions.unroll``), and the fused kernel (``NMFOptions.kernel``).
+NMF_VARIANTS: dict[str, dict[str, Any]] = {
+    "xla": {"kernel": "xla"},
+    "xla_unrolled": {"kernel": "xla", "unroll": True},
+    "pallas": {"kernel": "pallas"},
+}
+
+
+def nmf_variant(name: str) -> dict[str, Any]:
+    """The :class:`nmfjax.ops.NMFOptions` fields of a name of :data:`NMF_VARIANTS` (or of a plain ``kernel``)."""
+    return NMF_VARIANTS.get(name, {"kernel": name})
+
+
+def _config(model: str, batch_size: int, iterations: int = 20, **nmf_fields: Any):
+    """The paper's config of ``model`` at ``batch_size``, with ``iterations`` and other NMF options
+    (fields of :class:`nmfjax.ops.NMFOptions`, e.g. ``kernel="pallas"``, ``unroll=True``).
+    """
     config = configuration.default_config()
     config.model.architecture = model
     config.batch_size = config.eval_batch_size = batch_size
     config.model.nmf.iterations = iterations
-    config.model.nmf.gradient = gradient
-    config.model.nmf.precision = precision
-    config.model.nmf.kernel = kernel
+    for field, value in nmf_fields.items():
+        config.model.nmf[field] = value
     return config
 
 
@@ -80,7 +90,7 @@ def synthetic_data(trainer: Trainer, count: int) -> tuple:
 
 
 def synthetic_train_step(
-    model: str, batch_size: int, iterations: int, devices: int | None = None, **nmf_fields: str
+    model: str, batch_size: int, iterations: int, devices: int | None = None, **nmf_fields: Any
 ) -> tuple[Trainer, models.NetworkSpec, tuple]:
     """The trainer of ``model`` at ``batch_size`` on the first ``devices`` devices (default: as many
     as divide the batch; the NMF op's ``iterations`` and ``nmf_fields``, e.g. ``kernel``), its spec,
@@ -116,10 +126,10 @@ def measure_train_and_eval(
 ) -> dict:
     """Train-step and eval throughput of one model at one batch size, data-parallel over the first
     ``devices`` devices (default: as many as divide the batch), the NMF products in ``precision``,
-    the NMF forward by ``kernel`` (:class:`nmfjax.ops.NMFOptions`).
+    the NMF forward by ``kernel``, a name of :data:`NMF_VARIANTS`.
     """
     trainer, spec, (state, images, labels, batch, key, totals) = synthetic_train_step(
-        model, batch_size, iterations, devices, precision=precision, kernel=kernel
+        model, batch_size, iterations, devices, precision=precision, **nmf_variant(kernel)
     )
     devices = trainer.mesh.size
     train_compiled, train_compile_seconds = timing.compile_timed(
@@ -202,3 +212,26 @@ THROUGHPUT_COLUMNS = [
     ("compile s (train/eval)", "train_compile_seconds", ".1f"),
 ]
 SCALING_COLUMNS = [("N", "iterations", "d"), *THROUGHPUT_COLUMNS[1:6]]
+
+
+def unroll_study(sizes: Sizes, peak_gflops: float, iterations: int = 20) -> list[dict]:
+    """Each NMF network at ``sizes.loop_batch`` with XLA's while loop and with it unrolled
+    (``NMFOptions.unroll``): compile seconds and images/s of the train and eval steps, alternated
+    so that both see the machine alike.
+    """
+    devices = parallel.largest_dividing_count(jax.device_count(), (sizes.loop_batch,))
+    return [
+        measure_train_and_eval(model, sizes.loop_batch, sizes.repeats, peak_gflops, iterations, devices, kernel=kernel)
+        for model in sizes.models
+        if models.NetworkSpec(architecture=model).uses_nmf
+        for kernel in ("xla", "xla_unrolled")
+    ]
+
+
+UNROLL_COLUMNS = [
+    ("model", "model", "s"),
+    ("kernel", "kernel", "s"),
+    *THROUGHPUT_COLUMNS[1:5],
+    ("train compile (s)", "train_compile_seconds", ".1f"),
+    ("eval compile (s)", "eval_compile_seconds", ".1f"),
+]
