@@ -152,7 +152,7 @@ def write_unroll_study(sizes: Sizes, output: pathlib.Path, iterations: int = 20)
     """
     devices = parallel.largest_dividing_count(jax.device_count(), (sizes.loop_batch,))
     peak = measure_peak_gflops(jax.devices()[:devices], repeats=sizes.repeats)
-    results = {"cpu": cpu_name(), "jax": jax.__version__, "peak_gflops": peak}
+    results: dict[str, Any] = {"cpu": cpu_name(), "jax": jax.__version__, "peak_gflops": peak}
     results["rows"] = unroll_study(sizes, peak, iterations)
     print(f"The NMF loop, and unrolled (N = {iterations}):\n" + markdown_table(results["rows"], UNROLL_COLUMNS))
     write_output(output / "unroll.json", json.dumps(results, indent=2))
