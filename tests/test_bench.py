@@ -157,3 +157,31 @@ def test_the_unroll_study_compares_the_loop_and_its_unrolled_form(tmp_path, caps
     ]
     assert all(row["train_compile_seconds"] > 0 and row["train_images_per_second"] > 0 for row in written["rows"])
     assert written["peak_gflops"] > 0 and "xla_unrolled" in capsys.readouterr().out
+
+
+# --- the fused kernel compiled for NVIDIA GPUs without one (--triton) ---
+
+
+def test_the_kernels_calls_come_out_of_the_cuda_lowered_network():
+    from nmfjax.bench import triton as triton_check
+
+    calls = triton_check.kernel_calls("cnmf_1x1", batch_size=50)
+    # One call per NMF layer, its positions (rows) padded to the tile, S and I to powers of two.
+    assert [(call["x"], call["w"]) for call in calls] == [
+        ("28800 x 128", "128 x 32"),
+        ("3200 x 1024", "1024 x 64"),
+        ("64 x 1024", "1024 x 128"),
+        ("64 x 128", "128 x 16"),
+    ]
+    assert [call["grid"] for call in calls] == [28800 // 32, 3200 // 32, 2, 2]
+    assert all(call["num_warps"] == 4 and call["ir"].startswith(b"ML\xefR") for call in calls)  # MLIR bytecode
+
+
+def test_the_kernel_compiles_for_sm_90_with_triton():
+    pytest.importorskip("triton", reason="pip's triton compiles the kernel: pip install triton==3.8.0 (jaxlib 0.10.2)")
+    from nmfjax.bench import triton as triton_check
+
+    (call, *_) = triton_check.kernel_calls("cnmf_1x1", batch_size=4)
+    row = triton_check.compile_call(call, 90)
+    assert row["target"] == "sm_90" and 0 < row["registers"] <= 255
+    assert row["products"] == "FFMA" and row["count_FFMA"] > 0  # float32: no tensor cores

@@ -834,7 +834,27 @@ def performance_unroll(doc: Document) -> None:
     doc.given("with XLA's while loop of the N = 20 updates", "the benchmark's setting")
 
 
+def performance_triton(doc: Document) -> None:
+    from nmfjax.bench import triton
+
+    record = _json(GPU.parent / "triton" / "triton.json")
+    rows = [row for row in record["rows"] if row["model"] == "cnmf_1x1"]
+    doc.table(markdown_table(rows, triton.TRITON_COLUMNS))
+    assert triton.MATCHING_TRITON[record["jaxlib"]] == record["triton"]
+    doc.claim("pip install triton=={}", record["triton"])
+    doc.claim("pairs checked ({} with {})", record["jaxlib"], record["triton"])
+    by = {(row["layer"], row["precision"], row["target"]): row for row in rows}
+    # "the third block's layer spills on both targets and the second block's spills on sm_80"
+    assert by[3, "float32", "sm_90"]["spill_store_bytes"] > 0 and by[3, "float32", "sm_80"]["spill_store_bytes"] > 0
+    assert by[2, "float32", "sm_80"]["spill_store_bytes"] > 0 and by[2, "float32", "sm_90"]["spill_store_bytes"] == 0
+    assert by[3, "float32", "sm_90"]["grid"] == by[4, "float32", "sm_90"]["grid"] == 2  # "2 programs each"
+    assert all(row["products"] == "FFMA+HMMA" for row in rows if row["precision"] == "tf32")  # mma.sync, no wgmma
+    doc.given("an H100 has 132 SMs", "NVIDIA's H100 SXM specification")
+    doc.claim("at batch {}; CNMF + 1x1", str(record["batch_size"]))
+
+
 PERFORMANCE_CHECKS: list[Callable[[Document], None]] = [
+    performance_triton,
     performance_gpu,
     performance_cpu,
     performance_precision,

@@ -27,6 +27,7 @@ More suites, each its own JSON::
 
     python -m nmfjax.bench --precision --output bench   # the op in tf32 and bfloat16 against float32
     python -m nmfjax.bench --unroll --output bench      # the NMF loop unrolled: compile time and speed
+    python -m nmfjax.bench --triton --output bench      # the fused kernel compiled for sm_90/sm_80 (no GPU)
     python -m nmfjax.bench --gpu --data_dir DIR --output bench   # on a machine with a GPU: its table
 
 * ``--profile`` (``profile-cpu.json``): a trace of CNMF+1x1's train step at
@@ -35,6 +36,9 @@ More suites, each its own JSON::
 * ``--unroll`` (``unroll.json``): each NMF network at batch 50 with XLA's
   while loop of the N updates and with it unrolled (``NMFOptions.unroll``):
   compile seconds and train and eval images/s.
+* ``--triton`` (``triton.json``): :mod:`nmfjax.bench.triton`, each NMF
+  layer's fused kernel compiled by pip's ``triton`` for sm_90 and sm_80:
+  grid, registers, spills, shared memory and the products' instructions.
 * ``--precision`` (``precision.json``): the relative error of ``h`` and of the
   input and weight gradients of each backward mode when every product of the
   op runs in TF32 or bfloat16 instead of float32, at N in {5, 20, 50}, on a

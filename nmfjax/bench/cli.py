@@ -29,6 +29,7 @@ from nmfjax.bench.throughput import (
     scaling,
     unroll_study,
 )
+from nmfjax.bench.triton import TRITON_COLUMNS, triton_check
 from nmfjax.outputs import storage_errors, write_output
 from nmfjax.tables import markdown_table
 
@@ -108,6 +109,9 @@ def main(argv: list[str] | None = None) -> None:
     suite.add_argument(
         "--unroll", action="store_true", help="compile time and speed of the NMF loop unrolled (model.nmf.unroll)"
     )
+    suite.add_argument(
+        "--triton", action="store_true", help="the fused kernel compiled for sm_90 and sm_80 by pip's triton (no GPU)"
+    )
     suite.add_argument("--gpu", action="store_true", help="the GPU table (needs a GPU and --data_dir)")
     parser.add_argument("--data_dir", help="TFDS data directory with CIFAR-10, for --gpu's training run")
     args = parser.parse_args(argv)
@@ -136,6 +140,15 @@ def main(argv: list[str] | None = None) -> None:
             return
         if args.precision:
             precision_study(output, *(((2,), 64) if args.tiny else ()))
+            return
+        if args.triton:
+            check = triton_check(*((4, ("float32",)) if args.tiny else ()))
+            print(
+                f"The fused kernel at batch {check['batch_size']}, compiled by triton {check['triton']} "
+                f"(jaxlib {check['jaxlib']}):\n" + markdown_table(check["rows"], TRITON_COLUMNS)
+            )
+            write_output(output / "triton.json", json.dumps(check, indent=2))
+            print(f"wrote {output / 'triton.json'}")
             return
     sizes = TINY if args.tiny else FULL
     if args.repeats:

@@ -42,9 +42,9 @@ def uncounted_loop_flops(spec: models.NetworkSpec, batch_size: int) -> float:
     XLA counts the body of a while loop once, whatever its trip count; the
     forward pass runs it ``N`` times per NMF layer. Per iteration and position:
     two ``S x I`` matrix products (``4 S I``), the division and the update
-    (``~2 S + 4 I``).
+    (``~2 S + 4 I``). An unrolled loop (``NMFOptions.unroll``) is counted whole.
     """
-    if not spec.uses_nmf:
+    if not spec.uses_nmf or spec.nmf.unroll:
         return 0.0
     size, _, channels = spec.input_shape
     total = 0.0
