@@ -45,7 +45,7 @@ _DOWNLOAD_HOSTS = {
     "fashion_mnist": "fashion-mnist.s3-website.eu-central-1.amazonaws.com",
 }
 
-#: Digits, letters and characters: a mirror image is another symbol, so no horizontal flips by default.
+#: Datasets of digits, letters and characters, where a mirror image is another symbol (no flips by default).
 NO_FLIP_DATASETS = ("mnist", "emnist", "kmnist", "svhn_cropped", "omniglot", "binary_alpha_digits")
 
 
@@ -63,7 +63,7 @@ class DatasetInfo:
 
     @property
     def channels(self) -> int:
-        """Channels of the images: 1 (grey) or 3."""
+        """How many channels the images have (1 for grey, 3 for colour)."""
         return self.image_shape[2]
 
     @property

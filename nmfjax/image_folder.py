@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 import pathlib
 
 import numpy as np
@@ -59,7 +58,7 @@ def _signature(root: pathlib.Path) -> tuple:
     return tuple((str(d), d.stat().st_mtime_ns) for d in directories)
 
 
-def scan(data_dir: str | os.PathLike | None) -> FolderContents:
+def scan(data_dir: str | pathlib.Path | None) -> FolderContents:
     """The classes, files, sizes and channels of an image folder, every file opened once (its header).
 
     Raises:

@@ -54,8 +54,8 @@ TINY = Sizes(
 )
 
 
-#: The ways the NMF forward pass runs, by name (a table's "kernel" column): XLA's while loop of the N
-#: updates, the same unrolled (``NMFOptions.unroll``), and the fused kernel (``NMFOptions.kernel``).
+#: The ways the NMF forward pass runs, by name (a table's "kernel" column), as NMFOptions fields. XLA's
+#: while loop of the N updates, the same unrolled (``NMFOptions.unroll``), and the fused kernel.
 NMF_VARIANTS: dict[str, dict[str, Any]] = {
     "xla": {"kernel": "xla"},
     "xla_unrolled": {"kernel": "xla", "unroll": True},

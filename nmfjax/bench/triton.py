@@ -36,7 +36,7 @@ from nmfjax.errors import ConfigError
 #: jaxlib's version -> the pip ``triton`` that parses the Triton IR it writes (checked by running this module).
 MATCHING_TRITON = {"0.10.2": "3.8.0"}
 
-#: The GPU generations checked: compute capability -> name.
+#: The GPU generations checked, by compute capability.
 TARGETS = {90: "sm_90 (H100, H200)", 80: "sm_80 (A100)"}
 
 #: SASS instructions that tell where the products run.
