@@ -110,6 +110,7 @@ def test_config_differences_ignore_exactly_the_resumable_fields():
         "cpu_devices": 2,
         "steps_per_call": 4,
         "model.nmf.kernel": "pallas",
+        "model.nmf.unroll": True,
     }
     covered = {field for field in configuration.RESUMABLE_FIELDS for name in changes if name.startswith(field)}
     assert covered == set(configuration.RESUMABLE_FIELDS)
