@@ -16,6 +16,7 @@ import base64
 import contextlib
 import dataclasses
 import difflib
+import functools
 import pathlib
 import socket
 import ssl
@@ -97,10 +98,17 @@ def _base_name(name: str) -> str:
 def _tfds_info(name: str, data_dir: str | None) -> DatasetInfo:
     """A TFDS dataset's info from its builder (no download); a ConfigError unless it is image classification."""
     in_dir = data_dir if data_dir is not None and pathlib.Path(data_dir).expanduser().is_dir() else None
+    prepared = in_dir is not None and (pathlib.Path(in_dir).expanduser() / _base_name(name)).is_dir()
+    return _builder_info(name, in_dir, prepared)
+
+
+# A run asks for its dataset's info several times (validation, defaults, each split), and tfds's answer
+# (about 0.2 s) can only change when the dataset appears in the directory, which is part of the key.
+@functools.lru_cache(maxsize=32)
+def _builder_info(name: str, in_dir: str | None, prepared: bool) -> DatasetInfo:
     known = tfds.list_builders(with_community_datasets=False)
     # A name tfds does not know may still be a dataset prepared in data_dir (tfds reads its info from there);
     # anything else is refused before tfds looks for it on the network.
-    prepared = in_dir is not None and (pathlib.Path(in_dir).expanduser() / _base_name(name)).is_dir()
     if _base_name(name) not in known and not prepared:
         close = difflib.get_close_matches(_base_name(name), known, n=3)
         hint = f" (did you mean {', '.join(close)}?)" if close else ""

@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
+import tensorflow_datasets as tfds
 
 from nmfjax import data
 from tests.conftest import mocked_tfds
@@ -92,6 +93,17 @@ def test_dataset_info_comes_from_the_builder_without_a_download(tmp_path, name, 
         assert info.crop_size(64) == 56
     else:
         assert info.crop_size() == crop
+
+
+def test_dataset_info_asks_tfds_once_per_dataset_and_directory_state(tmp_path, monkeypatch):
+    calls = []
+    builder = tfds.builder
+    monkeypatch.setattr(tfds, "builder", lambda *args, **kwargs: calls.append(args) or builder(*args, **kwargs))
+    first = data.dataset_info("mnist", str(tmp_path))
+    assert data.dataset_info("mnist", str(tmp_path)) == first and len(calls) == 1
+    (tmp_path / "mnist").mkdir()  # the dataset now prepared there: tfds reads its info from the directory
+    data.dataset_info("mnist", str(tmp_path))
+    assert len(calls) == 2
 
 
 def test_load_split_decodes_into_uint8_arrays_under_mock_data():
