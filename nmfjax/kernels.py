@@ -14,16 +14,30 @@ at ``h = 0`` and stays there) and any number of positions (padded to a
 multiple of the tile). It computes only the forward ``h``; the backward passes
 of :mod:`nmfjax.ops` are formulas of ``x``, ``W`` and that ``h`` and stay in XLA.
 
+How a call is cut into programs (:class:`LaunchParameters`) follows one rule,
+:func:`launch_parameters`, from the call's shape, its precision and the GPU
+(:func:`gpu_target`: the local one, or :data:`H100` when a program is exported
+on a machine without one). ``python -m nmfjax.bench --triton`` compiles every
+NMF layer of the paper's networks with it for sm_90 and sm_80 and reports
+registers, spills and the product instructions (docs/performance.md).
+
 Where it runs (``NMFOptions.kernel``): ``"pallas"`` lowers to Triton on an
 NVIDIA GPU and runs in Pallas's interpret mode on other platforms (slow, but
-the same arithmetic: for tests); ``"auto"`` takes Triton on a GPU and the XLA
-loop elsewhere. The choice is made when the program is lowered for its platform
-(``lax.platform_dependent``), so an exported program carries both.
+the same arithmetic: for tests); ``"auto"`` takes Triton on a GPU where the
+call's programs fill the SMs (:func:`fills_gpu`) and the XLA loop elsewhere
+(a call of a few programs leaves most of the GPU idle, while XLA's products
+spread over it). The choice between GPU and elsewhere is made when the program
+is lowered for its platform (``lax.platform_dependent``), so an exported
+program carries both.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import dataclasses
 import functools
+from collections.abc import Iterator
 
 import jax
 import jax.numpy as jnp
@@ -37,11 +51,31 @@ from nmfjax.ops import _LOWER_PRECISIONS, _NORMALIZE_EPS, _RECONSTRUCTION_EPS
 #: The custom call a Pallas kernel lowers to for NVIDIA GPUs (jax.export names it).
 TRITON_CALL_TARGET = "__gpu$xla.gpu.triton"
 
-#: Positions per program, the rows of each on-chip matrix product (Triton's dots need at least 16).
-POSITION_TILE = 32
-#: Input features per chunk of the sum over ``S`` (bounds the registers a program needs).
-FEATURE_CHUNK = 128
 _MIN_DOT_SIZE = 16
+
+
+@dataclasses.dataclass(frozen=True)
+class LaunchParameters:
+    """How one kernel call is cut into programs.
+
+    Attributes:
+      position_tile: positions per program, the rows of each on-chip product
+        (a power of two, at least 16: Triton's dots need 16).
+      feature_chunk: input features per step of the sum over ``S`` (a power of
+        two, at least 16, at most the padded ``S``); bounds the registers.
+      num_warps: warps per program.
+      num_stages: software-pipelining stages of Triton's loops.
+    """
+
+    position_tile: int = 32
+    feature_chunk: int = 128
+    num_warps: int = 4
+    num_stages: int = 2
+
+    def grid(self, positions: int) -> int:
+        """Programs for ``positions`` rows."""
+        return pl.cdiv(positions, self.position_tile)
+
 
 # Each precision of nmfjax.ops.matmul as a dot algorithm (Triton) and as the operands' mantissa bits
 # (the interpret mode's emulation on a CPU, as nmfjax.ops.matmul does it; None: float32 as it is).
@@ -74,11 +108,11 @@ def _nmf_kernel(
     epsilon: float | None,
     num_hidden: int,
     precision: str,
+    chunk: int,
     interpret: bool,
 ) -> None:
-    """One tile: ``x_ref`` ``(POSITION_TILE, S_pad)``, ``w_ref`` ``(S_pad, I_pad)``, ``h_ref`` the tile's ``h``."""
+    """One tile: ``x_ref`` ``(position_tile, S_pad)``, ``w_ref`` ``(S_pad, I_pad)``, ``h_ref`` the tile's ``h``."""
     tile, padded_hidden = h_ref.shape
-    chunk = min(FEATURE_CHUNK, x_ref.shape[1])
     num_chunks = x_ref.shape[1] // chunk
     dtype = h_ref.dtype
     hidden = lax.broadcasted_iota(jnp.int32, (tile, padded_hidden), 1)
@@ -99,6 +133,106 @@ def _nmf_kernel(
     h_ref[...] = lax.fori_loop(0, iterations, update, h)
 
 
+@dataclasses.dataclass(frozen=True)
+class GpuTarget:
+    """What the launch rule plans for: a GPU's compute capability and its count of SMs."""
+
+    capability: int
+    sm_count: int
+
+
+#: The GPU planned for where none is attached (a program exported for CUDA on a CPU), an H100 SXM.
+H100 = GpuTarget(capability=90, sm_count=132)
+#: An A100 (SXM or PCIe), for programs exported for sm_80.
+A100 = GpuTarget(capability=80, sm_count=108)
+
+_planned_target: contextvars.ContextVar[GpuTarget | None] = contextvars.ContextVar("planned_target", default=None)
+
+
+@contextlib.contextmanager
+def planning_for(target: GpuTarget) -> Iterator[None]:
+    """Programs traced inside plan their kernel launches for ``target`` (e.g. to export for a GPU one has not).
+
+    JAX's caches are cleared on entry and exit: a jitted function traced before
+    (such as :func:`nmfjax.ops.nmf`) would otherwise keep its earlier plan.
+    """
+    token = _planned_target.set(target)
+    jax.clear_caches()
+    try:
+        yield
+    finally:
+        _planned_target.reset(token)
+        jax.clear_caches()
+
+
+def gpu_target() -> GpuTarget:
+    """The GPU launches are planned for: :func:`planning_for`'s, else the first local NVIDIA GPU's,
+    else :data:`H100`.
+    """
+    planned = _planned_target.get()
+    if planned is not None:
+        return planned
+    for device in jax.devices():
+        capability, sm_count = getattr(device, "compute_capability", None), getattr(device, "core_count", None)
+        if device.platform == "gpu" and capability is not None and sm_count is not None:
+            major, minor = str(capability).split(".")[:2]
+            return GpuTarget(capability=int(major) * 10 + int(minor), sm_count=int(sm_count))
+    return H100
+
+
+#: Warps per program, so that two warpgroups share each tile's products and accumulators.
+NUM_WARPS = 8
+#: Triton's software pipelining of the feature loop; two stages spill a few bytes on some shapes.
+NUM_STAGES = 1
+#: Float32 values per thread the rule lets a program's ``h``, ``f``, ``W h`` chunk and ``W`` chunk take
+#: (checked free of spills on sm_90 and sm_80 by ``python -m nmfjax.bench --triton``).
+VALUES_PER_THREAD = 48
+_POSITION_TILES = (128, 64, 32, 16)
+_MAX_FEATURE_CHUNK = 128
+# Hopper's wgmma multiplies 64-row tiles per warpgroup; smaller tiles fall back to mma.sync.
+_WGMMA_CAPABILITY, _WGMMA_MIN_TILE = 90, 64
+
+
+def launch_parameters(
+    positions: int, features: int, hidden: int, precision: str, target: GpuTarget = H100
+) -> LaunchParameters:
+    """The launch parameters for one call on ``x`` ``(positions, features)`` and ``W`` ``(features, hidden)``.
+
+    The rule:
+
+    1. Tiles a product may take: 16 to 128 positions; with ``"tf32"`` or
+       ``"bfloat16"`` on sm_90 or later, 64 or 128, so that the products run on
+       ``wgmma``.
+    2. The largest of those whose grid reaches the target's SM count, so that
+       each program reuses ``W`` over as many positions as can still fill the
+       GPU; if none does, the smallest (the most programs), and
+       :func:`fills_gpu` is false: ``kernel="auto"`` then takes XLA's loop.
+    3. :data:`NUM_WARPS` warps and :data:`NUM_STAGES` stage.
+    4. The largest chunk of the padded ``S`` (16 to 128) whose values per
+       thread stay within :data:`VALUES_PER_THREAD`:
+       ``(2 * tile * I_pad + tile * chunk + chunk * I_pad) / (32 * warps)``
+       for ``h``, ``f``, the chunk of ``W h`` and the chunk of ``W``.
+    """
+    tiles: tuple[int, ...] = _POSITION_TILES
+    if precision != "float32" and target.capability >= _WGMMA_CAPABILITY:
+        tiles = tuple(tile for tile in tiles if tile >= _WGMMA_MIN_TILE)
+    filling = [tile for tile in tiles if pl.cdiv(positions, tile) >= target.sm_count]
+    tile = filling[0] if filling else tiles[-1]
+    padded_features, padded_hidden = padded_size(features), padded_size(hidden)
+    threads = 32 * NUM_WARPS
+    chunk = min(_MAX_FEATURE_CHUNK, padded_features)
+    while chunk > _MIN_DOT_SIZE and (2 * tile * padded_hidden + chunk * (tile + padded_hidden)) > (
+        VALUES_PER_THREAD * threads
+    ):
+        chunk //= 2
+    return LaunchParameters(position_tile=tile, feature_chunk=chunk, num_warps=NUM_WARPS, num_stages=NUM_STAGES)
+
+
+def fills_gpu(positions: int, parameters: LaunchParameters, target: GpuTarget) -> bool:
+    """Whether a call's grid gives every SM of ``target`` a program."""
+    return parameters.grid(positions) >= target.sm_count
+
+
 def nmf_forward(
     x: jax.Array,
     w: jax.Array,
@@ -106,6 +240,7 @@ def nmf_forward(
     epsilon: float | None = None,
     precision: str = "float32",
     *,
+    parameters: LaunchParameters | None = None,
     interpret: bool = False,
 ) -> jax.Array:
     """``h`` after ``iterations`` normalised multiplicative updates from ``h = 1/I`` (paper eq. 3, or eq. 6
@@ -117,6 +252,8 @@ def nmf_forward(
       iterations: ``N``.
       epsilon: ``None`` for the pure update, else the step size of eq. 6.
       precision: of the products, as in :func:`nmfjax.ops.matmul`.
+      parameters: how the call is cut into programs; ``None``: :func:`launch_parameters`'s choice
+        for this shape on :func:`gpu_target`.
       interpret: run in Pallas's interpret mode (any platform) instead of Triton (NVIDIA GPUs).
 
     Returns:
@@ -124,7 +261,10 @@ def nmf_forward(
     """
     positions, features = x.shape
     num_hidden = w.shape[1]
-    padded_positions = pl.cdiv(positions, POSITION_TILE) * POSITION_TILE
+    if parameters is None:
+        parameters = launch_parameters(positions, features, num_hidden, precision, gpu_target())
+    tile = parameters.position_tile
+    padded_positions = parameters.grid(positions) * tile
     padded_features, padded_hidden = padded_size(features), padded_size(num_hidden)
     x = jnp.pad(x, ((0, padded_positions - positions), (0, padded_features - features)))
     w = jnp.pad(w.astype(x.dtype), ((0, padded_features - features), (0, padded_hidden - num_hidden)))
@@ -134,30 +274,42 @@ def nmf_forward(
         epsilon=epsilon,
         num_hidden=num_hidden,
         precision=precision,
+        chunk=min(parameters.feature_chunk, padded_features),
         interpret=interpret,
     )
     h = pl.pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct((padded_positions, padded_hidden), x.dtype),
-        grid=(padded_positions // POSITION_TILE,),
+        grid=(parameters.grid(positions),),
         in_specs=[
-            pl.BlockSpec((POSITION_TILE, padded_features), lambda tile: (tile, 0)),
-            pl.BlockSpec((padded_features, padded_hidden), lambda tile: (0, 0)),
+            pl.BlockSpec((tile, padded_features), lambda program: (program, 0)),
+            pl.BlockSpec((padded_features, padded_hidden), lambda program: (0, 0)),
         ],
-        out_specs=pl.BlockSpec((POSITION_TILE, padded_hidden), lambda tile: (tile, 0)),
-        compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=2),
+        out_specs=pl.BlockSpec((tile, padded_hidden), lambda program: (program, 0)),
+        compiler_params=plgpu.CompilerParams(num_warps=parameters.num_warps, num_stages=parameters.num_stages),
         interpret=interpret,
-        name="nmf_forward",
+        # (the launch parameters in the name: profiles and the compile check read them there)
+        name=f"nmf_forward_tile{tile}_chunk{min(parameters.feature_chunk, padded_features)}",
     )(x, w)
     return h[:positions, :num_hidden]
 
 
 def forward(x: jax.Array, w: jax.Array, options: ops.NMFOptions, xla) -> jax.Array:
     """The forward ``h`` by ``options.kernel`` (``"pallas"`` or ``"auto"``; see the module docstring);
-    ``xla(x, w)`` is the XLA loop that ``"auto"`` takes off a GPU.
+    ``xla(x, w)`` is the XLA loop that ``"auto"`` takes off a GPU, and on a GPU where the kernel's grid
+    would leave SMs idle (:func:`fills_gpu`).
     """
+    target = gpu_target()
+    positions, features = x.shape
+    parameters = launch_parameters(positions, features, w.shape[1], options.precision, target)
+    if options.kernel == "auto" and not fills_gpu(positions, parameters, target):
+        return xla(x, w)
     fused = functools.partial(
-        nmf_forward, iterations=options.iterations, epsilon=options.epsilon, precision=options.precision
+        nmf_forward,
+        iterations=options.iterations,
+        epsilon=options.epsilon,
+        precision=options.precision,
+        parameters=parameters,
     )
     off_gpu = functools.partial(fused, interpret=True) if options.kernel == "pallas" else xla
     return lax.platform_dependent(x, w, cuda=fused, default=off_gpu)

@@ -163,25 +163,46 @@ def test_the_unroll_study_compares_the_loop_and_its_unrolled_form(tmp_path, caps
 
 
 def test_the_kernels_calls_come_out_of_the_cuda_lowered_network():
+    from nmfjax import kernels
     from nmfjax.bench import triton as triton_check
 
     calls = triton_check.kernel_calls("cnmf_1x1", batch_size=50)
-    # One call per NMF layer, its positions (rows) padded to the tile, S and I to powers of two.
+    # One call per NMF layer, its positions (rows) padded to the tile, S and I to powers of two,
+    # each launched as the rule plans it for an H100.
     assert [(call["x"], call["w"]) for call in calls] == [
         ("28800 x 128", "128 x 32"),
         ("3200 x 1024", "1024 x 64"),
         ("64 x 1024", "1024 x 128"),
         ("64 x 128", "128 x 16"),
     ]
-    assert [call["grid"] for call in calls] == [28800 // 32, 3200 // 32, 2, 2]
-    assert all(call["num_warps"] == 4 and call["ir"].startswith(b"ML\xefR") for call in calls)  # MLIR bytecode
+    assert [(call["position_tile"], call["grid"]) for call in calls] == [(128, 225), (16, 200), (16, 4), (16, 4)]
+    assert [call["auto"] for call in calls] == ["kernel", "kernel", "XLA", "XLA"]
+    for call, (positions, features, hidden) in zip(
+        calls, [(28800, 75, 32), (3200, 800, 64), (50, 1024, 96), (50, 96, 10)], strict=True
+    ):
+        planned = kernels.launch_parameters(positions, features, hidden, "float32", kernels.H100)
+        assert (call["feature_chunk"], call["num_warps"], call["num_stages"]) == (
+            planned.feature_chunk,
+            planned.num_warps,
+            planned.num_stages,
+        )
+        assert call["ir"].startswith(b"ML\xefR")  # MLIR bytecode
+    # Planned for an A100, tf32's second block keeps 16-row tiles (mma.sync); on an H100, wgmma's 64.
+    assert triton_check.kernel_calls("cnmf_1x1", 50, "tf32", kernels.A100)[1]["position_tile"] == 16
+    assert triton_check.kernel_calls("cnmf_1x1", 50, "tf32", kernels.H100)[1]["position_tile"] == 64
 
 
-def test_the_kernel_compiles_for_sm_90_with_triton():
+@pytest.mark.parametrize("precision", ["float32", "tf32"])
+def test_the_kernel_compiles_for_sm_90_with_triton_without_spills(precision):
     pytest.importorskip("triton", reason="pip's triton compiles the kernel: pip install triton==3.8.0 (jaxlib 0.10.2)")
     from nmfjax.bench import triton as triton_check
 
-    (call, *_) = triton_check.kernel_calls("cnmf_1x1", batch_size=4)
+    # Block 2 at the paper's batch: the layer that spilled before the launch rule.
+    call = triton_check.kernel_calls("cnmf_1x1", batch_size=50, precision=precision)[1]
     row = triton_check.compile_call(call, 90)
     assert row["target"] == "sm_90" and 0 < row["registers"] <= 255
-    assert row["products"] == "FFMA" and row["count_FFMA"] > 0  # float32: no tensor cores
+    assert row["spill_store_bytes"] == row["spill_load_bytes"] == 0
+    if precision == "float32":
+        assert row["products"] == "FFMA" and row["count_FFMA"] > 0  # float32: no tensor cores
+    else:
+        assert row["count_HGMMA"] > 0 and row["count_HMMA"] == 0  # Hopper's wgmma, not mma.sync

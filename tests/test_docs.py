@@ -843,14 +843,37 @@ def performance_triton(doc: Document) -> None:
     assert triton.MATCHING_TRITON[record["jaxlib"]] == record["triton"]
     doc.claim("pip install triton=={}", record["triton"])
     doc.claim("pairs checked ({} with {})", record["jaxlib"], record["triton"])
+    assert {row["model"] for row in record["rows"]} == {"cnmf", "cnmf_1x1"} and len(rows) == 4 * 3 * 2
+    # "no layer spills, on either target, in any precision" (both networks)
+    assert all(row["spill_store_bytes"] == row["spill_load_bytes"] == 0 for row in record["rows"])
+    # "tf32 and bf16 run on wgmma (HGMMA) on sm_90 and on mma.sync (HMMA) on sm_80"
+    for row in record["rows"]:
+        if row["precision"] != "float32":
+            assert row["count_HGMMA" if row["target"] == "sm_90" else "count_HMMA"] > 0, row
+            assert row["target"] == "sm_90" or row["count_HGMMA"] == 0
+        assert row["auto"] == ("kernel" if row["grid"] >= record["sm_count"][row["target"]] else "XLA")
     by = {(row["layer"], row["precision"], row["target"]): row for row in rows}
-    # "the third block's layer spills on both targets and the second block's spills on sm_80"
-    assert by[3, "float32", "sm_90"]["spill_store_bytes"] > 0 and by[3, "float32", "sm_80"]["spill_store_bytes"] > 0
-    assert by[2, "float32", "sm_80"]["spill_store_bytes"] > 0 and by[2, "float32", "sm_90"]["spill_store_bytes"] == 0
-    assert by[3, "float32", "sm_90"]["grid"] == by[4, "float32", "sm_90"]["grid"] == 2  # "2 programs each"
-    assert all(row["products"] == "FFMA+HMMA" for row in rows if row["precision"] == "tf32")  # mma.sync, no wgmma
-    doc.given("an H100 has 132 SMs", "NVIDIA's H100 SXM specification")
-    doc.claim("at batch {}; CNMF + 1x1", str(record["batch_size"]))
+    # "the first two blocks fill the GPU in float32, and the last two never do"
+    for target in ("sm_90", "sm_80"):
+        assert [by[layer, "float32", target]["auto"] for layer in (1, 2, 3, 4)] == ["kernel", "kernel", "XLA", "XLA"]
+        assert all(by[layer, p, target]["auto"] == "XLA" for layer in (3, 4) for p in ("tf32", "bfloat16"))
+    doc.claim(
+        "the second block's {}-position tiles make {} programs",
+        str(by[2, "tf32", "sm_90"]["position_tile"]),
+        str(by[2, "tf32", "sm_90"]["grid"]),
+    )
+    assert by[2, "tf32", "sm_90"]["auto"] == by[2, "bfloat16", "sm_90"]["auto"] == "XLA"
+    doc.claim("on an A100 it keeps {}-position tiles and the kernel", str(by[2, "tf32", "sm_80"]["position_tile"]))
+    assert by[2, "tf32", "sm_80"]["auto"] == by[2, "bfloat16", "sm_80"]["auto"] == "kernel"
+    # The launch before the rule, from its record.
+    before = _json(GPU.parent / "triton" / "before_launch_rule.json")
+    old = {(row["layer"], row["precision"], row["target"]): row for row in before["rows"] if row["model"] == "cnmf_1x1"}
+    assert {(row["num_warps"]) for row in old.values()} == {4}
+    assert old[3, "float32", "sm_90"]["spill_store_bytes"] > 0 and old[3, "float32", "sm_80"]["spill_store_bytes"] > 0
+    assert old[2, "float32", "sm_80"]["spill_store_bytes"] > 0 and old[2, "float32", "sm_90"]["spill_store_bytes"] == 0
+    assert old[2, "tf32", "sm_90"]["products"] == "FFMA+HMMA"
+    doc.claim("the last two blocks ran {} programs each", str(old[3, "float32", "sm_90"]["grid"]))
+    assert old[3, "float32", "sm_90"]["grid"] == old[4, "float32", "sm_90"]["grid"]
 
 
 PERFORMANCE_CHECKS: list[Callable[[Document], None]] = [

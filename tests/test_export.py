@@ -90,13 +90,25 @@ def test_train_and_eval_steps_of_each_network_lower_for_cuda(model, kernel):
         assert [aval.shape for aval in exported.out_avals] == [leaf.shape for leaf in jax.tree.leaves((state, totals))]
 
 
-def test_auto_takes_the_kernel_on_a_gpu_and_xla_on_a_cpu():
-    x = jax.ShapeDtypeStruct((64, 75), jnp.float32)
-    w = jax.ShapeDtypeStruct((75, 32), jnp.float32)
+def test_auto_takes_the_kernel_on_a_gpu_where_it_fills_the_sms_and_xla_elsewhere():
     op = jax.jit(lambda x, w: ops.nmf(x, w, kernel="auto"))
-    assert kernels.TRITON_CALL_TARGET in _module(export.export(op, platforms=CUDA, disabled_checks=TRITON)(x, w))
-    on_cpu = export.export(op, platforms=("cpu",))(x, w).mlir_module()
+
+    def lowered(positions, platform):
+        x = jax.ShapeDtypeStruct((positions, 75), jnp.float32)
+        w = jax.ShapeDtypeStruct((75, 32), jnp.float32)
+        return export.export(op, platforms=(platform,), disabled_checks=TRITON)(x, w).mlir_module()
+
+    # Block 1 at batch 50: 225 programs for an H100's 132 SMs (planned for an H100 without one).
+    assert kernels.TRITON_CALL_TARGET in lowered(28800, "cuda")
+    on_cpu = lowered(28800, "cpu")
     assert kernels.TRITON_CALL_TARGET not in on_cpu and _while_loops(on_cpu) == 1  # XLA's loop of N updates
+    # 64 positions make 4 programs: XLA's loop on the GPU as well ...
+    few = lowered(64, "cuda")
+    assert kernels.TRITON_CALL_TARGET not in few and _while_loops(few) == 1
+    # ... unless the GPU planned for has no more SMs than that.
+    with kernels.planning_for(kernels.GpuTarget(capability=90, sm_count=4)):
+        assert kernels.TRITON_CALL_TARGET in lowered(64, "cuda")
+    assert kernels.TRITON_CALL_TARGET not in lowered(64, "cuda")  # the plan ends with the context
 
 
 @pytest.mark.parametrize("mode", ops.GRADIENTS)

@@ -70,6 +70,88 @@ def test_the_kernel_equals_xla_in_each_precision_and_update(precision, epsilon):
     np.testing.assert_allclose(fused, xla, rtol=H_RTOL if precision == "float32" else 1e-3, atol=H_ATOL)
 
 
+# --- the launch rule (what a GPU gets; the rule itself runs anywhere) ---
+
+PAPER_BATCH = 50
+TARGETS = {"sm_90": kernels.H100, "sm_80": kernels.A100}
+
+
+def _launch_choices() -> set[tuple[kernels.LaunchParameters, int, int, str]]:
+    """Every ``(parameters, S, I, precision)`` the rule picks for the networks' layers at the paper's batch."""
+    return {
+        (
+            kernels.launch_parameters(positions * PAPER_BATCH, features, hidden, precision, target),
+            features,
+            hidden,
+            precision,
+        )
+        for positions, features, hidden in LAYER_PROBLEMS
+        for precision in ops.PRECISIONS
+        for target in TARGETS.values()
+    }
+
+
+LAUNCH_CHOICES = sorted(_launch_choices(), key=repr)
+
+
+def test_the_rule_fills_an_h100_with_the_largest_tile_it_can_and_gives_xla_the_layers_it_cannot():
+    # Block 1 (28,800 positions): 128 per program still gives 225 programs for 132 SMs.
+    first = kernels.launch_parameters(28800, 75, 32, "float32", kernels.H100)
+    assert (first.position_tile, first.grid(28800)) == (128, 225) and kernels.fills_gpu(28800, first, kernels.H100)
+    # Block 2 (3,200 positions): only 16 per program gives 200 >= 132 programs.
+    second = kernels.launch_parameters(3200, 800, 64, "float32", kernels.H100)
+    assert (second.position_tile, second.grid(3200)) == (16, 200) and kernels.fills_gpu(3200, second, kernels.H100)
+    # tf32 on sm_90 keeps 64-row tiles for wgmma: 50 programs cannot fill 132 SMs, so "auto" takes XLA...
+    tensor_cores = kernels.launch_parameters(3200, 800, 64, "tf32", kernels.H100)
+    assert tensor_cores.position_tile == 64 and not kernels.fills_gpu(3200, tensor_cores, kernels.H100)
+    # ... while an A100's mma.sync takes 16-row tiles, and 200 programs fill its 108 SMs.
+    assert kernels.launch_parameters(3200, 800, 64, "tf32", kernels.A100).position_tile == 16
+    # One position per image (blocks 3 and 4): no tile fills a GPU at batch 50.
+    last = kernels.launch_parameters(50, 1024, 96, "float32", kernels.H100)
+    assert last.position_tile == 16 and not kernels.fills_gpu(50, last, kernels.H100)
+
+
+@pytest.mark.parametrize("target", TARGETS.values(), ids=TARGETS.keys())
+@pytest.mark.parametrize("precision", ops.PRECISIONS)
+def test_every_choice_keeps_the_rules_bounds(precision, target):
+    for positions in (1, 50, 3200, 28800, 10**6):
+        for features, hidden in ((75, 32), (800, 64), (1024, 96), (96, 10), (4096, 512)):
+            chosen = kernels.launch_parameters(positions, features, hidden, precision, target)
+            tile, chunk = chosen.position_tile, chosen.feature_chunk
+            assert tile in (16, 32, 64, 128) and (chosen.num_warps, chosen.num_stages) == (8, 1)
+            if precision != "float32" and target.capability >= 90:
+                assert tile >= 64  # wgmma's tiles
+            padded_s, padded_i = kernels.padded_size(features), kernels.padded_size(hidden)
+            assert 16 <= chunk <= min(128, padded_s) and padded_s % chunk == 0
+            # Within the register budget, unless even the smallest chunk cannot be.
+            values = 2 * tile * padded_i + chunk * (tile + padded_i)
+            assert values <= kernels.VALUES_PER_THREAD * 32 * chosen.num_warps or chunk == 16
+            # No smaller tile than the SMs need: twice the tile would leave some idle.
+            if kernels.fills_gpu(positions, chosen, target) and tile < 128:
+                assert -(-positions // (2 * tile)) < target.sm_count
+
+
+def test_the_rule_picks_more_than_one_launch_for_the_networks():
+    assert len({choice[0] for choice in LAUNCH_CHOICES}) >= 3
+
+
+def _choice_id(choice: tuple[kernels.LaunchParameters, int, int, str]) -> str:
+    parameters, features, hidden, precision = choice
+    return f"tile{parameters.position_tile}-chunk{parameters.feature_chunk}-S{features}-I{hidden}-{precision}"
+
+
+@pytest.mark.parametrize(
+    ("parameters", "features", "hidden", "precision"), LAUNCH_CHOICES, ids=[_choice_id(c) for c in LAUNCH_CHOICES]
+)
+def test_the_kernel_equals_xla_with_every_launch_the_rule_picks(parameters, features, hidden, precision):
+    # The layer's S and I, two programs of the chosen tile, the second one padded.
+    positions = parameters.position_tile + 5
+    x, w = _problem(positions, features, hidden)
+    xla = ops.nmf(x, w, iterations=10, precision=precision)
+    fused = kernels.nmf_forward(x, w, iterations=10, precision=precision, parameters=parameters, interpret=True)
+    np.testing.assert_allclose(fused, xla, rtol=H_RTOL if precision == "float32" else 1e-3, atol=H_ATOL)
+
+
 def test_padding_cannot_change_h():
     # An all-zero patch, the positions padded to a tile and S, I to powers of two: h is what XLA gives.
     x, w = _problem(33, 17, 5)

@@ -30,23 +30,26 @@ import jax.numpy as jnp
 from flax import nnx
 from jax import export
 
-from nmfjax import configuration, kernels, models
+from nmfjax import configuration, kernels, models, ops
 from nmfjax.errors import ConfigError
 
 #: jaxlib's version -> the pip ``triton`` that parses the Triton IR it writes (checked by running this module).
 MATCHING_TRITON = {"0.10.2": "3.8.0"}
 
-#: The GPU generations checked, by compute capability.
-TARGETS = {90: "sm_90 (H100, H200)", 80: "sm_80 (A100)"}
+#: The GPUs checked, by compute capability; the launch rule plans each export for one of them.
+TARGETS = {90: kernels.H100, 80: kernels.A100}
 
 #: SASS instructions that tell where the products run.
 PRODUCT_INSTRUCTIONS = ("FFMA", "HMMA", "HGMMA")
 
 
-def kernel_calls(model: str, batch_size: int = 50, precision: str = "float32") -> list[dict[str, Any]]:
+def kernel_calls(
+    model: str, batch_size: int = 50, precision: str = "float32", target: kernels.GpuTarget = kernels.H100
+) -> list[dict[str, Any]]:
     """The fused kernel's calls in the CUDA-lowered forward pass of ``model`` (the paper's network,
-    ``kernel="pallas"``) at ``batch_size``: per NMF layer, its operands' shapes, grid, launch
-    parameters and Triton IR (bytes).
+    ``kernel="pallas"``) at ``batch_size``, launches planned for ``target``: per NMF layer, its
+    operands' shapes, grid, launch parameters, whether ``kernel="auto"`` takes it, and its Triton IR
+    (bytes).
     """
     config = configuration.default_config()
     config.model.architecture = model
@@ -58,12 +61,24 @@ def kernel_calls(model: str, batch_size: int = 50, precision: str = "float32") -
     graphdef, state = nnx.split(network)
     images = jax.ShapeDtypeStruct((batch_size, *spec.input_shape), jnp.float32)
     forward = jax.jit(lambda state, images: nnx.merge(graphdef, state).logits(images))
-    exported = export.export(
-        forward,
-        platforms=("cuda",),
-        disabled_checks=[export.DisabledSafetyCheck.custom_call(kernels.TRITON_CALL_TARGET)],
-    )(jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype), state), images)
-    return _triton_calls(exported.mlir_module())
+    with kernels.planning_for(target):
+        exported = export.export(
+            forward,
+            platforms=("cuda",),
+            disabled_checks=[export.DisabledSafetyCheck.custom_call(kernels.TRITON_CALL_TARGET)],
+        )(jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype), state), images)
+    calls = _triton_calls(exported.mlir_module())
+    for call in calls:
+        positions = int(call["x"].split(" x ")[0])
+        call["position_tile"] = positions // call["grid"]
+        chunk = re.search(r"chunk(\d+)", call["name"])
+        if chunk is None:
+            raise RuntimeError(f"the kernel call's name {call['name']!r} carries no feature chunk")
+        call["feature_chunk"] = int(chunk.group(1))
+        # (the grid of the padded positions is the grid of the layer's own)
+        launch = kernels.LaunchParameters(position_tile=call["position_tile"])
+        call["auto"] = "kernel" if kernels.fills_gpu(positions, launch, target) else "XLA"
+    return calls
 
 
 def _triton_calls(module_text: str) -> list[dict[str, Any]]:
@@ -90,6 +105,7 @@ def _triton_calls(module_text: str) -> list[dict[str, Any]]:
                                 "grid": ir.IntegerAttr(config["grid_x"]).value,
                                 "num_warps": ir.IntegerAttr(config["num_warps"]).value,
                                 "num_stages": ir.IntegerAttr(config["num_stages"]).value,
+                                "name": ir.StringAttr(config["name"]).value,
                                 "ir": ir.StringAttr(config["ir"]).value_bytes,
                             }
                         )
@@ -189,9 +205,10 @@ def compile_call(call: dict[str, Any], capability: int) -> dict[str, Any]:
     }
 
 
-def triton_check(batch_size: int = 50, precisions: tuple[str, ...] = ("float32", "tf32")) -> dict[str, Any]:
-    """Every NMF layer of the NMF networks at ``batch_size``, in each of ``precisions``, compiled for
-    each of :data:`TARGETS`: one row per layer, precision and target.
+def triton_check(batch_size: int = 50, precisions: tuple[str, ...] = ops.PRECISIONS) -> dict[str, Any]:
+    """Every NMF layer of the NMF networks at ``batch_size``, in each of ``precisions``, planned by
+    :func:`nmfjax.kernels.launch_parameters` for each of :data:`TARGETS` and compiled for it: one row
+    per layer, precision and target.
     """
     version = _check_triton_version()
     rows = []
@@ -199,14 +216,15 @@ def triton_check(batch_size: int = 50, precisions: tuple[str, ...] = ("float32",
         if not models.NetworkSpec(architecture=model).uses_nmf:
             continue
         for precision in precisions:
-            for call in kernel_calls(model, batch_size, precision):
-                shape = {key: call[key] for key in ("layer", "x", "w", "grid", "num_warps", "num_stages")}
-                for capability in TARGETS:  # (the IR's bytes stay out of the record)
+            for capability, target in TARGETS.items():
+                for call in kernel_calls(model, batch_size, precision, target):
+                    shape = {key: value for key, value in call.items() if key not in ("ir", "name")}
                     rows.append({"model": model, "precision": precision, **shape, **compile_call(call, capability)})
     return {
         "jaxlib": importlib.metadata.version("jaxlib"),
         "triton": version,
         "batch_size": batch_size,
+        "sm_count": {f"sm_{capability}": target.sm_count for capability, target in TARGETS.items()},
         "rows": rows,
     }
 
@@ -218,8 +236,12 @@ TRITON_COLUMNS = [
     ("x (positions, S)", "x", "s"),
     ("w (S, I)", "w", "s"),
     ("target", "target", "s"),
-    ("grid", "grid", "d"),
+    ("tile", "position_tile", "d"),
+    ("chunk", "feature_chunk", "d"),
     ("warps", "num_warps", "d"),
+    ("stages", "num_stages", "d"),
+    ("grid", "grid", "d"),
+    ("under auto", "auto", "s"),
     ("registers", "registers", "d"),
     ("spill stores (B)", "spill_store_bytes", "d"),
     ("spill loads (B)", "spill_load_bytes", "d"),
