@@ -23,10 +23,14 @@ The forward pass iterates the multiplicative update
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import functools
 import numbers
-from collections.abc import Callable
+import os
+import pathlib
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import chex
@@ -48,6 +52,17 @@ _LOWER_PRECISIONS = {
     "tf32": (lax.DotAlgorithmPreset.TF32_TF32_F32, 10),
     "bfloat16": (lax.DotAlgorithmPreset.BF16_BF16_F32, 7),
 }
+
+#: How ``precision="bfloat16"`` may run on a CPU: ``"native"``, bfloat16 operands and float32 sums
+#: on the processor's bf16 units; ``"emulated"``, operands rounded to bfloat16 and a float32 product.
+CPU_BFLOAT16_PATHS = ("native", "emulated")
+#: The environment variable that picks a path of :data:`CPU_BFLOAT16_PATHS` over the processor's features.
+CPU_BFLOAT16_ENV = "NMFJAX_CPU_BFLOAT16"
+# The x86 features (Linux's /proc/cpuinfo flags) of bfloat16 products with float32 sums: AVX512-BF16
+# (Intel since Cooper Lake, AMD since Zen 4) and AMX-BF16 (Intel since Sapphire Rapids).
+_BFLOAT16_CPU_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
+
+_forced_cpu_bfloat16: contextvars.ContextVar[str | None] = contextvars.ContextVar("forced_cpu_bfloat16", default=None)
 
 # Guards of the authors' code: keep sums and reconstructions away from zero.
 _NORMALIZE_EPS = 1e-19
@@ -86,10 +101,14 @@ def matmul(a: jax.Array, b: jax.Array, precision: str = "float32") -> jax.Array:
     ``"float32"``: full float32 on every platform (``lax.Precision.HIGHEST``: a
     GPU's default for float32 products may be TF32). ``"tf32"`` (10 mantissa
     bits) and ``"bfloat16"`` (7): on an accelerator the dot algorithm
-    ``TF32_TF32_F32`` or ``BF16_BF16_F32`` (tensor cores); on a CPU, which has
-    neither, an emulation that rounds both operands to that mantissa
-    (``lax.reduce_precision``) before a float32 product. The choice is made
-    when the program is lowered for its platform (``lax.platform_dependent``).
+    ``TF32_TF32_F32`` or ``BF16_BF16_F32`` (tensor cores). On a CPU, whose XLA
+    ignores those algorithms, ``"bfloat16"`` casts both operands to bfloat16
+    and sums in float32 where the processor has bf16 units
+    (:func:`cpu_bfloat16_path`); elsewhere, and always for ``"tf32"`` (no CPU has
+    TF32 units), an emulation rounds both operands to that mantissa
+    (``lax.reduce_precision``) before a float32 product: the same numbers, at
+    float32's speed. The choice between CPU and accelerator is made when the
+    program is lowered for its platform (``lax.platform_dependent``).
 
     Args:
       a: ``(..., M, K)``.
@@ -107,10 +126,86 @@ def matmul(a: jax.Array, b: jax.Array, precision: str = "float32") -> jax.Array:
         rounded = functools.partial(lax.reduce_precision, exponent_bits=8, mantissa_bits=mantissa_bits)
         return jnp.matmul(rounded(a), rounded(b), precision=lax.Precision.HIGHEST)
 
+    def on_bfloat16_units(a: jax.Array, b: jax.Array) -> jax.Array:
+        # The cast rounds to nearest even, as the emulation does; bf16 x bf16 products are exact in float32.
+        return jnp.matmul(a.astype(jnp.bfloat16), b.astype(jnp.bfloat16), preferred_element_type=jnp.float32).astype(
+            a.dtype
+        )
+
     def native(a: jax.Array, b: jax.Array) -> jax.Array:
         return jnp.matmul(a, b, precision=algorithm, preferred_element_type=a.dtype)
 
-    return lax.platform_dependent(a, b, cpu=emulated, default=native)
+    on_cpu = on_bfloat16_units if precision == "bfloat16" and cpu_bfloat16_path() == "native" else emulated
+    return lax.platform_dependent(a, b, cpu=on_cpu, default=native)
+
+
+@functools.cache
+def _cpu_bfloat16_default() -> str:
+    """The process's path for bfloat16 products on a CPU: :data:`CPU_BFLOAT16_ENV`, else the processor's flags."""
+    chosen = os.environ.get(CPU_BFLOAT16_ENV)
+    if chosen is not None:
+        if chosen not in CPU_BFLOAT16_PATHS:
+            raise ValueError(f"{CPU_BFLOAT16_ENV} must be one of {CPU_BFLOAT16_PATHS}, got {chosen!r}.")
+        return chosen
+    return "native" if cpu_has_bfloat16_units() else "emulated"
+
+
+def cpu_has_bfloat16_units(cpuinfo: str | None = None) -> bool:
+    """Whether the processor multiplies bfloat16 with float32 sums in hardware: the ``flags`` of Linux's
+    /proc/cpuinfo (or of ``cpuinfo``, its text) list ``avx512_bf16`` or ``amx_bf16``. False where
+    there is no such file (not Linux).
+    """
+    if cpuinfo is None:
+        try:
+            cpuinfo = pathlib.Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return False
+    flags = {
+        flag for line in cpuinfo.splitlines() if line.startswith("flags") for flag in line.split(":", 1)[1].split()
+    }
+    return bool(flags & _BFLOAT16_CPU_FLAGS)
+
+
+def cpu_bfloat16_path() -> str:
+    """How ``precision="bfloat16"`` runs on a CPU in this process, one of :data:`CPU_BFLOAT16_PATHS`.
+
+    ``"native"`` where the processor has bfloat16 units (Linux's /proc/cpuinfo
+    lists ``avx512_bf16`` or ``amx_bf16``), else ``"emulated"``; decided once per
+    process. :data:`CPU_BFLOAT16_ENV` (``native`` or ``emulated``) overrides the
+    flags, and :func:`forcing_cpu_bfloat16` overrides both. ``"tf32"`` is always
+    emulated on a CPU: no CPU has TF32 units.
+    """
+    return _forced_cpu_bfloat16.get() or _cpu_bfloat16_default()
+
+
+@contextlib.contextmanager
+def forcing_cpu_bfloat16(path: str) -> Iterator[None]:
+    """Programs traced inside run bfloat16 products on a CPU by ``path`` (``"native"`` or ``"emulated"``).
+
+    JAX's caches are cleared on entry and exit: a function jitted before would
+    otherwise keep the path it was traced with.
+    """
+    if path not in CPU_BFLOAT16_PATHS:
+        raise ValueError(f"path must be one of {CPU_BFLOAT16_PATHS}, got {path!r}.")
+    token = _forced_cpu_bfloat16.set(path)
+    jax.clear_caches()
+    try:
+        yield
+    finally:
+        _forced_cpu_bfloat16.reset(token)
+        jax.clear_caches()
+
+
+def describe_precision(precision: str, platform: str) -> str:
+    """How the NMF op's products run in ``precision`` on ``platform`` (a jax backend name), in words."""
+    if precision == "float32":
+        return "float32"
+    if platform != "cpu":
+        return f"{precision} on the accelerator's matrix units"
+    if precision == "bfloat16" and cpu_bfloat16_path() == "native":
+        return "bfloat16 on the CPU's bf16 units, float32 sums"
+    reason = " (no CPU has TF32 units)" if precision == "tf32" else ""
+    return f"{precision}, emulated: operands rounded, float32 products{reason}"
 
 
 def l1_normalize(x: jax.Array, axis: int = -1) -> jax.Array:

@@ -27,7 +27,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
-from nmfjax import checkpoints, configuration, data, models, parallel, workdirs
+from nmfjax import checkpoints, configuration, data, models, ops, parallel, workdirs
 from nmfjax.errors import ConfigError, TrainingDiverged, TrainingInterrupted, WorkdirError, quiet_failure
 from nmfjax.trainer import Trainer, TrainState, learning_rates
 
@@ -119,7 +119,11 @@ def train_and_evaluate(
     new_workdir = not workdir.exists()
     if is_main_process:
         source = config.data_dir or "tfds's default data directory"
-        print(f"Training {config.model.architecture} into {workdir} ({config.dataset} from {source}).", flush=True)
+        products = _lower_precision_products(config.model.nmf.precision)
+        print(
+            f"Training {config.model.architecture} into {workdir} ({config.dataset} from {source}{products}).",
+            flush=True,
+        )
     try:
         with _StopSignals() as signals, _workdir_lock(workdir, is_main_process):
             if start_over and is_main_process:
@@ -165,6 +169,16 @@ def train_and_evaluate(
     if is_main_process:
         print(run_summary(workdir), flush=True)
     return row
+
+
+def _lower_precision_products(precision: str) -> str:
+    """For the header line: how the NMF products run where ``precision`` is not float32 (empty otherwise)."""
+    if precision == "float32":
+        return ""
+    try:
+        return f"; NMF products in {ops.describe_precision(precision, jax.default_backend())}"
+    except ValueError as error:  # a bad NMFJAX_CPU_BFLOAT16
+        raise ConfigError(f"{error} Unset it to follow the processor's features.") from None
 
 
 def _read_splits(config: ml_collections.ConfigDict) -> tuple[data.Split, data.Split]:

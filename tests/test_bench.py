@@ -49,7 +49,8 @@ def test_loop_flops_match_a_hand_count_for_the_default_cnmf():
 def test_precision_study_orders_the_precisions_and_writes_json(tmp_path, capsys):
     bench.main(["--precision", "--tiny", "--output", str(tmp_path)])
     results = json.loads((tmp_path / "precision.json").read_text())
-    assert results["emulated"] and [row["precision"] for row in results["rows"]] == ["tf32", "bfloat16"]
+    assert results["bfloat16_path"] == ops.cpu_bfloat16_path()
+    assert [row["precision"] for row in results["rows"]] == ["tf32", "bfloat16"]
     tf32, bfloat16 = results["rows"]
     for key in ("h", *(f"{mode}_{part}" for mode in ops.GRADIENTS for part in ("dx", "dw"))):
         assert 0 < tf32[key] < bfloat16[key] < 0.05, key
@@ -157,6 +158,33 @@ def test_the_unroll_study_compares_the_loop_and_its_unrolled_form(tmp_path, caps
     ]
     assert all(row["train_compile_seconds"] > 0 and row["train_images_per_second"] > 0 for row in written["rows"])
     assert written["peak_gflops"] > 0 and "xla_unrolled" in capsys.readouterr().out
+
+
+def test_the_bfloat16_study_sets_each_path_against_float32_and_its_own_peak(tmp_path, capsys):
+    bench.main(["--bfloat16", "--tiny", "--output", str(tmp_path)])
+    written = json.loads((tmp_path / "bfloat16.json").read_text())
+    path = ops.cpu_bfloat16_path()
+    expected = ["float32", f"bfloat16 {path}"] + (["bfloat16 emulated"] if path == "native" else [])
+    assert [row["variant"] for row in written["rows"]] == expected
+    assert written["bfloat16_path"] == path and written["peak_gflops"]["bfloat16"] > 0
+    float32, *lower = written["rows"]
+    assert float32["train_speedup"] == float32["loop_train_speedup"] == 1.0
+    for row in written["rows"]:
+        # Each against its own peak: the native products against bfloat16's, the emulation against float32's.
+        own = "bfloat16" if row["variant"] == "bfloat16 native" else "float32"
+        assert row["peak_gflops"] == written["peak_gflops"][own]
+        assert row["train_fraction_of_peak"] == pytest.approx(row["train_gflop_per_second"] / row["peak_gflops"])
+        assert row["precision"] == row["variant"].split()[0]
+    for row in lower:
+        assert row["train_speedup"] == pytest.approx(
+            row["train_images_per_second"] / float32["train_images_per_second"]
+        )
+    # The profiles count the forward iterations' products, and those on bfloat16 operands.
+    profiles = {profile["precision"]: profile for profile in written["profiles"]}
+    assert profiles["float32"]["nmf_loop_products"] > 0 and profiles["float32"]["bfloat16_loop_products"] == 0
+    on_units = profiles["bfloat16"]["bfloat16_loop_products"]
+    assert (on_units > 0) == (path == "native") and on_units <= profiles["bfloat16"]["nmf_loop_products"]
+    assert "(bf16 units: " in capsys.readouterr().out
 
 
 # --- the fused kernel compiled for NVIDIA GPUs without one (--triton) ---

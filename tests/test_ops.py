@@ -264,7 +264,8 @@ def test_mantissa_rounding_of_the_tests_rounds_to_nearest_even():
 def test_lower_precision_products_round_their_operands_on_the_cpu(precision, mantissa_bits):
     a = jax.random.uniform(jax.random.key(0), (16, 24))
     b = jax.random.uniform(jax.random.key(1), (24, 8))
-    product = jax.jit(ops.matmul, static_argnums=2)(a, b, precision)
+    with ops.forcing_cpu_bfloat16("emulated"):  # (tf32 has no other path)
+        product = jax.jit(ops.matmul, static_argnums=2)(a, b, precision)
 
     def product_of_operands_rounded_to(bits):
         rounded_a, rounded_b = (jnp.asarray(_round_mantissa(np.asarray(v), bits)) for v in (a, b))
@@ -277,6 +278,118 @@ def test_lower_precision_products_round_their_operands_on_the_cpu(precision, man
         cast = jnp.matmul(a.astype(jnp.bfloat16).astype(jnp.float32), b.astype(jnp.bfloat16).astype(jnp.float32))
         np.testing.assert_array_equal(product, cast)
     np.testing.assert_array_equal(ops.matmul(a, b), jnp.matmul(a, b))  # float32 is the plain product on a CPU
+
+
+# Native bfloat16 products sum bf16 x bf16 products (exact in float32) in another order than the
+# emulation's float32 product: h differs by float32 round-off, carried along N updates. The backward
+# products round operands computed from h (x / R, the adjoint) to bfloat16 again, and where the
+# round-off moves one across a rounding boundary the two differ by a bfloat16 step (2**-8) there:
+# the gradients agree to a fraction of one such step.
+NATIVE_H_RTOL = 5e-5
+NATIVE_GRADIENT_RTOL = 2e-3
+
+
+def _bfloat16_by(path: str, function, *args):
+    with ops.forcing_cpu_bfloat16(path):
+        return jax.jit(function)(*args)
+
+
+def test_native_bfloat16_products_are_bfloat16_dots_with_float32_sums():
+    a = jax.random.uniform(jax.random.key(0), (64, 75))
+    b = jax.random.uniform(jax.random.key(1), (75, 32))
+    product = functools.partial(ops.matmul, precision="bfloat16")
+    with ops.forcing_cpu_bfloat16("native"):
+        native_program = jax.jit(product).lower(a, b).as_text()
+    with ops.forcing_cpu_bfloat16("emulated"):
+        emulated_program = jax.jit(product).lower(a, b).as_text()
+    assert "bf16" in native_program and "reduce_precision" not in native_program
+    assert "bf16" not in emulated_program and "reduce_precision" in emulated_program
+    native, emulated = _bfloat16_by("native", product, a, b), _bfloat16_by("emulated", product, a, b)
+    assert native.dtype == jnp.float32
+    np.testing.assert_allclose(native, emulated, rtol=1e-6)
+    # tf32 stays an emulation whatever the bfloat16 path.
+    with ops.forcing_cpu_bfloat16("native"):
+        assert "bf16" not in jax.jit(functools.partial(ops.matmul, precision="tf32")).lower(a, b).as_text()
+
+
+# The NMF layers' shapes (positions at one image, S, I) and a grouped one.
+@pytest.mark.parametrize("shape", [(576, 75, 32), (64, 800, 64), (2, 1024, 96), (40, 30, 8)])
+@pytest.mark.parametrize("mode", GRADIENTS)
+def test_native_bfloat16_h_and_gradients_equal_the_emulation(mode, shape):
+    positions, features, hidden = shape
+    x, w, g = (jnp.asarray(v, jnp.float32) for v in random_problem(4, positions, features, hidden))
+
+    def h_and_gradients(x, w, g):
+        h, vjp = jax.vjp(lambda x, w: ops.nmf(x, w, iterations=20, gradient=mode, precision="bfloat16"), x, w)
+        return (h, *vjp(g))
+
+    native = _bfloat16_by("native", h_and_gradients, x, w, g)
+    emulated = _bfloat16_by("emulated", h_and_gradients, x, w, g)
+    full = jax.jit(lambda x, w, g: jax.vjp(lambda x, w: ops.nmf(x, w, iterations=20, gradient=mode), x, w)[1](g))(
+        x, w, g
+    )
+    relative = lambda a, b: float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))  # noqa: E731
+    # Relative to the array's norm: single entries near 0 carry the round-off of their neighbours.
+    assert relative(native[0], emulated[0]) < NATIVE_H_RTOL
+    for name, a, b, f in zip(("dx", "dw"), native[1:], emulated[1:], full, strict=True):
+        assert relative(a, b) < NATIVE_GRADIENT_RTOL, (name, relative(a, b))
+        # Both paths are as far from float32 as each other.
+        assert abs(relative(a, f) - relative(b, f)) < 0.5 * relative(b, f), name
+
+
+def test_native_bfloat16_nmf_conv_equals_the_emulation():
+    # The patches, a grouped layer with epsilon, and the gradient to the unconstrained weight.
+    from flax import nnx
+
+    from nmfjax import layers
+
+    x = jax.random.uniform(jax.random.key(5), (2, 9, 9, 6))
+
+    def loss_and_gradient(path):
+        with ops.forcing_cpu_bfloat16(path):
+            layer = layers.NMFConv(
+                6, 8, 3, feature_group_count=2, epsilon=0.2, iterations=10, precision="bfloat16", rngs=nnx.Rngs(0)
+            )
+            return nnx.jit(nnx.value_and_grad(lambda layer, x: jnp.sum(layer(x) ** 2)))(layer, x)
+
+    (native_loss, native_grads), (emulated_loss, emulated_grads) = (
+        loss_and_gradient("native"),
+        loss_and_gradient("emulated"),
+    )
+    np.testing.assert_allclose(native_loss, emulated_loss, rtol=NATIVE_H_RTOL)
+    for a, b in zip(jax.tree.leaves(native_grads), jax.tree.leaves(emulated_grads), strict=True):
+        assert float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b)) < NATIVE_GRADIENT_RTOL
+
+
+def test_the_bfloat16_path_follows_the_environment_then_the_processor(monkeypatch):
+    monkeypatch.setattr(ops, "_cpu_bfloat16_default", functools.cache(ops._cpu_bfloat16_default.__wrapped__))
+    for path in ops.CPU_BFLOAT16_PATHS:
+        monkeypatch.setenv(ops.CPU_BFLOAT16_ENV, path)
+        ops._cpu_bfloat16_default.cache_clear()
+        assert ops.cpu_bfloat16_path() == path
+        with ops.forcing_cpu_bfloat16("emulated" if path == "native" else "native"):
+            assert ops.cpu_bfloat16_path() != path  # forcing wins over the environment
+    monkeypatch.setenv(ops.CPU_BFLOAT16_ENV, "amx")
+    ops._cpu_bfloat16_default.cache_clear()
+    with pytest.raises(ValueError, match=r"NMFJAX_CPU_BFLOAT16 must be one of \('native', 'emulated'\), got 'amx'"):
+        ops.cpu_bfloat16_path()
+    monkeypatch.delenv(ops.CPU_BFLOAT16_ENV)
+    ops._cpu_bfloat16_default.cache_clear()
+    assert ops.cpu_bfloat16_path() == ("native" if ops.cpu_has_bfloat16_units() else "emulated")
+    assert ops.describe_precision("bfloat16", "gpu") == "bfloat16 on the accelerator's matrix units"
+    assert "no CPU has TF32 units" in ops.describe_precision("tf32", "cpu")
+    with pytest.raises(ValueError, match="path must be one of"):
+        with ops.forcing_cpu_bfloat16("fast"):
+            pass
+
+
+@pytest.mark.parametrize(
+    ("flags", "units"),
+    [("fpu sse avx512f avx512_bf16", True), ("fpu amx_tile amx_bf16", True), ("fpu sse avx2 avx512f", False)],
+)
+def test_bfloat16_units_are_read_from_the_processors_flags(flags, units):
+    assert ops.cpu_has_bfloat16_units(f"processor\t: 0\nflags\t\t: {flags}\n") is units
+    assert ops.cpu_has_bfloat16_units("") is False
 
 
 @pytest.mark.parametrize("mode", GRADIENTS)

@@ -16,7 +16,7 @@ from absl import flags
 from absl.testing import flagsaver
 from flax import nnx
 
-from nmfjax import checkpoints, configuration, errors, evaluation, models, parallel, plots, training, workdirs
+from nmfjax import checkpoints, configuration, errors, evaluation, models, ops, parallel, plots, training, workdirs
 from nmfjax import trainer as trainer_module
 from tests.conftest import mocked_tfds, run_process, tiny_config
 
@@ -215,6 +215,37 @@ def test_a_run_that_cannot_read_its_data_writes_nothing_and_leaves_the_workdir_r
     with mocked_tfds(20):
         training.train_and_evaluate(tiny_config("cnn"), workdir)  # another model: nothing holds the workdir
     assert json.loads((workdir / "config.json").read_text())["model"]["architecture"] == "cnn"
+
+
+@pytest.mark.parametrize(
+    ("path", "products"),
+    [
+        ("native", "bfloat16 on the CPU's bf16 units, float32 sums"),
+        ("emulated", "bfloat16, emulated: operands rounded, float32 products"),
+    ],
+)
+def test_the_first_line_says_how_the_bfloat16_products_run(tmp_path, capsys, path, products):
+    config = tiny_config()
+    config.model.nmf.precision = "bfloat16"
+    with mocked_tfds(20), ops.forcing_cpu_bfloat16(path):
+        training.train_and_evaluate(config, tmp_path)
+    first = capsys.readouterr().out.splitlines()[0]
+    source = "cifar10 from tfds's default data directory"
+    assert first == f"Training cnmf_1x1 into {tmp_path} ({source}; NMF products in {products})."
+
+
+def test_a_bad_bfloat16_path_in_the_environment_is_a_config_error(tmp_path, monkeypatch):
+    config = tiny_config()
+    config.model.nmf.precision = "bfloat16"
+    monkeypatch.setenv(ops.CPU_BFLOAT16_ENV, "amx")
+    ops._cpu_bfloat16_default.cache_clear()
+    try:
+        with pytest.raises(errors.ConfigError, match="NMFJAX_CPU_BFLOAT16 must be one of .* got 'amx'. Unset it"):
+            training.train_and_evaluate(config, tmp_path / "run")
+    finally:
+        monkeypatch.delenv(ops.CPU_BFLOAT16_ENV)
+        ops._cpu_bfloat16_default.cache_clear()
+    assert not (tmp_path / "run").exists()
 
 
 def test_a_run_names_its_workdir_first_and_sums_itself_up_last(tmp_path, capsys):

@@ -26,6 +26,7 @@ More suites, each its own JSON::
     python -m nmfjax.bench --profile --output bench     # where a CNMF+1x1 train step's time goes (CPU)
 
     python -m nmfjax.bench --precision --output bench   # the op in tf32 and bfloat16 against float32
+    python -m nmfjax.bench --bfloat16 --output bench    # CNMF+1x1 at bfloat16 against float32 (CPU)
     python -m nmfjax.bench --unroll --output bench      # the NMF loop unrolled: compile time and speed
     python -m nmfjax.bench --triton --output bench      # the fused kernel compiled for sm_90/sm_80 (no GPU)
     python -m nmfjax.bench --gpu --data_dir DIR --output bench   # on a machine with a GPU: its table
@@ -42,8 +43,13 @@ More suites, each its own JSON::
 * ``--precision`` (``precision.json``): the relative error of ``h`` and of the
   input and weight gradients of each backward mode when every product of the
   op runs in TF32 or bfloat16 instead of float32, at N in {5, 20, 50}, on a
-  first-block-sized problem. On a CPU the lower precisions are emulated
-  (operands rounded to their mantissa, float32 sums; see :func:`nmfjax.ops.matmul`).
+  first-block-sized problem. On a CPU tf32 is emulated (operands rounded to
+  its mantissa, float32 sums) and bfloat16 runs as :func:`nmfjax.ops.cpu_bfloat16_path`
+  says (see :func:`nmfjax.ops.matmul`).
+* ``--bfloat16`` (``bfloat16.json``): :mod:`nmfjax.bench.bfloat16`, the
+  float32 and bfloat16 product peaks, and CNMF+1x1's train and eval steps and
+  ``train.py``'s epoch at float32, native and emulated bfloat16, each as a
+  fraction of its own peak, with a profile of the step at each precision.
 * ``--gpu`` (``gpu.json``): the op's results on the GPU against the CPU's
   (float32, and TF32 and bfloat16 on the GPU's own tensor cores), train and
   eval images/s of the four networks at batch 50 and 500 (CNMF+1x1 in each

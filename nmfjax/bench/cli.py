@@ -6,16 +6,16 @@ import argparse
 import dataclasses
 import json
 import pathlib
-import platform
 from typing import Any
 
 import jax
 
 from nmfjax import cli, parallel, plots
+from nmfjax.bench.bfloat16 import bfloat16_study
 from nmfjax.bench.figure1 import FIGURE1_COLUMNS, figure1
 from nmfjax.bench.gpu import GPU_FULL, GPU_TINY, gpu_suite, gpus
 from nmfjax.bench.loop import LOOP_COLUMNS, measure_loop
-from nmfjax.bench.peak import PEAK_SIZE, measure_peak_gflops
+from nmfjax.bench.peak import PEAK_SIZE, cpu_name, measure_peak_gflops
 from nmfjax.bench.precision import precision_study
 from nmfjax.bench.profile import CPU_PROFILE_COLUMNS, TOP_REST_COLUMNS, cpu_profile
 from nmfjax.bench.throughput import (
@@ -79,17 +79,6 @@ def run(sizes: Sizes, output: pathlib.Path) -> dict:
     return results
 
 
-def cpu_name() -> str:
-    """The processor's model name (Linux's /proc/cpuinfo), else what ``platform`` knows."""
-    try:
-        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def main(argv: list[str] | None = None) -> None:
     """``python -m nmfjax.bench``."""
     from nmfjax import bench  # the package docstring is the help text
@@ -111,6 +100,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     suite.add_argument(
         "--triton", action="store_true", help="the fused kernel compiled for sm_90 and sm_80 by pip's triton (no GPU)"
+    )
+    suite.add_argument(
+        "--bfloat16", action="store_true", help="CNMF+1x1 at bfloat16 against float32 on a CPU, each to its own peak"
     )
     suite.add_argument("--gpu", action="store_true", help="the GPU table (needs a GPU and --data_dir)")
     parser.add_argument("--data_dir", help="TFDS data directory with CIFAR-10, for --gpu's training run")
@@ -155,6 +147,9 @@ def main(argv: list[str] | None = None) -> None:
         sizes = dataclasses.replace(sizes, repeats=args.repeats)
     if args.unroll:
         write_unroll_study(sizes, output, iterations=2 if args.tiny else 20)
+        return
+    if args.bfloat16:
+        bfloat16_study(sizes, output, rounds=1 if args.tiny else 3)
         return
     run(sizes, output)
 

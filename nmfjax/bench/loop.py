@@ -15,14 +15,23 @@ from nmfjax.bench.throughput import synthetic_data, synthetic_train_step
 
 
 def measure_loop(
-    model: str, batch_size: int, peak_gflops: float, steps: int = 20, repeats: int = 3, iterations: int = 20
+    model: str,
+    batch_size: int,
+    peak_gflops: float,
+    steps: int = 20,
+    repeats: int = 3,
+    iterations: int = 20,
+    precision: str = "float32",
 ) -> dict:
     """Train and eval images/s of ``model`` at ``batch_size``: the bare compiled steps (median of
     ``steps`` calls) and ``train.py``'s epoch path over ``steps`` batches of synthetic resident images
     (median of ``repeats`` epochs after a warm-up one; no progress bar), each as GFLOP/s and as a
-    fraction of ``peak_gflops``; ``loop_*_ratio`` is the epoch path's speed over the bare step's.
+    fraction of ``peak_gflops``; ``loop_*_ratio`` is the epoch path's speed over the bare step's. The
+    NMF products in ``precision``.
     """
-    trainer, spec, (state, _, _, batch, key, totals) = synthetic_train_step(model, batch_size, iterations)
+    trainer, spec, (state, _, _, batch, key, totals) = synthetic_train_step(
+        model, batch_size, iterations, precision=precision
+    )
     images, labels = synthetic_data(trainer, steps * batch_size)
     trainer.compile(state, images, labels, images, labels)
     train_compiled = trainer.train_step.lower(state, images, labels, batch, key, totals).compile()
@@ -54,6 +63,7 @@ def measure_loop(
         "model": model,
         "devices": devices,
         "batch_size": batch_size,
+        "precision": precision,
         "steps_per_call": trainer.steps_per_call,
         "bare_train_images_per_second": bare_train,
         "loop_train_images_per_second": statistics.median(loop_train),

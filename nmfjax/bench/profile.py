@@ -150,12 +150,19 @@ def thread_events(trace_dir: pathlib.Path) -> list[tuple[str, str, float]]:
     ]
 
 
-def cpu_profile(model: str = "cnmf_1x1", batch_size: int = 50, steps: int = 10, iterations: int = 20) -> dict:
+def cpu_profile(
+    model: str = "cnmf_1x1", batch_size: int = 50, steps: int = 10, iterations: int = 20, precision: str = "float32"
+) -> dict:
     """Where a train step's time goes on a CPU: the XLA operations that each device ran (its thunks,
     from a trace of ``steps`` steps), split into the NMF op's forward iterations and the rest, per
-    device and step, with the 15 operations of the rest that take longest (their HLO shapes).
+    device and step, with the 15 operations of the rest that take longest (their HLO shapes). The
+    NMF products in ``precision``; ``nmf_loop_products`` counts the products of the forward
+    iterations (XLA's CPU dot fusions) and ``bfloat16_loop_products`` those of them that take
+    bfloat16 operands.
     """
-    trainer, _, (state, images, labels, batch, key, totals) = synthetic_train_step(model, batch_size, iterations)
+    trainer, _, (state, images, labels, batch, key, totals) = synthetic_train_step(
+        model, batch_size, iterations, precision=precision
+    )
     compiled = trainer.train_step.lower(state, images, labels, batch, key, totals).compile()
     hlo = compiled.as_text() or ""
     in_loops = nmf_loop_instructions(hlo)
@@ -171,9 +178,24 @@ def cpu_profile(model: str = "cnmf_1x1", batch_size: int = 50, steps: int = 10, 
     loops = sum(ms for name, ms in operations.items() if name in in_loops)
     rest = {name: ms for name, ms in operations.items() if name not in in_loops}
     top = sorted(rest.items(), key=lambda item: -item[1])[:15]
+    definitions = dict(re.findall(r"^\s*(?:ROOT\s+)?%([\w.-]+)\s*=\s*(.*)$", hlo, re.MULTILINE))
+    loop_products = [
+        definitions[name] for name in in_loops if name in definitions and "dot_general" in definitions[name]
+    ]
+    loop_products = [text for text in loop_products if "kind=kCustom" in text or " dot(" in text]
+    operand_types = dict(re.findall(r"^\s*(?:ROOT\s+)?%([\w.-]+)\s*=\s*(\w+)\[", hlo, re.MULTILINE))
+
+    def takes_bfloat16(text: str) -> bool:
+        operands = re.search(r"(?:fusion|dot)\(([^)]*)\)", text)
+        names = re.findall(r"%([\w.-]+)", operands.group(1)) if operands else []
+        return any(operand_types.get(name) == "bf16" for name in names)
+
     return {
         "model": model,
         "batch_size": batch_size,
+        "precision": precision,
+        "nmf_loop_products": len(loop_products),
+        "bfloat16_loop_products": sum(takes_bfloat16(text) for text in loop_products),
         "devices": trainer.mesh.size,
         "steps": steps,
         "wall_ms_per_step": 1e3 * wall / steps,
