@@ -374,7 +374,12 @@ def _check_values(x: jax.Array, w: jax.Array) -> None:
 
 
 def nmf_update(
-    h: jax.Array, x: jax.Array, w: jax.Array, epsilon: float | None = None, precision: str = "float32"
+    h: jax.Array,
+    x: jax.Array,
+    w: jax.Array,
+    epsilon: float | None = None,
+    precision: str = "float32",
+    w_transposed: jax.Array | None = None,
 ) -> jax.Array:
     """One normalised multiplicative update of ``h`` (paper eq. 3, or eq. 6 with ``epsilon``).
 
@@ -384,11 +389,17 @@ def nmf_update(
       w: positive weight, shape ``(S, I)``.
       epsilon: ``None`` for the pure update ``h * f``, else ``h * (1 + epsilon * f)``.
       precision: of the two products ``W h`` and ``W^T (x / R)`` (see :func:`matmul`).
+      w_transposed: ``W^T``, shape ``(I, S)``, where the caller has it (default: ``w.T``). A loop
+        of updates passes one made before the loop: XLA's CPU compiler runs a bfloat16 product
+        whose second operand is transposed inside it in float32, but one on an array of
+        ``(I, S)`` on the bf16 units.
 
     Returns:
       The next ``h``, shape ``(..., I)``, non-negative and summing to one.
     """
-    reconstruction = matmul(h, w.T, precision) + _RECONSTRUCTION_EPS
+    if w_transposed is None:
+        w_transposed = w.T
+    reconstruction = matmul(h, w_transposed, precision) + _RECONSTRUCTION_EPS
     factor = matmul(safe_divide(x, reconstruction), w, precision)
     h = h * factor if epsilon is None else h * (1 + epsilon * factor)
     return l1_normalize(h)
@@ -399,7 +410,8 @@ def _iterate(x: jax.Array, w: jax.Array, options: NMFOptions) -> jax.Array:
     num_hidden = w.shape[1]
     h = jnp.full(x.shape[:-1] + (num_hidden,), 1.0 / num_hidden, dtype)
     update = functools.partial(nmf_update, epsilon=options.epsilon, precision=options.precision)
-    return _repeat(options.iterations, lambda h: update(h, x, w), h, options.unroll)
+    w_transposed = w.T  # once, outside the loop (see nmf_update)
+    return _repeat(options.iterations, lambda h: update(h, x, w, w_transposed=w_transposed), h, options.unroll)
 
 
 def _repeat(times: int, body: Callable[[jax.Array], jax.Array], value: jax.Array, unroll: bool) -> jax.Array:

@@ -312,6 +312,24 @@ def test_native_bfloat16_products_are_bfloat16_dots_with_float32_sums():
         assert "bf16" not in jax.jit(functools.partial(ops.matmul, precision="tf32")).lower(a, b).as_text()
 
 
+@pytest.mark.parametrize("shape", [(576, 75, 32), (64, 800, 64), (2, 1024, 96)])
+def test_native_bfloat16_runs_both_products_of_the_forward_loop_on_bfloat16_operands(shape):
+    # XLA's CPU compiler turns a bfloat16 product whose second operand is transposed inside it into a
+    # float32 one (a pair of converts): the loop takes W^T made before it (nmf_update's w_transposed).
+    from nmfjax.bench.profile import nmf_loop_products
+
+    positions, features, hidden = shape
+    x, w, g = (jnp.asarray(v, jnp.float32) for v in random_problem(6, positions, features, hidden))
+
+    def h_and_gradients(x, w, g):
+        return jax.vjp(lambda x, w: ops.nmf(x, w, iterations=20, precision="bfloat16"), x, w)[1](g)
+
+    for path, on_units in (("native", 2), ("emulated", 0)):
+        with ops.forcing_cpu_bfloat16(path):
+            hlo = jax.jit(h_and_gradients).lower(x, w, g).compile().as_text()
+        assert nmf_loop_products(hlo) == (2, on_units), path
+
+
 # The NMF layers' shapes (positions at one image, S, I) and a grouped one.
 @pytest.mark.parametrize("shape", [(576, 75, 32), (64, 800, 64), (2, 1024, 96), (40, 30, 8)])
 @pytest.mark.parametrize("mode", GRADIENTS)

@@ -135,6 +135,29 @@ def nmf_loop_instructions(hlo_text: str) -> set[str]:
     return names
 
 
+def nmf_loop_products(hlo_text: str, in_loops: set[str] | None = None) -> tuple[int, int]:
+    """The matrix products in the NMF op's forward loops of an optimised HLO module's text (XLA's
+    CPU dot fusions, or dots), and how many of them take a bfloat16 operand.
+    """
+    if in_loops is None:
+        in_loops = nmf_loop_instructions(hlo_text)
+    definitions = dict(re.findall(r"^\s*(?:ROOT\s+)?%([\w.-]+)\s*=\s*(.*)$", hlo_text, re.MULTILINE))
+    types = dict(re.findall(r"^\s*(?:ROOT\s+)?%([\w.-]+)\s*=\s*(\w+)\[", hlo_text, re.MULTILINE))
+    products = [
+        text
+        for name, text in definitions.items()
+        if name in in_loops and "dot_general" in text and ("kind=kCustom" in text or " dot(" in text)
+    ]
+
+    def takes_bfloat16(text: str) -> bool:
+        operands = re.search(r"(?:fusion|dot)\(([^)]*)\)", text)
+        return any(
+            types.get(name) == "bf16" for name in re.findall(r"%([\w.-]+)", operands.group(1) if operands else "")
+        )
+
+    return len(products), sum(takes_bfloat16(text) for text in products)
+
+
 def thread_events(trace_dir: pathlib.Path) -> list[tuple[str, str, float]]:
     """``(thread, name, milliseconds)`` of every complete event in the Perfetto trace under ``trace_dir``."""
     events = _trace_events(trace_dir)
@@ -178,24 +201,13 @@ def cpu_profile(
     loops = sum(ms for name, ms in operations.items() if name in in_loops)
     rest = {name: ms for name, ms in operations.items() if name not in in_loops}
     top = sorted(rest.items(), key=lambda item: -item[1])[:15]
-    definitions = dict(re.findall(r"^\s*(?:ROOT\s+)?%([\w.-]+)\s*=\s*(.*)$", hlo, re.MULTILINE))
-    loop_products = [
-        definitions[name] for name in in_loops if name in definitions and "dot_general" in definitions[name]
-    ]
-    loop_products = [text for text in loop_products if "kind=kCustom" in text or " dot(" in text]
-    operand_types = dict(re.findall(r"^\s*(?:ROOT\s+)?%([\w.-]+)\s*=\s*(\w+)\[", hlo, re.MULTILINE))
-
-    def takes_bfloat16(text: str) -> bool:
-        operands = re.search(r"(?:fusion|dot)\(([^)]*)\)", text)
-        names = re.findall(r"%([\w.-]+)", operands.group(1)) if operands else []
-        return any(operand_types.get(name) == "bf16" for name in names)
-
+    loop_products, bfloat16_products = nmf_loop_products(hlo, in_loops)
     return {
         "model": model,
         "batch_size": batch_size,
         "precision": precision,
-        "nmf_loop_products": len(loop_products),
-        "bfloat16_loop_products": sum(takes_bfloat16(text) for text in loop_products),
+        "nmf_loop_products": loop_products,
+        "bfloat16_loop_products": bfloat16_products,
         "devices": trainer.mesh.size,
         "steps": steps,
         "wall_ms_per_step": 1e3 * wall / steps,
