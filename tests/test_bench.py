@@ -175,10 +175,13 @@ def test_the_bfloat16_study_sets_each_path_against_float32_and_its_own_peak(tmp_
         assert row["peak_gflops"] == written["peak_gflops"][own]
         assert row["train_fraction_of_peak"] == pytest.approx(row["train_gflop_per_second"] / row["peak_gflops"])
         assert row["precision"] == row["variant"].split()[0]
+    # The speed-ups are ratios within a round (one round at the tiny size).
+    assert written["rounds"] == 1 and all(len(rounds) == 1 for rounds in written["measured"].values())
     for row in lower:
-        assert row["train_speedup"] == pytest.approx(
-            row["train_images_per_second"] / float32["train_images_per_second"]
-        )
+        (mine,), (reference,) = written["measured"][row["variant"]], written["measured"]["float32"]
+        for key in ("train", "eval", "loop_train", "loop_eval"):
+            ratio = mine[f"{key}_images_per_second"] / reference[f"{key}_images_per_second"]
+            assert row[f"{key}_speedup"] == pytest.approx(ratio)
     # The profiles count the forward iterations' products, and those on bfloat16 operands.
     profiles = {profile["precision"]: profile for profile in written["profiles"]}
     assert profiles["float32"]["nmf_loop_products"] > 0 and profiles["float32"]["bfloat16_loop_products"] == 0

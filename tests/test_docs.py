@@ -852,63 +852,96 @@ def performance_bfloat16(doc: Document) -> None:
     doc.table(markdown_table(record["rows"], BFLOAT16_COLUMNS))
     doc.table(markdown_table(record["profiles"], BFLOAT16_PROFILE_COLUMNS))
     assert record["cpu"].startswith("AMD EPYC") and record["bfloat16_units"] and record["bfloat16_path"] == "native"
-    assert record["rounds"] == 3 and record["batch_size"] == 50 and record["devices"] == 2
-    doc.given("in 3 alternating rounds", "the benchmark's setting (bfloat16.json's rounds)")
+    assert record["batch_size"] == 50 and record["devices"] == 2
+    doc.given("in 4 rounds with the three in turn in each", "the benchmark's setting (bfloat16.json's rounds)")
+    assert record["rounds"] == 4
     assert record["peak_size"] == 2048
     doc.given("2048 x 2048", "the peak's product size (bfloat16.json's peak_size)")
-    doc.given("the issue's goal (1.3x the step, 2x the product)", "issue #38's goal")
+    doc.given("The issue's goal (1.3x the step, 2x the product)", "issue #38's goal")
     doc.given("a trace of 10 steps", "the benchmark's setting (profiles' steps)")
     assert {profile["steps"] for profile in record["profiles"]} == {10}
     rows = {row["variant"]: row for row in record["rows"]}
+    native, emulated = rows["bfloat16 native"], rows["bfloat16 emulated"]
+    # "x float32": the median over the rounds of the ratio within a round.
+    for row in record["rows"]:
+        for key in ("train", "eval", "loop_train", "loop_eval"):
+            ratios = [
+                mine[f"{key}_images_per_second"] / theirs[f"{key}_images_per_second"]
+                for mine, theirs in zip(record["measured"][row["variant"]], record["measured"]["float32"], strict=True)
+            ]
+            assert row[f"{key}_speedup"] == pytest.approx(statistics.median(ratios), rel=1e-6)
     peaks = record["peak_gflops"]
+    ratio = peaks["bfloat16"] / peaks["float32"]
     doc.claim(
         "The bf16 units multiply 2048 x 2048 at {} GFLOP/s, {}x float32's {}.",
         f"{peaks['bfloat16']:.0f}",
-        f"{peaks['bfloat16'] / peaks['float32']:.2f}",
+        f"{ratio:.2f}",
         f"{peaks['float32']:.0f}",
     )
-    native, emulated = rows["bfloat16 native"], rows["bfloat16 emulated"]
     doc.claim(
-        "native bfloat16 trained at {}x float32 and evaluated at {}x, and `train.py`'s epoch at {}x.",
-        f"{native['train_speedup']:.2f}",
-        f"{native['eval_speedup']:.2f}",
-        f"{native['loop_train_speedup']:.2f}",
+        "native bfloat16 ran the train step at {}x float32 and the eval step at {}x, and `train.py`'s epoch path "
+        "trained at {}x and evaluated at {}x.",
+        *(f"{native[key]:.2f}" for key in ("train_speedup", "eval_speedup", "loop_train_speedup", "loop_eval_speedup")),
     )
     doc.claim(
-        "came out at {}x and {}x: on this machine differences of that size are noise.",
+        "The emulation, float32 products plus the rounding, ran at {}x and {}x (steps).",
         f"{emulated['train_speedup']:.2f}",
         f"{emulated['eval_speedup']:.2f}",
     )
-    # "bfloat16 buys no speed here": the native step is within the emulation's own wobble of float32.
-    wobble = max(abs(emulated[key] - 1) for key in ("train_speedup", "eval_speedup"))
-    assert all(abs(native[key] - 1) <= wobble + 0.05 for key in ("train_speedup", "eval_speedup"))
+    # "met by neither on this processor"
+    assert ratio < 2 and native["train_speedup"] < 1.3 and native["loop_train_speedup"] < 1.3
+    doc.claim(
+        "bfloat16 is worth {}x in evaluation and {}x in training here.",
+        f"{native['loop_eval_speedup']:.2f}",
+        f"{native['loop_train_speedup']:.2f}",
+    )
+    doc.claim(
+        "trains at {}x and evaluates at {}x (above)",
+        f"{native['loop_train_speedup']:.2f}",
+        f"{native['loop_eval_speedup']:.2f}",
+    )
     profiles = {profile["precision"]: profile for profile in record["profiles"]}
+    assert profiles["bfloat16"]["bfloat16_loop_products"] == profiles["bfloat16"]["nmf_loop_products"]
     doc.claim(
-        "Only {} of the {} products of the forward iterations take bfloat16 operands.",
-        str(profiles["bfloat16"]["bfloat16_loop_products"]),
-        str(profiles["bfloat16"]["nmf_loop_products"]),
+        "Every product of the forward iterations takes bfloat16 operands ({} of {}).",
+        *(str(profiles["bfloat16"][key]) for key in ("bfloat16_loop_products", "nmf_loop_products")),
     )
     doc.claim(
-        "The forward iterations took {} ms instead of {},",
-        f"{profiles['bfloat16']['nmf_iterations_ms']:.1f}",
-        f"{profiles['float32']['nmf_iterations_ms']:.1f}",
+        "The forward iterations took {} ms per device and step instead of {}. The rest of the step (augmentation, "
+        "BatchNorm, the backward formulas, Adam) took {} ms instead of {}:",
+        *(f"{profiles[p][key]:.1f}" for key in ("nmf_iterations_ms", "rest_ms") for p in ("bfloat16", "float32")),
     )
+    assert profiles["bfloat16"]["rest_ms"] > profiles["float32"]["rest_ms"]
     doc.given("whose bfloat16 products ran at 3-4x float32", "the issue's measurement on another machine (#38)")
     doc.given("AVX512-BF16 alone gives about 2x", "the peaks above")
     accuracy = bfloat16_accuracy_rows()
     doc.table(markdown_table(accuracy, BFLOAT16_ACCURACY_COLUMNS))
     final = {(row["precision"], row["seed"]): row["test"][-1] for row in accuracy}
     float32 = [final["float32", seed] for seed in (0, 1)]
-    bfloat16 = [final["bfloat16", seed] for seed in (0, 1)]
-    assert max(bfloat16) < min(float32)  # "below both float32 seeds"
+    low, high = min(float32), max(float32)
+    assert low <= final["bfloat16", 1] <= high and final["bfloat16", 0] < low  # "inside", "below"
+    before = {
+        seed: read_metrics(RUNS / f"bfloat16_3_epochs_bfe1a7d/float32_seed{seed}")[-1]["test_accuracy"]
+        for seed in (0, 1)
+    }
+    round_off = max(abs(before[seed] - final["float32", seed]) for seed in (0, 1))
+    assert round_off > max(abs(final["bfloat16", seed] - final["float32", seed]) for seed in (0, 1))  # "more than"
+    assert round_off > low - final["bfloat16", 0]
     doc.claim(
-        "After 3 epochs float32 reached {} and {} (a spread of {} points), bfloat16 {} and {}: below both "
-        "float32 seeds, by {} and {} points for the same seed.",
+        "After 3 epochs float32 reached {} and {} (seeds 0 and 1), bfloat16 {} and {}: seed 1's bfloat16 run lies "
+        "inside float32's spread, seed 0's {} points below it.",
         *(percent(value) for value in float32),
-        f"{100 * abs(float32[0] - float32[1]):.2f}",
-        *(percent(value) for value in bfloat16),
-        *(f"{100 * (final['float32', seed] - final['bfloat16', seed]):.2f}" for seed in (0, 1)),
+        *(percent(final["bfloat16", seed]) for seed in (0, 1)),
+        f"{100 * (low - final['bfloat16', 0]):.2f}",
     )
+    doc.claim(
+        "ended at {} and {}: round-off alone moves these 3-epoch figures by up to {} points",
+        *(percent(before[seed]) for seed in (0, 1)),
+        f"{100 * round_off:.2f}",
+    )
+    for seed in (0, 1):
+        config = _json(RUNS / f"bfloat16_3_epochs_bfe1a7d/float32_seed{seed}" / "config.json")
+        assert (config["seed"], config["model"]["nmf"]["precision"], config["num_epochs"]) == (seed, "float32", 3)
 
 
 def performance_unroll(doc: Document) -> None:

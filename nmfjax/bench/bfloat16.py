@@ -36,9 +36,13 @@ def _variants() -> list[tuple[str, str, str | None]]:
     return variants
 
 
-def bfloat16_study(sizes: Sizes, output: pathlib.Path, rounds: int = 3) -> dict[str, Any]:
-    """``--bfloat16``: prints and writes ``bfloat16.json``. The steps of the variants are measured in
-    ``rounds`` alternating rounds (the median of each is kept), so that all see the machine alike.
+def bfloat16_study(sizes: Sizes, output: pathlib.Path, rounds: int = 4) -> dict[str, Any]:
+    """``--bfloat16``: prints and writes ``bfloat16.json``.
+
+    The variants' steps and ``train.py``'s epochs are measured in ``rounds`` rounds, the variants in
+    turn within each, so that all see the machine alike: images/s are the median over the rounds,
+    and each "x float32" is the median over the rounds of the ratio within a round (this machine's
+    speed drifts between rounds by more than the difference measured).
     """
     devices = jax.devices()[: parallel.largest_dividing_count(jax.device_count(), (sizes.loop_batch,))]
     peaks = {
@@ -50,46 +54,31 @@ def bfloat16_study(sizes: Sizes, output: pathlib.Path, rounds: int = 3) -> dict[
         name: peaks["float32" if name in ("float32", "bfloat16 emulated") else "bfloat16"] for name, _, _ in variants
     }
     measured: dict[str, list[dict]] = {name: [] for name, _, _ in variants}
-    loops: dict[str, dict] = {}
-    for round_ in range(rounds):
+    for _ in range(rounds):
         for name, precision, forced in variants:
             with ops.forcing_cpu_bfloat16(forced) if forced else contextlib.nullcontext():
-                measured[name].append(
-                    measure_train_and_eval(
-                        MODEL,
-                        sizes.loop_batch,
-                        sizes.repeats,
-                        own_peak[name],
-                        devices=len(devices),
-                        precision=precision,
-                    )
+                step = measure_train_and_eval(
+                    MODEL, sizes.loop_batch, sizes.repeats, own_peak[name], devices=len(devices), precision=precision
                 )
-                if round_ == 0:
-                    loops[name] = measure_loop(
-                        MODEL, sizes.loop_batch, own_peak[name], sizes.loop_steps, sizes.repeats, precision=precision
-                    )
+                loop = measure_loop(
+                    MODEL, sizes.loop_batch, own_peak[name], sizes.loop_steps, sizes.repeats, precision=precision
+                )
+            measured[name].append({**step, **{key: value for key, value in loop.items() if key.startswith("loop_")}})
+    reference = measured[variants[0][0]]
     rows = []
     for name, _, _ in variants:
         row = {"variant": name, **_median_row(measured[name], own_peak[name]), "peak_gflops": own_peak[name]}
-        row["loop_train_images_per_second"] = loops[name]["loop_train_images_per_second"]
-        row["loop_eval_images_per_second"] = loops[name]["loop_eval_images_per_second"]
-        row["loop_train_fraction_of_peak"] = loops[name]["loop_train_fraction_of_peak"]
-        row["loop_eval_fraction_of_peak"] = loops[name]["loop_eval_fraction_of_peak"]
+        for key in _LOOP_KEYS:
+            row[key] = statistics.median(measure[key] for measure in measured[name])
+        for key in ("train_images_per_second", "eval_images_per_second", *_LOOP_KEYS[:2]):
+            ratios = [mine[key] / theirs[key] for mine, theirs in zip(measured[name], reference, strict=True)]
+            row[key.replace("images_per_second", "speedup")] = statistics.median(ratios)
         rows.append(row)
     # Where the time goes at each precision: the NMF forward iterations against the rest of the step.
     profiles = [
         cpu_profile(MODEL, sizes.loop_batch, steps=sizes.loop_steps // 2, precision=precision)
         for precision in ("float32", "bfloat16")
     ]
-    reference = rows[0]
-    for row in rows:
-        for key in (
-            "train_images_per_second",
-            "eval_images_per_second",
-            "loop_train_images_per_second",
-            "loop_eval_images_per_second",
-        ):
-            row[key.replace("images_per_second", "speedup")] = row[key] / reference[key]
     results: dict[str, Any] = {
         "cpu": cpu_name(),
         "bfloat16_units": ops.cpu_has_bfloat16_units(),
@@ -113,6 +102,14 @@ def bfloat16_study(sizes: Sizes, output: pathlib.Path, rounds: int = 3) -> dict[
     write_output(output / "bfloat16.json", json.dumps(results, indent=2))
     print(f"wrote {output / 'bfloat16.json'}")
     return results
+
+
+_LOOP_KEYS = (
+    "loop_train_images_per_second",
+    "loop_eval_images_per_second",
+    "loop_train_fraction_of_peak",
+    "loop_eval_fraction_of_peak",
+)
 
 
 def _median_row(rows: list[dict], peak_gflops: float) -> dict[str, Any]:
@@ -139,6 +136,7 @@ BFLOAT16_COLUMNS = [
     ("train.py train img/s", "loop_train_images_per_second", ".0f"),
     ("train.py eval img/s", "loop_eval_images_per_second", ".0f"),
     ("train.py train x float32", "loop_train_speedup", ".2f"),
+    ("train.py eval x float32", "loop_eval_speedup", ".2f"),
 ]
 BFLOAT16_PROFILE_COLUMNS = [
     ("precision", "precision", "s"),

@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> None:
         write_unroll_study(sizes, output, iterations=2 if args.tiny else 20)
         return
     if args.bfloat16:
-        bfloat16_study(sizes, output, rounds=1 if args.tiny else 3)
+        bfloat16_study(sizes, output, rounds=1 if args.tiny else 4)
         return
     run(sizes, output)
 
