@@ -268,8 +268,7 @@ class NMFOptions:
         a CPU). Sums stay float32.
       kernel: what computes the forward ``h``: ``"xla"`` (default), the fused
         kernel of :mod:`nmfjax.kernels` (``"pallas"``) or ``"auto"`` (the
-        kernel on an NVIDIA GPU where its programs fill the SMs, XLA
-        elsewhere: :func:`nmfjax.kernels.fills_gpu`). The kernel runs as Triton
+        kernel on an NVIDIA GPU where its programs fill the SMs, else XLA). The kernel runs as Triton
         on an NVIDIA GPU; ``"pallas"`` runs it in Pallas's slow interpret mode
         elsewhere. The backward passes are XLA's in every case, and
         ``"unrolled"`` differentiates XLA's loop.
