@@ -33,8 +33,23 @@ flags.DEFINE_bool(
 )
 
 
+def _config_argument(argv):
+    """The value of ``--config`` as given (``--config=F`` or ``--config F``), else None."""
+    for index, argument in enumerate(argv):
+        if argument.startswith("--config="):
+            return argument.split("=", 1)[1]
+        if argument == "--config" and index + 1 < len(argv):
+            return argv[index + 1]
+    return None
+
+
 def parse_flags(argv):
     """absl's flag parsing, with every mistake reported as one line (cli.fail)."""
+    # Checked before parsing: ml_collections loads the file while it parses any --config.FIELD override,
+    # and a missing file then surfaces as an OSError traceback.
+    config_file = _config_argument(argv[1:])
+    if config_file is not None and not pathlib.Path(config_file.split(":")[0]).is_file():
+        cli.fail(f"config file {config_file} does not exist; the configs are in configs/, e.g. configs/cnmf_1x1.py.")
     remaining = cli.parse_flags(FLAGS, argv)
     if FLAGS.config is None:
         cli.fail("--config is required, e.g. python train.py --config configs/cnmf_1x1.py")
@@ -46,8 +61,6 @@ def main(argv):
     if len(argv) > 1:
         cli.fail(f"unexpected arguments {argv[1:]}: fields are set as --config.FIELD=VALUE.")
     config_file = pathlib.Path(config_flags.get_config_filename(FLAGS["config"]))
-    if not config_file.is_file():
-        cli.fail(f"config file {config_file} does not exist; the configs are in configs/, e.g. configs/cnmf_1x1.py.")
     logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint step at INFO
     if FLAGS.show_config:
         from nmfjax import configuration

@@ -34,7 +34,7 @@ from absl import logging as absl_logging
 from tqdm.auto import tqdm
 
 from nmfjax import image_folder
-from nmfjax.errors import ConfigError, DatasetUnavailableError, causes, describe
+from nmfjax.errors import ConfigError, DatasetUnavailableError, causes, close_directory_hint, describe
 
 #: ``config.dataset`` for a folder of one's own images (:mod:`nmfjax.image_folder`).
 IMAGE_FOLDER = "image_folder"
@@ -221,11 +221,7 @@ def _check_data_dir(name: str, data_dir: str | None, download: bool) -> None:
     """
     if data_dir is None or pathlib.Path(data_dir).expanduser().is_dir():
         return
-    path = pathlib.Path(data_dir).expanduser()
-    parent = path.parent if path.parent.is_dir() else None
-    siblings = [child.name for child in parent.iterdir() if child.is_dir()] if parent is not None else []
-    close = difflib.get_close_matches(path.name, siblings, n=1)
-    hint = f" (did you mean {parent / close[0]}?)" if parent is not None and close else ""
+    hint = close_directory_hint(data_dir)
     remedy = (
         f"to download {name} into a new directory, create it first (mkdir -p {data_dir})"
         if download
@@ -255,11 +251,25 @@ _NO_NETWORK = (
 )
 
 
-def _download_failure(name: str, where: str, error: Exception) -> DatasetUnavailableError:
+_CIFAR10_SUBSET = "../shared/tfds"
+
+
+def _offline_advice(name: str, data_dir: str | None) -> str:
+    """Where to point ``--config.data_dir`` instead: never the directory that was given."""
+    if data_dir is None:
+        advice = f"set --config.data_dir to a TFDS data directory that already holds {name}"
+    else:
+        advice = f"point --config.data_dir at another TFDS data directory, one that already holds {name}"
+    if name == "cifar10" and (
+        data_dir is None or pathlib.Path(data_dir).resolve() != pathlib.Path(_CIFAR10_SUBSET).resolve()
+    ):
+        advice += f" (the CIFAR-10 subset beside this repository: --config.data_dir={_CIFAR10_SUBSET})"
+    return advice
+
+
+def _download_failure(name: str, where: str, data_dir: str | None, error: Exception) -> DatasetUnavailableError:
     """The error for a failed download and preparation, naming its real cause."""
-    offline = f"offline, set --config.data_dir to a TFDS data directory that already holds {name}"
-    if name == "cifar10":
-        offline += " (the CIFAR-10 subset beside this repository: --config.data_dir=../shared/tfds)"
+    offline = f"offline, {_offline_advice(name, data_dir)}"
     for cause in causes(error):
         if isinstance(cause, ModuleNotFoundError):
             return DatasetUnavailableError(
@@ -317,11 +327,10 @@ def _open_source(name: str, split: str, data_dir: str | None, download: bool):
     where = builder.data_dir_root
     if not prepared:
         if not download:
+            advice = _offline_advice(name, data_dir)
             raise DatasetUnavailableError(
                 f"dataset {name!r} (split {split!r}) is not prepared in {where} and config.download is False. "
-                f"Set --config.data_dir to a TFDS data directory that holds {name} "
-                f"(for the bundled CIFAR-10 subset: --config.data_dir=../shared/tfds), "
-                "or allow the download with --config.download=True."
+                f"{advice[0].upper()}{advice[1:]}, or allow the download with --config.download=True."
             )
         try:
             host = dataset_info(name).download_host
@@ -330,7 +339,7 @@ def _open_source(name: str, split: str, data_dir: str | None, download: bool):
             # try_download_gcs=False: tfds's prepared copies on GCS are tfrecord, which cannot be used here.
             builder.download_and_prepare(download_config=tfds.download.DownloadConfig(try_download_gcs=False))
         except Exception as error:  # the causes are many (network, modules, archives); _download_failure names them
-            raise _download_failure(name, where, error) from error
+            raise _download_failure(name, where, data_dir, error) from error
     try:
         return builder.as_data_source(split=split)
     except Exception as error:  # tfds raises several types for data it cannot read

@@ -11,10 +11,12 @@ file), so ``except ValueError`` keeps working.
 from __future__ import annotations
 
 import contextlib
+import difflib
 import errno
 import gc
 import logging
 import os
+import pathlib
 import re
 import signal
 import sys
@@ -84,6 +86,19 @@ def storage_problem(error: BaseException) -> str | None:
         if code in _STORAGE_PROBLEMS:
             return _STORAGE_PROBLEMS[code]
     return None
+
+
+def close_directory_hint(path: str | pathlib.Path) -> str:
+    """`` (did you mean PARENT/NAME?)`` for a directory beside a missing ``path`` whose name is close
+    to its name (a typo), else ``""``.
+    """
+    path = pathlib.Path(path).expanduser()
+    parent = path.parent
+    if not parent.is_dir():
+        return ""
+    siblings = [child.name for child in parent.iterdir() if child.is_dir()]
+    close = difflib.get_close_matches(path.name, siblings, n=1)
+    return f" (did you mean {parent / close[0]}?)" if close else ""
 
 
 def describe(error: BaseException) -> str:

@@ -37,7 +37,7 @@ import contextlib
 import contextvars
 import dataclasses
 import functools
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -45,8 +45,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from nmfjax import ops
-from nmfjax.ops import _LOWER_PRECISIONS, _NORMALIZE_EPS, _RECONSTRUCTION_EPS
+from nmfjax.numerics import LOWER_PRECISIONS, NORMALIZE_EPS, RECONSTRUCTION_EPS, retracing_with
 
 #: The custom call a Pallas kernel lowers to for NVIDIA GPUs (jax.export names it).
 TRITON_CALL_TARGET = "__gpu$xla.gpu.triton"
@@ -79,7 +78,7 @@ class LaunchParameters:
 
 # Each precision of nmfjax.ops.matmul as a dot algorithm (Triton) and as the operands' mantissa bits
 # (the interpret mode's emulation on a CPU, as nmfjax.ops.matmul does it; None: float32 as it is).
-_ALGORITHMS = {"float32": (lax.DotAlgorithmPreset.F32_F32_F32, None), **_LOWER_PRECISIONS}
+_ALGORITHMS = {"float32": (lax.DotAlgorithmPreset.F32_F32_F32, None), **LOWER_PRECISIONS}
 
 
 def padded_size(size: int) -> int:
@@ -122,13 +121,13 @@ def _nmf_kernel(
         def add_chunk(index, factor: jax.Array) -> jax.Array:
             features = pl.ds(pl.multiple_of(index * chunk, chunk), chunk)
             w = w_ref[features, :]  # (chunk, I_pad)
-            reconstruction = _dot(h, w, (1, 1), precision, interpret) + _RECONSTRUCTION_EPS  # W h: (tile, chunk)
+            reconstruction = _dot(h, w, (1, 1), precision, interpret) + RECONSTRUCTION_EPS  # W h: (tile, chunk)
             ratio = x_ref[:, features] / reconstruction
             return factor + _dot(ratio, w, (1, 0), precision, interpret)  # W^T (x / R): (tile, I_pad)
 
         factor = lax.fori_loop(0, num_chunks, add_chunk, jnp.zeros_like(h))
         h = h * factor if epsilon is None else h * (1 + epsilon * factor)
-        return h / (jnp.sum(h, axis=1, keepdims=True) + _NORMALIZE_EPS)
+        return h / (jnp.sum(h, axis=1, keepdims=True) + NORMALIZE_EPS)
 
     h_ref[...] = lax.fori_loop(0, iterations, update, h)
 
@@ -156,13 +155,8 @@ def planning_for(target: GpuTarget) -> Iterator[None]:
     JAX's caches are cleared on entry and exit: a jitted function traced before
     (such as :func:`nmfjax.ops.nmf`) would otherwise keep its earlier plan.
     """
-    token = _planned_target.set(target)
-    jax.clear_caches()
-    try:
+    with retracing_with(_planned_target, target):
         yield
-    finally:
-        _planned_target.reset(token)
-        jax.clear_caches()
 
 
 def gpu_target() -> GpuTarget:
@@ -294,22 +288,28 @@ def nmf_forward(
     return h[:positions, :num_hidden]
 
 
-def forward(x: jax.Array, w: jax.Array, options: ops.NMFOptions, xla) -> jax.Array:
-    """The forward ``h`` by ``options.kernel`` (``"pallas"`` or ``"auto"``; see the module docstring);
-    ``xla(x, w)`` is the XLA loop that ``"auto"`` takes off a GPU, and on a GPU where the kernel's grid
-    would leave SMs idle (:func:`fills_gpu`).
+def forward(
+    x: jax.Array,
+    w: jax.Array,
+    *,
+    iterations: int,
+    epsilon: float | None,
+    precision: str,
+    kernel: str,
+    xla: Callable[[jax.Array, jax.Array], jax.Array],
+) -> jax.Array:
+    """The forward ``h`` of :func:`nmfjax.ops.nmf` with ``NMFOptions(kernel=...)`` ``"pallas"`` or
+    ``"auto"`` (see the module docstring); ``iterations``, ``epsilon`` and ``precision`` are the op's.
+    ``xla(x, w)`` is the op's XLA loop, which ``"auto"`` takes off a GPU, and on a GPU where the
+    kernel's grid would leave SMs idle (:func:`fills_gpu`).
     """
     target = gpu_target()
     positions, features = x.shape
-    parameters = launch_parameters(positions, features, w.shape[1], options.precision, target)
-    if options.kernel == "auto" and not fills_gpu(positions, parameters, target):
+    parameters = launch_parameters(positions, features, w.shape[1], precision, target)
+    if kernel == "auto" and not fills_gpu(positions, parameters, target):
         return xla(x, w)
     fused = functools.partial(
-        nmf_forward,
-        iterations=options.iterations,
-        epsilon=options.epsilon,
-        precision=options.precision,
-        parameters=parameters,
+        nmf_forward, iterations=iterations, epsilon=epsilon, precision=precision, parameters=parameters
     )
-    off_gpu = functools.partial(fused, interpret=True) if options.kernel == "pallas" else xla
+    off_gpu = functools.partial(fused, interpret=True) if kernel == "pallas" else xla
     return lax.platform_dependent(x, w, cuda=fused, default=off_gpu)

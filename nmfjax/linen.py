@@ -18,8 +18,9 @@ state and draw no random numbers after initialisation.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
@@ -44,19 +45,61 @@ class L1Normalize(nn.Module):
         return ops.l1_normalize(x)
 
 
-class NMFDense(nn.Module):
+if TYPE_CHECKING:  # Flax declares its fields' keywords to type checkers through this stub
+    from flax.linen.module import module_field as _option_field
+else:
+    _option_field = dataclasses.field
+
+
+class _FromOptions:
+    """The default of a layer's option field: the value of its ``options``."""
+
+    def __repr__(self) -> str:
+        return "<from options>"
+
+
+FROM_OPTIONS: Any = _FromOptions()
+
+
+class _NMFOptionFields(nn.Module):
+    """The fields of :class:`~nmfjax.ops.NMFOptions` as keyword attributes of a layer, as the NNX
+    layers take them (``NMFConv(3, 8, kernel_size=3, iterations=10)``): each one given replaces
+    that field of ``options``.
+    """
+
+    options: ops.NMFOptions = _option_field(default=ops.NMFOptions(), kw_only=True)
+    iterations: int = _option_field(default=FROM_OPTIONS, kw_only=True)
+    epsilon: float | None = _option_field(default=FROM_OPTIONS, kw_only=True)
+    gradient: str = _option_field(default=FROM_OPTIONS, kw_only=True)
+    learning: str = _option_field(default=FROM_OPTIONS, kw_only=True)
+    adjoint_iterations: int | None = _option_field(default=FROM_OPTIONS, kw_only=True)
+    precision: str = _option_field(default=FROM_OPTIONS, kw_only=True)
+    kernel: str = _option_field(default=FROM_OPTIONS, kw_only=True)
+    unroll: bool = _option_field(default=FROM_OPTIONS, kw_only=True)
+    check_inputs: bool = _option_field(default=FROM_OPTIONS, kw_only=True)
+
+    @property
+    def nmf_options(self) -> ops.NMFOptions:
+        """``options`` with the option fields given to the layer in place of its own."""
+        fields = (field.name for field in dataclasses.fields(ops.NMFOptions))
+        given = {name: getattr(self, name) for name in fields if getattr(self, name) is not FROM_OPTIONS}
+        return self.options.replace(**given)
+
+
+class NMFDense(_NMFOptionFields):
     """Dense NMF: ``h = nmf(x / sum(x), positive_weights(nmf_kernel))``, as :class:`nmfjax.layers.NMFDense`.
 
     Attributes:
       in_features: ``S``, size of the input's last axis.
       out_features: ``I``, number of hidden units.
-      options: the op's :class:`~nmfjax.ops.NMFOptions`.
+      options: the op's :class:`~nmfjax.ops.NMFOptions`; the keyword attributes ``iterations``,
+        ``epsilon``, ``gradient``, ... (every field of ``NMFOptions``) replace its fields, as
+        ``NMFDense(8, 4, iterations=50)``.
       kernel_init: initialiser of ``u`` (default Uniform(0, 1)); ``param_dtype`` is its dtype.
     """
 
     in_features: int
     out_features: int
-    options: ops.NMFOptions = ops.NMFOptions()
     kernel_init: nn.initializers.Initializer = _UNIFORM
     param_dtype: Any = jnp.float32
 
@@ -65,10 +108,10 @@ class NMFDense(nn.Module):
         """``(..., in_features)`` non-negative -> ``(..., out_features)``."""
         shape = (self.in_features, self.out_features)
         kernel = self.param(NMF_KERNEL, self.kernel_init, shape, self.param_dtype)
-        return nmf_dense(x, kernel, self.options)
+        return nmf_dense(x, kernel, self.nmf_options)
 
 
-class NMFConv(nn.Module):
+class NMFConv(_NMFOptionFields):
     """Patch-wise convolutional NMF, NHWC, as :class:`nmfjax.layers.NMFConv` (paper section 2.4.1).
 
     Attributes:
@@ -76,7 +119,8 @@ class NMFConv(nn.Module):
       out_features: output channels ``I``.
       kernel_size: ``k`` or ``(kh, kw)``.
       strides, padding, kernel_dilation, feature_group_count: as ``nn.Conv``.
-      options: the op's :class:`~nmfjax.ops.NMFOptions`.
+      options: the op's :class:`~nmfjax.ops.NMFOptions`; the keyword attributes ``iterations``,
+        ``epsilon``, ``gradient``, ... replace its fields, as ``NMFConv(3, 8, kernel_size=3, iterations=10)``.
       kernel_init: initialiser of ``u``, whose shape is ``(kh, kw, C / G, I)`` (default Uniform(0, 1));
         ``param_dtype`` is its dtype.
     """
@@ -88,7 +132,6 @@ class NMFConv(nn.Module):
     padding: PaddingLike = "VALID"
     kernel_dilation: int | Sequence[int] = 1
     feature_group_count: int = 1
-    options: ops.NMFOptions = ops.NMFOptions()
     kernel_init: nn.initializers.Initializer = _UNIFORM
     param_dtype: Any = jnp.float32
 
@@ -110,7 +153,7 @@ class NMFConv(nn.Module):
         """``(B, H, W, C)`` non-negative -> ``(B, H', W', out_features)``: the NMF of every patch, per group."""
         geometry = self.geometry
         kernel = self.param(NMF_KERNEL, self.kernel_init, geometry.kernel_shape, self.param_dtype)
-        return nmf_conv(x, kernel, geometry, self.options)
+        return nmf_conv(x, kernel, geometry, self.nmf_options)
 
 
 def nmf_labels(params: Mapping[str, Any], nmf: str = "nmf", other: str = "other") -> Mapping[str, Any]:

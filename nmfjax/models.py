@@ -318,6 +318,11 @@ class Network(nnx.Module):
                     f"that block {index + 1} receives; use 0 for the whole map."
                 )
             features = spec.block_features[index]
+            if channels % spec.groups[index] or features % spec.groups[index]:
+                raise ValueError(
+                    f"config.model.groups[{index}]={spec.groups[index]} must divide the {channels} inputs and the "
+                    f"{features} outputs of block {index + 1}."
+                )
             if architecture.mixing is not None and features % spec.mix_groups[index]:
                 raise ValueError(
                     f"config.model.mix_groups[{index}]={spec.mix_groups[index]} must divide the {features} "

@@ -39,19 +39,14 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import checkify
 
+from nmfjax import kernels
+from nmfjax.numerics import LOWER_PRECISIONS, NORMALIZE_EPS, RECONSTRUCTION_EPS, retracing_with
 from nmfjax.validation import check_positive_int
 
 GRADIENTS = ("approx", "unrolled", "implicit")
 LEARNING_RULES = ("backprop", "local_kl", "local_mse")
 PRECISIONS = ("float32", "tf32", "bfloat16")
 KERNELS = ("xla", "pallas", "auto")
-
-# The lower precisions: the dot algorithm an accelerator runs (operands rounded, float32 sums) and the
-# mantissa bits of its operands, which the CPU emulates by rounding them before a float32 product.
-_LOWER_PRECISIONS = {
-    "tf32": (lax.DotAlgorithmPreset.TF32_TF32_F32, 10),
-    "bfloat16": (lax.DotAlgorithmPreset.BF16_BF16_F32, 7),
-}
 
 #: How ``precision="bfloat16"`` may run on a CPU: ``"native"``, bfloat16 operands and float32 sums
 #: on the processor's bf16 units; ``"emulated"``, operands rounded to bfloat16 and a float32 product.
@@ -63,10 +58,6 @@ CPU_BFLOAT16_ENV = "NMFJAX_CPU_BFLOAT16"
 _BFLOAT16_CPU_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
 
 _forced_cpu_bfloat16: contextvars.ContextVar[str | None] = contextvars.ContextVar("forced_cpu_bfloat16", default=None)
-
-# Guards of the authors' code: keep sums and reconstructions away from zero.
-_NORMALIZE_EPS = 1e-19
-_RECONSTRUCTION_EPS = 1e-20
 
 # What the custom VJPs keep from the forward pass: (x, w, h).
 Residuals = tuple[jax.Array, jax.Array, jax.Array]
@@ -120,7 +111,7 @@ def matmul(a: jax.Array, b: jax.Array, precision: str = "float32") -> jax.Array:
     """
     if precision == "float32":
         return jnp.matmul(a, b, precision=lax.Precision.HIGHEST)
-    algorithm, mantissa_bits = _LOWER_PRECISIONS[precision]
+    algorithm, mantissa_bits = LOWER_PRECISIONS[precision]
 
     def emulated(a: jax.Array, b: jax.Array) -> jax.Array:
         rounded = functools.partial(lax.reduce_precision, exponent_bits=8, mantissa_bits=mantissa_bits)
@@ -187,13 +178,8 @@ def forcing_cpu_bfloat16(path: str) -> Iterator[None]:
     """
     if path not in CPU_BFLOAT16_PATHS:
         raise ValueError(f"path must be one of {CPU_BFLOAT16_PATHS}, got {path!r}.")
-    token = _forced_cpu_bfloat16.set(path)
-    jax.clear_caches()
-    try:
+    with retracing_with(_forced_cpu_bfloat16, path):
         yield
-    finally:
-        _forced_cpu_bfloat16.reset(token)
-        jax.clear_caches()
 
 
 def describe_precision(precision: str, platform: str) -> str:
@@ -218,7 +204,7 @@ def l1_normalize(x: jax.Array, axis: int = -1) -> jax.Array:
     Returns:
       An array of the shape of ``x``.
     """
-    return safe_divide(x, jnp.sum(x, axis=axis, keepdims=True) + _NORMALIZE_EPS)
+    return safe_divide(x, jnp.sum(x, axis=axis, keepdims=True) + NORMALIZE_EPS)
 
 
 def positive_weights(u: jax.Array) -> jax.Array:
@@ -239,7 +225,7 @@ def positive_weights(u: jax.Array) -> jax.Array:
         raise ValueError(f"positive_weights expects u of shape (S, I) (or (..., I)), got shape {u.shape}.")
     magnitude = jnp.abs(u)
     column_sums = jnp.sum(magnitude, axis=tuple(range(u.ndim - 1)), keepdims=True)
-    return magnitude / (column_sums + _NORMALIZE_EPS)
+    return magnitude / (column_sums + NORMALIZE_EPS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -398,7 +384,7 @@ def nmf_update(
     """
     if w_transposed is None:
         w_transposed = w.T
-    reconstruction = matmul(h, w_transposed, precision) + _RECONSTRUCTION_EPS
+    reconstruction = matmul(h, w_transposed, precision) + RECONSTRUCTION_EPS
     factor = matmul(safe_divide(x, reconstruction), w, precision)
     h = h * factor if epsilon is None else h * (1 + epsilon * factor)
     return l1_normalize(h)
@@ -426,9 +412,15 @@ def _forward(x: jax.Array, w: jax.Array, options: NMFOptions) -> jax.Array:
     """The forward ``h`` of the custom VJPs: XLA's loop or the fused kernel (``options.kernel``)."""
     if options.kernel == "xla":
         return _iterate(x, w, options)
-    from nmfjax import kernels  # (which builds on this module's guards and precisions)
-
-    return kernels.forward(x, w, options, functools.partial(_iterate, options=options))
+    return kernels.forward(
+        x,
+        w,
+        iterations=options.iterations,
+        epsilon=options.epsilon,
+        precision=options.precision,
+        kernel=options.kernel,
+        xla=functools.partial(_iterate, options=options),
+    )
 
 
 def _sum_positions(a: jax.Array, b: jax.Array, precision: str) -> jax.Array:
@@ -458,7 +450,7 @@ def _nmf_approx_bwd(options: NMFOptions, residuals: Residuals, g: jax.Array) -> 
     """
     x, w, h = residuals
     precision = options.precision
-    reconstruction = matmul(h, w.T, precision) + _RECONSTRUCTION_EPS
+    reconstruction = matmul(h, w.T, precision) + RECONSTRUCTION_EPS
     weighted_error = h * g
     dx = matmul(weighted_error, w.T, precision) / reconstruction
     ratio = x / reconstruction
@@ -507,7 +499,7 @@ def _local_bwd(options: NMFOptions, residuals: Residuals, g: jax.Array) -> tuple
     x, w, h = residuals
     reconstruction = matmul(h, w.T, options.precision)
     if options.learning == "local_kl":
-        dw = -_sum_positions(x / (reconstruction + _RECONSTRUCTION_EPS), h, options.precision)
+        dw = -_sum_positions(x / (reconstruction + RECONSTRUCTION_EPS), h, options.precision)
     else:
         dw = -2 * _sum_positions(x - reconstruction, h, options.precision)
     return g, jnp.zeros_like(x), dw.astype(w.dtype)

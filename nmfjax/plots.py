@@ -28,9 +28,8 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from nmfjax import cli
-from nmfjax.errors import MissingFileError
 from nmfjax.outputs import write_output
-from nmfjax.workdirs import read_metrics
+from nmfjax.workdirs import trained_epochs
 
 
 def save_figure(figure: Figure, output: str | pathlib.Path) -> pathlib.Path:
@@ -67,10 +66,9 @@ def plot_learning_curves(workdirs: list[str | pathlib.Path], output: str | pathl
     """
     histories = []
     for workdir in map(pathlib.Path, workdirs):
-        rows = read_metrics(workdir)
-        if not rows:
-            raise MissingFileError(f"{workdir / 'metrics.jsonl'} holds no epochs: train with train.py first.")
-        histories.append((workdir, rows))
+        histories.append((workdir, trained_epochs(workdir)))
+    if all(len(rows) == 1 for _, rows in histories):
+        return _plot_first_epochs(histories, output)
     # The plateau rule scales every group's rate alike: its factor is the one curve worth a panel, and
     # only where it moved.
     factors = {
@@ -100,6 +98,35 @@ def plot_learning_curves(workdirs: list[str | pathlib.Path], output: str | pathl
         axis.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         axis.grid(alpha=0.3)
         axis.legend(fontsize=8)
+    return save_figure(figure, output)
+
+
+def _plot_first_epochs(histories: list[tuple[pathlib.Path, list[dict[str, Any]]]], output) -> pathlib.Path:
+    """Runs of one epoch each: one point is not a curve, so bars of the train and test loss and
+    accuracy, each labelled with its value.
+    """
+    figure = Figure(figsize=(4 + 1.6 * len(histories), 4.2))
+    axes = figure.subplots(1, 2)
+    positions = np.arange(len(histories))
+    for axis, (metric, scale, unit) in zip(axes, (("loss", 1, ""), ("accuracy", 100, " %")), strict=True):
+        for offset, (split, hatch) in zip((-0.2, 0.2), (("train", "//"), ("test", "")), strict=True):
+            values = [scale * rows[0][f"{split}_{metric}"] for _, rows in histories]
+            bars = axis.bar(
+                positions + offset,
+                values,
+                0.4,
+                hatch=hatch,
+                color=list(itertools.islice(_colors(), len(histories))),
+                edgecolor="black",
+                label=split,
+            )
+            axis.bar_label(bars, [f"{value:.3g}{unit}" for value in values], fontsize=8)
+        axis.set_xticks(positions, [workdir.name for workdir, _ in histories])
+        axis.set(title=f"{metric} after epoch 1", ylabel=f"{metric} (%)" if unit else metric)
+        axis.margins(y=0.15)
+        axis.grid(alpha=0.3, axis="y")
+        axis.legend(fontsize=8, loc="lower center")
+    figure.suptitle("one epoch is not a curve: the values after it (train hatched, test plain)", fontsize=9)
     return save_figure(figure, output)
 
 

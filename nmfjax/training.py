@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import math
 import pathlib
+import shutil
 import signal
 import sys
 import threading
@@ -194,9 +195,15 @@ def _read_splits(config: ml_collections.ConfigDict) -> tuple[data.Split, data.Sp
     return train, test
 
 
+# TensorBoard is not a dependency (tensorboardX writes its files without it): where its command is
+# missing, the hint says how to get it.
+TENSORBOARD_INSTALL = "after pip install 'nmfjax[tensorboard]'"
+
+
 def run_summary(workdir: str | pathlib.Path) -> str:
     """What ``train.py`` prints at the end of a run: its best and last test accuracy with their epochs,
-    the files it wrote, and the commands that look at it.
+    the files it wrote, and the commands that look at it (TensorBoard's with how to install it, where
+    its command is not on the PATH).
     """
     workdir = pathlib.Path(workdir)
     rows = workdirs.read_metrics(workdir)
@@ -208,7 +215,7 @@ def run_summary(workdir: str | pathlib.Path) -> str:
         (f"python -m nmfjax.plots {workdir}", "learning curves (PNG)"),
         (f"python -m nmfjax.experiments compare {workdir} OTHER_WORKDIR", "runs side by side"),
         (f"python -m nmfjax.experiments evaluate {workdir}", "test accuracy of the best epoch"),
-        (f"tensorboard --logdir {workdir}", ""),
+        (f"tensorboard --logdir {workdir}", "" if shutil.which("tensorboard") else TENSORBOARD_INSTALL),
     ]
     width = max(len(command) for command, _ in commands)
     return "\n".join(

@@ -26,7 +26,7 @@ from typing import Any
 import ml_collections
 
 from nmfjax.configuration import RESUMABLE_FIELDS
-from nmfjax.errors import MissingFileError, WorkdirError, describe
+from nmfjax.errors import MissingFileError, WorkdirError, close_directory_hint, describe
 from nmfjax.outputs import storage_errors, write_atomically
 
 # --- the run's config.json: older layouts read as today's, and compared with a rerun's ---
@@ -118,6 +118,7 @@ def _is_resumable(name: str) -> bool:
 def load_config(workdir: str | pathlib.Path) -> ml_collections.ConfigDict:
     """The config a workdir was trained with (its ``config.json``, converted to today's layout)."""
     path = pathlib.Path(workdir) / "config.json"
+    check_exists(workdir)
     if not path.exists():
         raise MissingFileError(f"{path} does not exist: is {workdir} a workdir written by train.py?")
     try:
@@ -296,6 +297,31 @@ class ScalarLog:
         """Closes the event file (errors closing it are not the run's: its events are flushed)."""
         with contextlib.suppress(OSError):
             self._writer.close()
+
+
+def check_exists(workdir: str | pathlib.Path) -> None:
+    """A workdir named on a command line exists, or the command ends naming the typo's likely fix.
+
+    Raises:
+      MissingFileError: ``workdir`` is not a directory.
+    """
+    if not pathlib.Path(workdir).is_dir():
+        raise MissingFileError(
+            f"{workdir} does not exist{close_directory_hint(workdir)}: name a workdir that train.py wrote."
+        )
+
+
+def trained_epochs(workdir: str | pathlib.Path) -> list[dict[str, Any]]:
+    """:func:`read_metrics` of a workdir that must hold at least one epoch.
+
+    Raises:
+      MissingFileError: ``workdir`` does not exist, or holds no epoch yet.
+    """
+    check_exists(workdir)
+    rows = read_metrics(workdir)
+    if not rows:
+        raise MissingFileError(f"{pathlib.Path(workdir) / 'metrics.jsonl'} holds no epochs: train with train.py first.")
+    return rows
 
 
 def read_metrics(workdir: str | pathlib.Path) -> list[dict[str, Any]]:

@@ -8,7 +8,7 @@ accounted for, as are the numbers the document takes from elsewhere
 :meth:`Document.unaccounted` lists every measured-looking number that no check
 covered: a figure with a unit (``%``, ``s``, ``img/s``, ``MB``, ``x``, ...), a
 decimal, a number with thousands separators, or one in scientific notation.
-Code (fenced ``bash``/``python`` blocks and inline code) holds commands and
+Code (fenced ``bash``/``python`` blocks, a notebook's ``{code-cell}``, and inline code) holds commands and
 settings, not figures, and is not scanned; other fenced blocks (a command's
 output) are.
 """
@@ -32,8 +32,11 @@ _REFERENCE = re.compile(
 def _code_spans(text: str) -> list[tuple[int, int]]:
     """Spans of code: fenced bash/python blocks, and inline code outside fenced blocks."""
     spans, outside_fences = [], text
-    for fence in re.finditer(r"```(\w*)(.*?)```", text):
-        if fence.group(1) in ("bash", "python"):
+    front_matter = re.match(r"--- .*? ---", text)  # a notebook's YAML header (jupytext, kernel): settings
+    if front_matter:
+        spans.append(front_matter.span())
+    for fence in re.finditer(r"```([\w{}-]*)(.*?)```", text):
+        if fence.group(1) in ("bash", "python", "{code-cell}"):
             spans.append(fence.span())
         start, end = fence.span()
         outside_fences = outside_fences[:start] + " " * (end - start) + outside_fences[end:]

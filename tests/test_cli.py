@@ -28,6 +28,15 @@ def _saved_run(workdir: pathlib.Path, epochs: int = 0, **changes) -> pathlib.Pat
 
 TRAIN_MISTAKES = {
     "missing config file": (["--config", "configs/nope.py"], "config file configs/nope.py does not exist"),
+    # ml_collections loads the file while it parses an override: the same one line, not an OSError traceback.
+    "missing config file and an override": (
+        ["--config=configs/nope.py", "--config.data_dir=../shared/tfds"],
+        "config file configs/nope.py does not exist",
+    ),
+    "groups that do not divide": (
+        ["--config", CNN, "--config.model.groups=(1,3,4,1)"],
+        "config.model.groups[1]=3 must divide the 32 inputs and the 64 outputs of block 2.",
+    ),
     "no config": ([], "--config is required"),
     "bad value": (
         ["--config", CNN, "--config.model.nmf.iterations=0"],
@@ -99,8 +108,8 @@ def test_train_py_start_over_moves_the_old_run_aside_and_trains(tmp_path):
 @pytest.mark.parametrize(
     "module, args, expected",
     [
-        ("nmfjax.experiments", ["noise", "{missing}"], "config.json does not exist"),
-        ("nmfjax.plots", ["{missing}"], "holds no epochs: train with train.py first"),
+        ("nmfjax.experiments", ["noise", "{missing}"], "missing does not exist: name a workdir that train.py wrote"),
+        ("nmfjax.plots", ["{missing}"], "missing does not exist: name a workdir that train.py wrote"),
         ("nmfjax.bench", ["--repeats", "0"], "argument --repeats: expected a positive int, got '0'"),
     ],
 )
@@ -126,7 +135,8 @@ def _assert_user_error(capsys, main, argv, expected):
 def test_experiments_name_each_mistake(tmp_path, capsys):
     no_checkpoint = _saved_run(tmp_path / "no_checkpoint")
     cases = [
-        (["noise", str(tmp_path / "missing")], "config.json does not exist"),
+        (["noise", str(tmp_path / "missing")], "missing does not exist: name a workdir"),
+        (["noise", str(tmp_path)], "config.json does not exist"),
         (["iterations", str(no_checkpoint)], "no checkpoint in"),
         (["iterations", str(no_checkpoint), "--step", "first"], 'expected "best", "latest" or an epoch'),
         (["noise", str(no_checkpoint), "--limit", "0"], "argument --limit: expected a positive int, got '0'"),
@@ -142,6 +152,10 @@ def test_experiments_name_each_mistake(tmp_path, capsys):
 def test_plots_and_bench_name_each_mistake(tmp_path, capsys):
     (tmp_path / "file").write_text("")
     _assert_user_error(capsys, plots.main, [str(tmp_path)], "holds no epochs")
+    (tmp_path / "quickstart").mkdir()
+    _assert_user_error(  # a typo: the directory that is there, not "no epochs"
+        capsys, plots.main, [str(tmp_path / "quickstrat")], f"does not exist (did you mean {tmp_path / 'quickstart'}?)"
+    )
     _assert_user_error(capsys, plots.main, [], "the following arguments are required: workdirs")
     _assert_user_error(capsys, bench.main, ["--output", str(tmp_path / "file")], "is a file; give a folder")
     _assert_user_error(capsys, bench.main, ["--repeats", "-3"], "expected a positive int")

@@ -286,12 +286,12 @@ def test_no_proxy_hosts_are_reached_directly(proxy, monkeypatch):
     assert proxy.requests == []
 
 
-# --- the README's "Your own data" ---
+# --- the guide's "Your own data" (docs/own_data.md) ---
 
 
 def _readme_output_after(marker: str) -> str:
     """The one line of the first output block (a code block of one line, no language) after ``marker``."""
-    text = (ROOT / "README.md").read_text()
+    text = (ROOT / "docs" / "own_data.md").read_text()
     return re.search(r"\n```\n([^`\n]+)\n```\n", text[text.index(marker) :]).group(1)
 
 

@@ -65,8 +65,8 @@ def _kill_at_step(epoch: int, step: int) -> str:
 
 
 def _run_two_processes(tmp_path, name, workdir, *, use_variables=False, prelude=""):
-    """README "Several hosts": the same command in two processes, process 0 at a free localhost port,
-    given as config fields or (``use_variables``) as JAX_* variables; returns their exit statuses.
+    """The guide's "Several hosts" (docs/scaling.md): the same command in two processes, process 0 at a
+    free localhost port, given as config fields or (``use_variables``) as JAX_* variables; returns their exit statuses.
     """
     address = f"127.0.0.1:{_free_port()}"
     commands = []

@@ -128,6 +128,18 @@ def test_no_network_is_named_as_the_cause(tmp_path):
             data.load_split("cifar10", "train", data_dir=str(tmp_path), download=True)
 
 
+@pytest.mark.parametrize("data_dir", [None, "given", "../shared/tfds"])
+def test_the_offline_advice_never_suggests_the_directory_that_was_given(data_dir, tmp_path):
+    given = str(tmp_path / "tfds") if data_dir == "given" else data_dir
+    advice = data._offline_advice("cifar10", given)
+    if given is None:
+        assert advice.startswith("set --config.data_dir to a TFDS data directory")
+    else:
+        assert advice.startswith("point --config.data_dir at another TFDS data directory")
+    assert ("--config.data_dir=../shared/tfds" in advice) == (data_dir != "../shared/tfds"), advice
+    assert "subset" not in data._offline_advice("mnist", "../shared/tfds")
+
+
 def test_a_failed_preparation_is_named_as_the_cause(tmp_path):
     write_cifar10_archive(tmp_path / "archive", leave_out="test_batch.bin")  # a broken archive
     (tmp_path / "tfds").mkdir()

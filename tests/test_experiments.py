@@ -292,6 +292,23 @@ def test_compare_names_a_workdir_without_epochs(workdirs, tmp_path, capsys):
     _assert_user_error(capsys, "does not exist", experiments.main, ["compare", str(tmp_path / "nowhere")])
 
 
+def test_compare_without_output_writes_beside_the_runs_never_into_the_current_directory(
+    workdirs, tmp_path, monkeypatch, capsys
+):
+    runs, elsewhere = tmp_path / "runs", tmp_path / "elsewhere"
+    first = _copy_record(workdirs / "cnn", runs / "cnn")
+    second = _copy_record(workdirs / "cnmf_1x1", runs / "cnmf_1x1")
+    apart = _copy_record(workdirs / "cnmf_1x1", elsewhere / "cnmf_1x1")
+    monkeypatch.chdir(tmp_path)
+    experiments.main(["compare", "runs/cnn", "runs/cnmf_1x1"])
+    assert _is_png(runs / "experiments" / "figure5.png") and not (tmp_path / "experiments").exists()
+    experiments.main(["compare", str(first)])
+    assert (first / "experiments" / "compare.json").exists()
+    experiments.main(["compare", str(second), str(apart)])  # no common folder: the first run's own
+    assert (second / "experiments" / "compare.json").exists() and not (elsewhere / "experiments").exists()
+    assert f"wrote {pathlib.Path('runs') / 'experiments' / 'compare.json'}" in capsys.readouterr().out
+
+
 def _adam_counts(state) -> set[int]:
     paths_and_leaves = jax.tree_util.tree_leaves_with_path(state.opt_state)
     return {int(leaf) for path, leaf in paths_and_leaves if "count" in jax.tree_util.keystr(path)}
@@ -523,6 +540,25 @@ def test_learning_curves_show_the_learning_rates_only_where_the_plateau_rule_low
     with_rates = tmp_path / "with_rates.png"
     plots.plot_learning_curves([workdirs / "cnn", lowered], with_rates)
     assert _png_width(with_rates) > 1.3 * _png_width(constant)  # a third panel
+
+
+def test_runs_of_one_epoch_are_drawn_as_labelled_bars_not_as_dots(workdirs, tmp_path, monkeypatch):
+    single = _copy_record(workdirs / "cnn", tmp_path / "single")
+    first_row = read_metrics(single)[0]
+    (single / "metrics.jsonl").write_text(json.dumps(first_row) + "\n")
+    drawn = []
+    monkeypatch.setattr(plots, "save_figure", lambda figure, output: drawn.append(figure) or pathlib.Path(output))
+    plots.plot_learning_curves([single], tmp_path / "one.png")
+    plots.plot_learning_curves([workdirs / "cnn"], tmp_path / "two.png")
+    one, two = drawn
+    assert "one epoch is not a curve" in one._suptitle.get_text()
+    loss_axis, accuracy_axis = one.axes
+    assert [bar.get_height() for bar in loss_axis.patches] == pytest.approx(
+        [first_row["train_loss"], first_row["test_loss"]]
+    )
+    labels = [text.get_text() for text in accuracy_axis.texts]
+    assert labels == [f"{100 * first_row[f'{split}_accuracy']:.3g} %" for split in ("train", "test")]
+    assert not two.axes[0].patches and len(two.axes[0].lines) == 2  # two epochs: curves
 
 
 # --- progress: long runs of the paper's recipe ---

@@ -1,5 +1,7 @@
 """The Linen layers (nmfjax.linen): equal to the NNX layers, and trained inside a plain Linen model."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -32,6 +34,37 @@ def _nnx_and_linen(kind, mode, **arguments):
     params = {linen.NMF_KERNEL: nnx_layer.kernel[...]}  # the same weights in both
     assert jax.tree.map(jnp.shape, linen_layer.init(jax.random.key(2), x)["params"]) == jax.tree.map(jnp.shape, params)
     return nnx_layer, linen_layer, params, x
+
+
+def test_linen_layers_take_the_option_fields_the_nnx_layers_take():
+    """``NMFConv(3, 8, kernel_size=3, iterations=10)`` as in NNX: every NMFOptions field is a keyword,
+    replacing that field of ``options``; the outputs equal the NNX layer's with the same keywords.
+    """
+    fields = {
+        "iterations": 7,
+        "epsilon": 0.25,
+        "gradient": "implicit",
+        "learning": "backprop",
+        "adjoint_iterations": 9,
+        "precision": "bfloat16",
+        "kernel": "xla",
+        "unroll": True,
+        "check_inputs": True,
+    }
+    assert set(fields) == {field.name for field in dataclasses.fields(ops.NMFOptions)}
+    base = ops.NMFOptions(iterations=3, epsilon=0.5)
+    for name, value in fields.items():
+        layer = linen.NMFConv(3, 8, kernel_size=3, options=base, **{name: value})
+        assert layer.nmf_options == base.replace(**{name: value}), name
+    assert linen.NMFDense(4, 2, options=base, epsilon=None).nmf_options.epsilon is None  # None is a value
+    assert linen.NMFDense(4, 2, options=base).nmf_options == base
+    x = jax.random.uniform(jax.random.key(1), (2, 6, 6, 3))
+    nnx_layer = layers.NMFConv(3, 8, kernel_size=3, iterations=10, rngs=nnx.Rngs(0))
+    linen_layer = linen.NMFConv(3, 8, kernel_size=3, iterations=10)
+    params = {"params": {linen.NMF_KERNEL: nnx_layer.kernel[...]}}
+    np.testing.assert_allclose(linen_layer.apply(params, x), nnx_layer(x), rtol=1e-6, atol=1e-7)
+    with pytest.raises(ValueError, match="iterations"):
+        linen.NMFDense(4, 2, iterations=0).init(jax.random.key(0), jnp.ones((1, 4)))
 
 
 # Every gradient mode on the dense layer and the convolution with most options; the other geometries in one.

@@ -1,54 +1,139 @@
-"""The README's promises: its example runs, and CI runs its test command."""
+"""The guide's promises (README.md, its pages under docs/, CONTRIBUTING.md): every Python example runs,
+every command line is one that parses, and CI runs the test command they give.
+"""
 
 import json
+import pathlib
 import re
+import shlex
 
 import pytest
 
-from nmfjax import training
+from nmfjax import cli, configuration, training
+from nmfjax.experiments import cli as experiments_cli
 from nmfjax.workdirs import read_metrics, upgrade_config
 from tests.conftest import ROOT, SHARED_TFDS, run_process, train_command
 from tests.records import assert_training_matches_record
 
 README = (ROOT / "README.md").read_text()
+# The pages a user reads; the tutorial's code cells run when the guide is built (sphinx-build, in .ci/run).
+GUIDE = ["README.md", "CONTRIBUTING.md", *sorted(path.relative_to(ROOT).as_posix() for path in ROOT.glob("docs/*.md"))]
 
 
-def _code_blocks(language):
-    return re.findall(rf"```{language}\n(.*?)```", README, flags=re.DOTALL)
+def _code_blocks(language, pages=("README.md",)):
+    pattern = re.compile(rf"```{language}\n(.*?)```", re.DOTALL)
+    return [block for page in pages for block in pattern.findall((ROOT / page).read_text())]
 
 
-PYTHON_EXAMPLES = _code_blocks("python")
+# A value of each shell loop's variable in the guide's commands (for model in ...; for seed in ...).
+LOOP_VALUES = {"model": "cnmf_1x1", "seed": "1", "precision": "bfloat16"}
 
 
-def test_the_readme_has_python_examples():
-    assert PYTHON_EXAMPLES, "the README has no Python example"
+def _command_lines(page: str) -> list[str]:
+    """The guide's shell commands of ``page``, one per line: continuations joined, comments and
+    pipes cut, environment assignments dropped, a loop's variable as one of its values.
+    """
+    commands = []
+    for block in _code_blocks("bash", [page]):
+        for line in block.replace("\\\n", " ").splitlines():
+            for variable, value in LOOP_VALUES.items():
+                line = line.replace(f"${{{variable}}}", value).replace(f"${variable}", value)
+            line = re.split(r" # |^#| \| ", line)[0].strip()
+            line = re.sub(r"^(\w+=\S+ )+", "", line)  # VARIABLE=value before a command
+            if line:
+                commands.append(line)
+    return commands
 
 
-@pytest.mark.parametrize("block", PYTHON_EXAMPLES, ids=[f"example{i}" for i in range(len(PYTHON_EXAMPLES))])
-def test_readme_python_example_runs(block, monkeypatch):
+def _python_commands(program: str) -> list[tuple[str, list[str]]]:
+    found = []
+    for page in GUIDE:
+        for line in _command_lines(page):
+            words = shlex.split(line)
+            for start in range(len(words)):
+                if words[start : start + len(program.split())] == program.split():
+                    found.append((page, words[start + len(program.split()) :]))
+    return found
+
+
+TRAIN_COMMANDS = _python_commands("python train.py")
+EXPERIMENT_COMMANDS = _python_commands("python -m nmfjax.experiments")
+
+
+def _config_files(arguments: list[str]) -> list[str]:
+    given = [arguments[i + 1] for i, argument in enumerate(arguments[:-1]) if argument == "--config"]
+    return given + [argument.split("=", 1)[1] for argument in arguments if argument.startswith("--config=")]
+
+
+def _overrides(arguments: list[str]) -> list[str]:
+    return [argument.removeprefix("--config.") for argument in arguments if argument.startswith("--config.")]
+
+
+def test_every_train_py_command_of_the_guide_names_a_config_and_fields_that_exist():
+    assert len(TRAIN_COMMANDS) > 20
+    for page, arguments in TRAIN_COMMANDS:
+        (config_file,) = _config_files(arguments)
+        assert (ROOT / config_file).is_file(), (page, arguments)
+        flags = {argument.split("=")[0] for argument in arguments if argument.startswith("--")} - {"--config"}
+        flags = {flag for flag in flags if not flag.startswith("--config.")}
+        assert flags <= {"--workdir", "--show_config", "--start_over"}, (page, arguments)
+        try:  # as train.py types them: an unknown field or a value of the wrong type ends the command
+            cli.override_config(configuration.config_from_file(ROOT / config_file), _overrides(arguments))
+        except SystemExit:
+            pytest.fail(f"{page}: python train.py {' '.join(arguments)} has a field or value train.py refuses")
+
+
+def test_every_experiments_command_of_the_guide_parses():
+    assert len(EXPERIMENT_COMMANDS) > 10
+    parser = experiments_cli.build_parser()
+    for page, arguments in EXPERIMENT_COMMANDS:
+        given = [argument for argument in arguments if not argument.startswith("--config.")]
+        try:
+            args = parser.parse_args(given)
+        except SystemExit:
+            pytest.fail(f"{page}: python -m nmfjax.experiments {' '.join(arguments)} does not parse")
+        if _overrides(arguments):
+            assert args.accepts_overrides and args.config, (page, arguments)
+            cli.override_config(configuration.config_from_file(ROOT / args.config), _overrides(arguments))
+
+
+PYTHON_EXAMPLES = [(page, index, block) for page in GUIDE for index, block in enumerate(_code_blocks("python", [page]))]
+
+
+def test_the_guide_has_python_examples_and_the_readme_one():
+    assert _code_blocks("python"), "the README has no Python example"
+    assert {page for page, _, _ in PYTHON_EXAMPLES} >= {"README.md", "docs/layers.md", "docs/reproducing.md"}
+
+
+@pytest.mark.parametrize(
+    ("page", "index", "block"), PYTHON_EXAMPLES, ids=[f"{page}-{index}" for page, index, _ in PYTHON_EXAMPLES]
+)
+def test_the_guides_python_examples_run(page, index, block, monkeypatch):
     # The examples' paths are relative to the repository root, where a user starts after cloning.
     monkeypatch.chdir(ROOT)
     if "../shared/" in block and not SHARED_TFDS.parent.is_dir():
         pytest.skip(f"the example reads ../shared beside the checkout ({SHARED_TFDS.parent}; CI has it)")
-    exec(compile(block, "README.md", "exec"), {"__name__": "readme_example"})
+    exec(compile(block, f"{page} example {index}", "exec"), {"__name__": "guide_example"})
 
 
-def test_ci_runs_exactly_the_readme_test_command():
+def test_ci_runs_exactly_the_guides_test_command():
     ci_commands = [
         line.strip()
         for line in (ROOT / ".ci" / "run").read_text().splitlines()
         if "pytest" in line and not line.lstrip().startswith("#")
     ]
-    readme_commands = {
-        line.split("#")[0].strip(): line.split("#", 1)[1] if "#" in line else ""
-        for block in _code_blocks("bash")
+    (ci_command,) = ci_commands
+    commands = [
+        (line.split("#")[0].strip(), line.split("#", 1)[1] if "#" in line else "")
+        for block in _code_blocks("bash", GUIDE)
         for line in block.splitlines()
         if "pytest" in line
-    }
-    (ci_command,) = ci_commands
-    assert "as CI runs it" in readme_commands[ci_command], readme_commands
-    quick = [command for command in readme_commands if '-m "not slow"' in command]
-    assert quick == [ci_command + ' -m "not slow"'], readme_commands
+    ]
+    as_ci = {command for command, comment in commands if "as CI runs it" in comment}
+    quick = {command for command, _ in commands if '-m "not slow"' in command}
+    assert as_ci == {ci_command}, commands
+    assert quick == {ci_command + ' -m "not slow"'}, commands
+    assert all(ci_command in (ROOT / page).read_text() for page in ("README.md", "docs/getting_started.md"))
 
 
 QUICK_START = ROOT / "docs" / "runs" / "quickstart"
@@ -80,3 +165,32 @@ def test_the_quick_start_reproduces_its_recorded_run(shared_tfds, tmp_path):
     assert lines[1].split(", compiled")[0] == recorded_lines[1].split(", compiled")[0]
     assert lines[2] == training.epoch_line(made, 1)
     assert lines[4:] == recorded_lines[4:]  # where the results are, and what to run next
+
+
+# --- the front page and the guide's shape ---
+
+
+def test_the_readme_is_a_front_page_whose_links_lead_into_the_guide():
+    lines = README.splitlines()
+    assert len(lines) <= 200, f"README.md has {len(lines)} lines; the guide (docs/) takes the rest"
+    links = re.findall(r"\]\(([^)#]+)(?:#[^)]*)?\)", README)
+    local = [link for link in links if "://" not in link]
+    assert {"docs/getting_started.md", "docs/tutorial.md", "docs/training.md", "docs/scaling.md"} <= set(local)
+    missing = [link for link in local if not (ROOT / link).exists()]
+    assert not missing, f"the README links to files that do not exist: {missing}"
+    index = (ROOT / "docs" / "index.md").read_text()
+    pages = {page for block in re.findall(r"```\{toctree\}\n(.*?)```", index, re.DOTALL) for page in block.split()}
+    for link in local:
+        if link.startswith("docs/") and link.endswith(".md") and link.count("/") == 1 and link != "docs/index.md":
+            assert pathlib.PurePosixPath(link).stem in pages, f"{link} is not in docs/index.md's table of contents"
+
+
+def test_the_tutorial_notebook_is_paired_with_its_markdown():
+    jupytext = pytest.importorskip("jupytext", reason="the docs extra (pip install -e '.[docs]') brings jupytext")
+    source, paired = jupytext.read(ROOT / "docs" / "tutorial.md"), jupytext.read(ROOT / "docs" / "tutorial.ipynb")
+    assert [(cell.cell_type, cell.source) for cell in paired.cells] == [
+        (cell.cell_type, cell.source) for cell in source.cells
+    ], "docs/tutorial.ipynb differs from docs/tutorial.md: run jupytext --sync docs/tutorial.md"
+    assert "ipynb,md:myst" in source.metadata["jupytext"]["formats"]
+    outputs = [cell.get("outputs") for cell in paired.cells if cell.cell_type == "code"]
+    assert not any(outputs), "commit docs/tutorial.ipynb without outputs"

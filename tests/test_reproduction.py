@@ -1,6 +1,6 @@
 """The record of the full-data trainings in docs/reproduction: the shipped networks load, evaluate to
 their recorded accuracy, the comparison there is what the compare command makes of the records, and the
-analyses in docs/experiments that the README shows are of these networks.
+analyses in docs/experiments that the guide shows are of these networks.
 """
 
 import json
@@ -23,7 +23,7 @@ FULL_CIFAR10 = SHARED_TFDS.parent / "cifar10_full"
 
 
 def _as_trained(model):
-    """How an analysis names a shipped network at its last epoch: (workdir as the README gives it, epoch)."""
+    """How an analysis names a shipped network at its last epoch: (workdir as the guide gives it, epoch)."""
     return f"docs/reproduction/{model}", len(read_metrics(RECORD / model))
 
 
@@ -63,13 +63,13 @@ def test_the_record_is_what_the_compare_command_makes_of_it(tmp_path):
 
 
 def _readme_command(*arguments: str) -> list[str]:
-    """The README's ``python -m nmfjax.experiments`` command that starts with ``arguments`` (its output
-    directory aside), as a list of arguments; fails if the README has no such command.
+    """The guide's ``python -m nmfjax.experiments`` command (docs/reproducing.md) that starts with
+    ``arguments`` (its output directory aside), as a list of arguments; fails if it has no such command.
     """
-    readme = " ".join((ROOT / "README.md").read_text().replace("\\\n", " ").split())
+    readme = " ".join((ROOT / "docs" / "reproducing.md").read_text().replace("\\\n", " ").split())
     prefix = "python -m nmfjax.experiments "
     start = prefix + " ".join(arguments)
-    assert start in readme, f"the README has no command {start!r}"
+    assert start in readme, f"docs/reproducing.md has no command {start!r}"
     # The command ends where its comment, its code block or the next command starts.
     command = re.split(r" # | ?```| python ", readme[readme.index(start) + len(prefix) :], maxsplit=1)[0].split()
     output = command.index("--output")
@@ -122,7 +122,7 @@ def test_the_noise_robustness_is_of_the_four_shipped_networks_as_trained():
 def test_the_readmes_picture_commands_reproduce_the_recorded_analyses(analysis, test_images, tmp_path, monkeypatch):
     if test_images:
         _skip_without_full_cifar10()
-    monkeypatch.chdir(ROOT)  # the README's commands, from the repository root
+    monkeypatch.chdir(ROOT)  # the guide's commands, from the repository root
     experiments.main([*_readme_command(analysis, "docs/reproduction/cnmf_1x1"), "--output", str(tmp_path)])
     made = json.loads((tmp_path / f"{analysis}.json").read_text())
     assert_matches_record(made, json.loads((ANALYSES / f"{analysis}.json").read_text()), histograms=True)
@@ -145,7 +145,7 @@ def test_the_readmes_noise_command_reproduces_the_recorded_accuracies(tmp_path, 
     assert_matches_record(made["uniform"], recorded_level, atol=accuracy_tolerance(recorded["test_images"]))
 
 
-@pytest.mark.parametrize("document", ["README.md", "docs/reproduction/README.md"])
+@pytest.mark.parametrize("document", ["README.md", "docs/reproducing.md", "docs/reproduction/README.md"])
 def test_the_full_data_tables_give_the_recorded_numbers(document):
     text = (ROOT / document).read_text()
     for run in json.loads((RECORD / "compare.json").read_text())["runs"]:

@@ -3,6 +3,8 @@
 import functools
 import json
 import pathlib
+import re
+import shutil
 import sys
 import textwrap
 from unittest import mock
@@ -268,6 +270,18 @@ def test_a_run_names_its_workdir_first_and_sums_itself_up_last(tmp_path, capsys)
     assert plots_command[:3] == ["python", "-m", "nmfjax.plots"]
     plots.main(plots_command[3:])
     assert (tmp_path / "learning_curves.png").exists()
+
+
+@pytest.mark.parametrize("installed", [True, False])
+def test_the_tensorboard_hint_says_how_to_install_it_where_its_command_is_missing(installed, tmp_path, monkeypatch):
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "test_accuracy": 0.5}) + "\n")
+    monkeypatch.setattr(shutil, "which", lambda name: f"/usr/bin/{name}" if installed else None)
+    (line,) = [line for line in training.run_summary(tmp_path).splitlines() if "tensorboard --logdir" in line]
+    command, _, comment = line.partition("#")
+    assert command.split() == ["tensorboard", "--logdir", str(tmp_path)]
+    assert comment.strip() == ("" if installed else "after pip install 'nmfjax[tensorboard]'")
+    # ... and that extra installs it.
+    assert re.search(r'^tensorboard = \["tensorboard>=', (ROOT / "pyproject.toml").read_text(), re.MULTILINE)
 
 
 def test_a_diverging_run_stops_with_a_clear_error_and_saves_nothing_of_that_epoch(tmp_path):

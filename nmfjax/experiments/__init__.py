@@ -21,7 +21,7 @@ the config of every variant, as for ``train.py``)::
     python -m nmfjax.experiments sweep --config configs/cnmf_1x1.py --root runs/sweep
 
 Outputs go to ``--output`` (default: ``WORKDIR/experiments`` for one workdir,
-``experiments/`` for several, ``--root`` for trainings). Commands that read
+``PARENT/experiments`` beside several in one folder, ``--root`` for trainings). Commands that read
 test images take ``--data_dir`` (default: the workdir's ``config.data_dir``)
 and ``--limit`` (the first test images only).
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import pathlib
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -34,10 +35,20 @@ def _step(text: str) -> int | str:
         raise argparse.ArgumentTypeError(f'expected "best", "latest" or an epoch, got {text!r}') from None
 
 
+def default_output(workdirs: list[str]) -> pathlib.Path:
+    """Where an analysis of ``workdirs`` goes without ``--output``: ``WORKDIR/experiments`` for one,
+    ``PARENT/experiments`` beside several that share a parent, else the first one's ``experiments``.
+    Never the current directory, which in a clone is the repository.
+    """
+    paths = [pathlib.Path(workdir) for workdir in workdirs]
+    parents = {path.resolve().parent for path in paths}
+    if len(paths) > 1 and len(parents) == 1:
+        return paths[0].parent / "experiments"
+    return paths[0] / "experiments"
+
+
 def _output_dir(args) -> pathlib.Path:
-    if args.output:
-        return pathlib.Path(args.output)
-    return pathlib.Path(args.workdirs[0]) / "experiments" if len(args.workdirs) == 1 else pathlib.Path("experiments")
+    return pathlib.Path(args.output) if args.output else default_output(args.workdirs)
 
 
 def _report(*paths: pathlib.Path) -> None:
@@ -290,13 +301,16 @@ def _command_sweep(args) -> None:
         )
 
 
+def _package_help() -> str | None:
+    """The help text: the docstring of this module's package, which Python loads before the module."""
+    return sys.modules[__package__].__doc__
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command line of ``python -m nmfjax.experiments``: one subcommand per analysis."""
-    from nmfjax import experiments  # the package docstring is the help text
-
     parser = cli.ArgumentParser(
         prog="python -m nmfjax.experiments",
-        description=experiments.__doc__,
+        description=_package_help(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     commands = parser.add_subparsers(dest="command", required=True)
@@ -358,7 +372,9 @@ def build_parser() -> argparse.ArgumentParser:
     help_text = "the runs side by side: table, the paper's Figure 5 and learning curves"
     command = commands.add_parser("compare", help=help_text, description=help_text)
     command.add_argument("workdirs", nargs="+", metavar="WORKDIR", help="workdirs or exported networks")
-    command.add_argument("--output", help="output directory (default: experiments/, or WORKDIR/experiments for one)")
+    command.add_argument(
+        "--output", help="output directory (default: WORKDIR/experiments for one, PARENT/experiments beside several)"
+    )
     command.set_defaults(function=_command_compare, accepts_overrides=False)
     help_text = "a trained network's weights, config and metrics, without optimiser state, for load_checkpoint"
     command = commands.add_parser("export", help=help_text, description=help_text)

@@ -16,7 +16,6 @@ from typing import Any
 from flax import nnx
 
 from nmfjax import configuration, models, workdirs
-from nmfjax.errors import MissingFileError
 
 #: Test accuracy on CIFAR-10 reported in the paper (section 3, Figure 5); CNN+1x1 has no number in its text.
 PAPER_ACCURACY = {"cnn": 0.810, "cnmf": 0.815, "cnmf_1x1": 0.851}
@@ -46,9 +45,7 @@ def summarize_run(workdir: str | pathlib.Path) -> dict[str, Any]:
     """
     workdir = pathlib.Path(workdir)
     config = workdirs.load_config(workdir)
-    rows = workdirs.read_metrics(workdir)
-    if not rows:
-        raise MissingFileError(f"{workdir / 'metrics.jsonl'} holds no epochs: train with train.py first.")
+    rows = workdirs.trained_epochs(workdir)
     spec = configuration.network_spec(config)
     parameters = models.parameters_by_group(nnx.eval_shape(lambda: models.Network(spec, rngs=nnx.Rngs(0))))
     best = max(rows, key=lambda row: row["test_accuracy"])
