@@ -123,7 +123,7 @@ def test_a_parameter_of_no_group_is_an_error_not_a_silent_default():
         (dict(kernel_sizes=(5, 5, 3, 1)), "leaves a 2x2 map"),
         (dict(kernel_sizes=(5, 5, 9, 1)), r"config.model.kernel_sizes\[2\]=9 is larger than the 4x4 map"),
         (dict(batch_norm_statistics="none"), "config.model.batch_norm_statistics must be one of"),
-        (dict(groups=(1, 3, 1, 1)), "feature_group_count=3 must divide"),
+        (dict(groups=(1, 3, 1, 1)), r"config.model.groups\[1\]=3 must divide the 32 inputs and the 64 outputs"),
         (dict(readout_learning="hebb"), "config.model.readout_learning: learning must be one of"),
     ],
 )

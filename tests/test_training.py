@@ -338,15 +338,3 @@ _DATA_PARALLEL_SCRIPT = textwrap.dedent(
 def test_sharded_step_on_eight_devices_equals_the_single_device_step(tmp_path):
     child = run_process([sys.executable, "-c", _DATA_PARALLEL_SCRIPT], tmp_path, timeout=600)
     assert child.process.returncode == 0 and "DATA PARALLEL OK" in child.stdout, child.stderr[-3000:]
-
-
-@pytest.mark.slow
-def test_one_epoch_of_cnmf_1x1_learns_on_the_real_cifar10_subset(shared_tfds, tmp_path):
-    config = tiny_config("cnmf_1x1", data_dir=shared_tfds, download=False, num_epochs=1, log_every_steps=50)
-    config.batch_size = config.eval_batch_size = 50
-    config.model.nmf.iterations = 20
-    row = training.train_and_evaluate(config, tmp_path)
-    assert row["test_accuracy"] > 0.25, row
-    config_back, model, _, epoch = checkpoints.load_checkpoint(tmp_path, "best")
-    assert epoch == 1 and config_back.model.architecture == "cnmf_1x1"
-    assert isinstance(model, nnx.Module)
