@@ -49,6 +49,13 @@ def exit_on_errors() -> Iterator[None]:
         sys.exit(128 + signal.SIGINT)
 
 
+def package_help(module_name: str) -> str | None:
+    """The help text of a package's command line (``module_name``: its ``cli`` module's ``__name__``):
+    the package's docstring, read from the loaded package rather than imported (no import circle).
+    """
+    return sys.modules[module_name.rpartition(".")[0]].__doc__
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """``argparse`` whose usage errors are one line, ``error: ...``, with exit status 2."""
 

@@ -641,7 +641,6 @@ def tutorial_settings(doc: Document) -> None:
     assert "(images.shape[0], 28, 28, 3)" in text and "kernel_size=5" in text
     doc.given("a batch of 50 random 28 x 28 crops", "the tutorial's code cell")
     doc.given("is a 5 x 5 x 3 patch", "NMFConv(3, hidden, kernel_size=5) in the tutorial")
-    doc.given("(chance: 10 %)", "CIFAR-10's ten classes")
 
 
 def contributing_limits(doc: Document) -> None:

@@ -47,13 +47,13 @@ def _command_lines(page: str) -> list[str]:
 
 
 def _python_commands(program: str) -> list[tuple[str, list[str]]]:
+    """``(page, arguments)`` of every command of the guide that runs ``program``."""
+    name = program.split()
     found = []
     for page in GUIDE:
         for line in _command_lines(page):
             words = shlex.split(line)
-            for start in range(len(words)):
-                if words[start : start + len(program.split())] == program.split():
-                    found.append((page, words[start + len(program.split()) :]))
+            found += [(page, words[i + len(name) :]) for i in range(len(words)) if words[i : i + len(name)] == name]
     return found
 
 
@@ -75,8 +75,7 @@ def test_every_train_py_command_of_the_guide_names_a_config_and_fields_that_exis
     for page, arguments in TRAIN_COMMANDS:
         (config_file,) = _config_files(arguments)
         assert (ROOT / config_file).is_file(), (page, arguments)
-        flags = {argument.split("=")[0] for argument in arguments if argument.startswith("--")} - {"--config"}
-        flags = {flag for flag in flags if not flag.startswith("--config.")}
+        flags = {arg.split("=")[0] for arg in arguments if arg.startswith("--") and not arg.startswith("--config")}
         assert flags <= {"--workdir", "--show_config", "--start_over"}, (page, arguments)
         try:  # as train.py types them: an unknown field or a value of the wrong type ends the command
             cli.override_config(configuration.config_from_file(ROOT / config_file), _overrides(arguments))

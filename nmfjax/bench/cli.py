@@ -6,7 +6,6 @@ import argparse
 import dataclasses
 import json
 import pathlib
-import sys
 from typing import Any
 
 import jax
@@ -80,15 +79,12 @@ def run(sizes: Sizes, output: pathlib.Path) -> dict:
     return results
 
 
-def _package_help() -> str | None:
-    """The help text: the docstring of this module's package, which Python loads before the module."""
-    return sys.modules[__package__].__doc__
-
-
 def main(argv: list[str] | None = None) -> None:
     """``python -m nmfjax.bench``."""
     parser = cli.ArgumentParser(
-        prog="python -m nmfjax.bench", description=_package_help(), formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m nmfjax.bench",
+        description=cli.package_help(__name__),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--output", default="bench", help="folder for bench.json and bench.png")
     parser.add_argument("--tiny", action="store_true", help="tiny sizes (a smoke test, not a measurement)")

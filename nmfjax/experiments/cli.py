@@ -301,16 +301,11 @@ def _command_sweep(args) -> None:
         )
 
 
-def _package_help() -> str | None:
-    """The help text: the docstring of this module's package, which Python loads before the module."""
-    return sys.modules[__package__].__doc__
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The command line of ``python -m nmfjax.experiments``: one subcommand per analysis."""
     parser = cli.ArgumentParser(
         prog="python -m nmfjax.experiments",
-        description=_package_help(),
+        description=cli.package_help(__name__),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     commands = parser.add_subparsers(dest="command", required=True)
@@ -424,8 +419,6 @@ def _split_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
 
 def main(argv: list[str] | None = None) -> None:
     """``python -m nmfjax.experiments``."""
-    import sys
-
     arguments, overrides = _split_overrides(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(arguments)
