@@ -22,7 +22,7 @@ import jax
 import ml_collections
 from ml_collections import config_dict
 
-from nmfjax import data, models, ops
+from nmfjax import cpu_kernel, data, models, ops
 from nmfjax.errors import ConfigError, MissingFileError
 from nmfjax.validation import is_positive_int
 
@@ -97,6 +97,8 @@ def default_config() -> ml_collections.ConfigDict:
     # The network (paper section 2.5): the fields of nmfjax.models.NetworkSpec, NMF options under model.nmf.
     config.model = model_config()
     config.model.features = (32, 64, 96, CLASSES)  # the last block has one output per class of the data
+    # The NMF iterations by the fastest path of the platform: the fused C++ kernel on a CPU, Triton on a GPU.
+    config.model.nmf.kernel = "auto"
 
     # Data (paper section 2.6): random crops, flips and colour jitter; pixels in [0, 1].
     config.dataset = "cifar10"  # any TFDS image classification dataset, or "image_folder" (data_dir: the folder)
@@ -391,6 +393,13 @@ def validate_config(config: ml_collections.ConfigDict, device_count: int | None 
             f"{config.batch_size}: an epoch would have no step. Train on at least {config.batch_size} examples, "
             "or lower config.batch_size."
         )
+    if spec.uses_nmf and spec.nmf.kernel == "cpu" and jax.default_backend() == "cpu":
+        reason = cpu_kernel.unavailable_reason()
+        if reason is not None:
+            raise ConfigError(
+                f"config.model.nmf.kernel='cpu' cannot run here: {reason}. "
+                "Use kernel 'auto' (XLA's loop where the kernel cannot be built) or 'xla'."
+            )
     devices = device_count or jax.device_count()
     for name in ("batch_size", "eval_batch_size"):
         if config[name] % devices:

@@ -131,6 +131,15 @@ class Evaluator:
         self.graphdef, self.crop_size, self.batch_size, self.mesh = graphdef, crop_size, batch_size, mesh
         self.step = jax.jit(self._step, static_argnames="preprocess")
         self.one_program_at_a_time = parallel.one_program_at_a_time(mesh)
+        self._compiled: dict[tuple, Any] = {}  # compile()'s steps, by (images' shape, batch size)
+
+    def compile(self, params: nnx.State, batch_stats: nnx.State, images: jax.Array, labels: jax.Array) -> None:
+        """Compiles the step for whole batches of ``images`` ahead of time; :meth:`evaluate` then runs it
+        (without ``preprocess``), so that a program the persistent cache does not keep compiles once.
+        """
+        batch = jax.ShapeDtypeStruct((self.batch_size,), jnp.int32)
+        lowered = self.step.lower(params, batch_stats, images, labels, batch, no_metrics(self.mesh), np.int32(0))
+        self._compiled[images.shape, self.batch_size] = lowered.compile()
 
     def _step(
         self,
@@ -185,17 +194,21 @@ class Evaluator:
         start, totals = time.perf_counter(), no_metrics(self.mesh)
         for batch_number, first in enumerate(range(0, num_examples, self.batch_size)):
             batch = indices[first : first + self.batch_size]
-            totals = self.step(
-                params,
-                batch_stats,
-                images,
-                labels,
-                batch,
-                totals,
-                np.int32(batch_number),
-                arguments,
-                preprocess=preprocess,
-            )
+            compiled = self._compiled.get((images.shape, len(batch))) if preprocess is None and not arguments else None
+            if compiled is not None:
+                totals = compiled(params, batch_stats, images, labels, batch, totals, np.int32(batch_number))
+            else:
+                totals = self.step(
+                    params,
+                    batch_stats,
+                    images,
+                    labels,
+                    batch,
+                    totals,
+                    np.int32(batch_number),
+                    arguments,
+                    preprocess=preprocess,
+                )
             if self.one_program_at_a_time:
                 jax.block_until_ready(totals)
             check_stop()

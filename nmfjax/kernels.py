@@ -24,11 +24,12 @@ registers, spills and the product instructions (docs/performance.md).
 Where it runs (``NMFOptions.kernel``): ``"pallas"`` lowers to Triton on an
 NVIDIA GPU and runs in Pallas's interpret mode on other platforms (slow, but
 the same arithmetic: for tests); ``"auto"`` takes Triton on a GPU where the
-call's programs fill the SMs (:func:`fills_gpu`) and the XLA loop elsewhere
-(a call of a few programs leaves most of the GPU idle, while XLA's products
-spread over it). The choice between GPU and elsewhere is made when the program
-is lowered for its platform (``lax.platform_dependent``), so an exported
-program carries both.
+call's programs fill the SMs (:func:`fills_gpu`), the C++ kernel of
+:mod:`nmfjax.cpu_kernel` on a CPU (float32), and XLA's loop elsewhere (a call
+of a few programs leaves most of the GPU idle, while XLA's products spread
+over it). :func:`forward` makes that choice; the platform's branch is taken
+when the program is lowered for its platform (``lax.platform_dependent``), so
+an exported program carries each.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from nmfjax import cpu_kernel
 from nmfjax.numerics import LOWER_PRECISIONS, NORMALIZE_EPS, RECONSTRUCTION_EPS, retracing_with
 
 #: The custom call a Pallas kernel lowers to for NVIDIA GPUs (jax.export names it).
@@ -298,18 +300,38 @@ def forward(
     kernel: str,
     xla: Callable[[jax.Array, jax.Array], jax.Array],
 ) -> jax.Array:
-    """The forward ``h`` of :func:`nmfjax.ops.nmf` with ``NMFOptions(kernel=...)`` ``"pallas"`` or
-    ``"auto"`` (see the module docstring); ``iterations``, ``epsilon`` and ``precision`` are the op's.
-    ``xla(x, w)`` is the op's XLA loop, which ``"auto"`` takes off a GPU, and on a GPU where the
-    kernel's grid would leave SMs idle (:func:`fills_gpu`).
+    """The forward ``h`` of :func:`nmfjax.ops.nmf` with ``NMFOptions(kernel=...)`` ``"pallas"``, ``"cpu"``
+    or ``"auto"``; ``iterations``, ``epsilon`` and ``precision`` are the op's, ``xla(x, w)`` its XLA loop.
+
+    - ``"pallas"``: Triton on an NVIDIA GPU, Pallas's interpret mode elsewhere (see the module docstring).
+    - ``"cpu"``: :mod:`nmfjax.cpu_kernel` on a CPU (float32 only), XLA's loop elsewhere.
+    - ``"auto"``: Triton on an NVIDIA GPU where its grid fills the SMs (:func:`fills_gpu`), the CPU
+      kernel on a CPU where it is available and the op computes in float32, else XLA's loop.
+
+    The platform's branch is chosen where the program is lowered (``lax.platform_dependent``).
     """
-    target = gpu_target()
     positions, features = x.shape
-    parameters = launch_parameters(positions, features, w.shape[1], precision, target)
-    if kernel == "auto" and not fills_gpu(positions, parameters, target):
-        return xla(x, w)
-    fused = functools.partial(
-        nmf_forward, iterations=iterations, epsilon=epsilon, precision=precision, parameters=parameters
-    )
-    off_gpu = functools.partial(fused, interpret=True) if kernel == "pallas" else xla
-    return lax.platform_dependent(x, w, cuda=fused, default=off_gpu)
+    branches: dict[str, Callable[[jax.Array, jax.Array], jax.Array]] = {}
+    default = xla
+    if kernel in ("pallas", "auto"):
+        target = gpu_target()
+        parameters = launch_parameters(positions, features, w.shape[1], precision, target)
+        fused = functools.partial(
+            nmf_forward, iterations=iterations, epsilon=epsilon, precision=precision, parameters=parameters
+        )
+        if kernel == "pallas":
+            branches["cuda"], default = fused, functools.partial(fused, interpret=True)
+        elif fills_gpu(positions, parameters, target):
+            branches["cuda"] = fused
+    if kernel == "cpu" or (kernel == "auto" and cpu_kernel_applies(precision, x.dtype)):
+        branches["cpu"] = functools.partial(cpu_kernel.nmf_forward, iterations=iterations, epsilon=epsilon)
+    if not branches:
+        return default(x, w)
+    return lax.platform_dependent(x, w, **branches, default=default)
+
+
+def cpu_kernel_applies(precision: str, dtype: jax.typing.DTypeLike) -> bool:
+    """Whether ``kernel="auto"`` takes :mod:`nmfjax.cpu_kernel` on a CPU: float32 products of operands
+    of ``dtype`` float32, and the kernel built for this machine.
+    """
+    return precision == "float32" and jnp.dtype(dtype) == jnp.float32 and cpu_kernel.available()

@@ -46,7 +46,7 @@ from nmfjax.validation import check_positive_int
 GRADIENTS = ("approx", "unrolled", "implicit")
 LEARNING_RULES = ("backprop", "local_kl", "local_mse")
 PRECISIONS = ("float32", "tf32", "bfloat16")
-KERNELS = ("xla", "pallas", "auto")
+KERNELS = ("xla", "pallas", "cpu", "auto")
 
 #: How ``precision="bfloat16"`` may run on a CPU: ``"native"``, bfloat16 operands and float32 sums
 #: on the processor's bf16 units; ``"emulated"``, operands rounded to bfloat16 and a float32 product.
@@ -252,12 +252,16 @@ class NMFOptions:
         Float32 runs as such on every platform, so that a GPU computes what a
         CPU does; the other two use an accelerator's tensor cores (emulated on
         a CPU). Sums stay float32.
-      kernel: what computes the forward ``h``: ``"xla"`` (default), the fused
-        kernel of :mod:`nmfjax.kernels` (``"pallas"``) or ``"auto"`` (the
-        kernel on an NVIDIA GPU where its programs fill the SMs, else XLA). The kernel runs as Triton
-        on an NVIDIA GPU; ``"pallas"`` runs it in Pallas's slow interpret mode
-        elsewhere. The backward passes are XLA's in every case, and
-        ``"unrolled"`` differentiates XLA's loop.
+      kernel: what computes the forward ``h``: ``"xla"`` (XLA's loop; the
+        op's default), ``"pallas"``, ``"cpu"`` or ``"auto"`` (``train.py``'s
+        default). With ``"pallas"``, the fused kernel of :mod:`nmfjax.kernels`:
+        Triton on an NVIDIA GPU, Pallas's slow interpret mode elsewhere. With
+        ``"cpu"``, the fused C++ kernel of :mod:`nmfjax.cpu_kernel` on a CPU
+        (float32 only; XLA's loop on other platforms). With ``"auto"``, Triton
+        on an NVIDIA GPU where its programs fill the SMs, the C++ kernel on a
+        CPU where it compiles and the op computes in float32, else XLA's loop.
+        The backward passes are XLA's in every case, and ``"unrolled"``
+        differentiates XLA's loop.
       unroll: XLA's ``N`` updates (and the adjoint iterations of
         ``"implicit"``) as straight-line code instead of a while loop. A GPU
         then reads no loop condition back to the host, and XLA can put a
@@ -302,6 +306,11 @@ class NMFOptions:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}.")
         if self.kernel not in KERNELS:
             raise ValueError(f"kernel must be one of {KERNELS}, got {self.kernel!r}.")
+        if self.kernel == "cpu" and self.precision != "float32":
+            raise ValueError(
+                f"kernel='cpu' computes in float32, not precision={self.precision!r}: "
+                "use kernel='auto' (XLA's loop at lower precisions) or 'xla'."
+            )
         if not isinstance(self.check_inputs, bool):
             raise TypeError(f"check_inputs must be True or False, got {self.check_inputs!r}.")
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Callable
+from typing import Any
 
 import flax
 import jax
@@ -112,6 +113,9 @@ class Trainer:
         self.one_program_at_a_time = parallel.one_program_at_a_time(mesh)
         self.train_step = jax.jit(self._train_step_impl, donate_argnums=0)
         self.train_steps = jax.jit(self._train_steps_impl, donate_argnums=0)
+        # The calls compile() made ahead of time, by (images' shape, steps): the epochs run these, so that
+        # a program the persistent cache does not keep (one with the CPU kernel's call) compiles once.
+        self._compiled_train_steps: dict[tuple, Any] = {}
         self.steps_per_call = steps_per_call(config)
         self._plateau_step = jax.jit(self._plateau_step_impl)
         self._step_keys = jax.jit(jax.vmap(self.step_key, in_axes=(None, 0)))
@@ -199,17 +203,15 @@ class Trainer:
     ) -> float:
         """Compiles the steps ahead of time; returns the seconds it took."""
         start = time.perf_counter()
-        eval_batch = jax.ShapeDtypeStruct((self.config.eval_batch_size,), jnp.int32)
         totals = evaluation.no_metrics(self.mesh)
         steps_per_epoch = train_labels.shape[0] // self.config.batch_size
         # One program per length of call an epoch has: K steps, and the remainder's.
         for steps in {min(self.steps_per_call, steps_per_epoch), steps_per_epoch % self.steps_per_call} - {0}:
             batches = jax.ShapeDtypeStruct((steps, self.config.batch_size), jnp.int32)
             keys = self.step_keys(0, range(steps))
-            self.train_steps.lower(state, train_images, train_labels, batches, keys, totals).compile()
-        self.evaluator.step.lower(
-            state.params, state.batch_stats, test_images, test_labels, eval_batch, totals, np.int32(0)
-        ).compile()
+            compiled = self.train_steps.lower(state, train_images, train_labels, batches, keys, totals).compile()
+            self._compiled_train_steps[train_images.shape, steps] = compiled
+        self.evaluator.compile(state.params, state.batch_stats, test_images, test_labels)
         return time.perf_counter() - start
 
     def train_epoch(
@@ -232,7 +234,8 @@ class Trainer:
         for first in range(0, len(permutation), self.steps_per_call):
             batches = permutation[first : first + self.steps_per_call]
             keys = self.step_keys(epoch, range(first, first + len(batches)))
-            state, totals = self.train_steps(state, images, labels, batches, keys, totals)
+            train_steps = self._compiled_train_steps.get((images.shape, len(batches)), self.train_steps)
+            state, totals = train_steps(state, images, labels, batches, keys, totals)
             if self.one_program_at_a_time:
                 jax.block_until_ready(totals)
             check_stop()

@@ -28,7 +28,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
-from nmfjax import checkpoints, configuration, data, models, ops, parallel, workdirs
+from nmfjax import checkpoints, configuration, cpu_kernel, data, models, ops, parallel, workdirs
 from nmfjax.errors import ConfigError, TrainingDiverged, TrainingInterrupted, WorkdirError, quiet_failure
 from nmfjax.trainer import Trainer, TrainState, learning_rates
 
@@ -120,7 +120,7 @@ def train_and_evaluate(
     new_workdir = not workdir.exists()
     if is_main_process:
         source = config.data_dir or "tfds's default data directory"
-        products = _lower_precision_products(config.model.nmf.precision)
+        products = _lower_precision_products(config.model.nmf.precision) + _nmf_iterations(spec)
         print(
             f"Training {config.model.architecture} into {workdir} ({config.dataset} from {source}{products}).",
             flush=True,
@@ -180,6 +180,19 @@ def _lower_precision_products(precision: str) -> str:
         return f"; NMF products in {ops.describe_precision(precision, jax.default_backend())}"
     except ValueError as error:  # a bad NMFJAX_CPU_BFLOAT16
         raise ConfigError(f"{error} Unset it to follow the processor's features.") from None
+
+
+def _nmf_iterations(spec: models.NetworkSpec) -> str:
+    """For the header line, on a CPU: that the fused C++ kernel runs the NMF iterations, or why
+    ``kernel="auto"`` cannot have it (empty for other kernels, precisions and platforms).
+    """
+    if not spec.uses_nmf or spec.nmf.kernel not in ("cpu", "auto") or spec.nmf.precision != "float32":
+        return ""
+    if jax.default_backend() != "cpu":
+        return ""
+    if not cpu_kernel.available():
+        return f"; NMF iterations in XLA's loop: the C++ kernel is unavailable ({cpu_kernel.unavailable_reason()})"
+    return "; NMF iterations in the fused C++ kernel"
 
 
 def _read_splits(config: ml_collections.ConfigDict) -> tuple[data.Split, data.Split]:

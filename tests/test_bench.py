@@ -6,7 +6,7 @@ import json
 import jax
 import pytest
 
-from nmfjax import bench, models, ops
+from nmfjax import bench, cpu_kernel, models, ops
 from tests.conftest import mocked_tfds
 
 
@@ -123,6 +123,8 @@ def test_cpu_profile_splits_the_step_into_the_nmf_iterations_and_the_rest(tmp_pa
     profile = json.loads((tmp_path / "profile-cpu.json").read_text())
     # Both parts were found in the trace: the loops' instructions by the op's name, the rest by theirs.
     assert profile["nmf_iterations_ms"] > 0 and profile["rest_ms"] > 0
+    # With the configs' kernel "auto" a CPU runs the iterations in the C++ kernel: one call per NMF layer.
+    assert profile["kernel"] == "auto" and profile["nmf_kernel_calls"] == (4 if cpu_kernel.available() else 0)
     assert profile["operations_ms_per_device_step"] == pytest.approx(profile["nmf_iterations_ms"] + profile["rest_ms"])
     assert profile["top_rest"] and all(row["shape"] and row["ms"] > 0 for row in profile["top_rest"])
     assert "NMF forward iterations ms" in capsys.readouterr().out
@@ -188,6 +190,51 @@ def test_the_bfloat16_study_sets_each_path_against_float32_and_its_own_peak(tmp_
     on_units = profiles["bfloat16"]["bfloat16_loop_products"]
     assert (on_units > 0) == (path == "native") and on_units <= profiles["bfloat16"]["nmf_loop_products"]
     assert "(bf16 units: " in capsys.readouterr().out
+
+
+# --- the fused C++ kernel against XLA's loop (--cpu_kernel) ---
+
+
+def test_each_nmf_layer_runs_alone_with_both_kernels_and_they_agree():
+    if not cpu_kernel.available():
+        pytest.skip(f"the CPU kernel cannot be built here: {cpu_kernel.unavailable_reason()}")
+    rows = bench.measure_layers(batch_size=2, devices=1, iterations=2, repeats=1)
+    # CNMF+1x1's four NMF layers at batch 2: 2 x 24 x 24 positions in block 1, one per image in blocks 3-4.
+    assert [(row["positions"], row["features"], row["hidden"]) for row in rows] == [
+        (1152, 75, 32),
+        (128, 800, 64),
+        (2, 1024, 96),
+        (2, 96, 10),
+    ]
+    for row in rows:
+        assert row["xla_ms"] > 0 and row["cpu_ms"] > 0 and row["speedup"] == row["xla_ms"] / row["cpu_ms"]
+        assert row["max_relative_difference"] < 2e-5
+
+
+def test_a_kernel_step_is_counted_with_the_flops_of_xlas_loop():
+    # XLA's cost analysis counts nothing inside the kernel's call: the row counts the XLA program's FLOPs.
+    if not cpu_kernel.available():
+        pytest.skip(f"the CPU kernel cannot be built here: {cpu_kernel.unavailable_reason()}")
+    rows = {
+        kernel: bench.measure_train_and_eval("cnmf_1x1", 2, 1, 100.0, iterations=2, devices=1, kernel=kernel)
+        for kernel in ("xla", "cpu")
+    }
+
+    def eval_flops_per_image(row):
+        return row["eval_gflop_per_second"] / row["eval_images_per_second"]
+
+    assert eval_flops_per_image(rows["cpu"]) == pytest.approx(eval_flops_per_image(rows["xla"]), rel=1e-9)
+    assert rows["cpu"]["train_gflops_per_image"] == rows["xla"]["train_gflops_per_image"]
+
+
+def test_the_cpu_kernel_study_without_the_kernel_is_one_error_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(cpu_kernel, "available", lambda: False)
+    monkeypatch.setattr(cpu_kernel, "unavailable_reason", lambda: "no C++ compiler ('c++')")
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(["--cpu_kernel", "--tiny", "--output", str(tmp_path)])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip() == "error: the CPU kernel cannot be built here: no C++ compiler ('c++')"
+    assert not (tmp_path / "cpu_kernel.json").exists()
 
 
 # --- the fused kernel compiled for NVIDIA GPUs without one (--triton) ---

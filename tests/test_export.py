@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from jax import export
 
-from nmfjax import configuration, evaluation, kernels, models, ops, parallel
+from nmfjax import configuration, cpu_kernel, evaluation, kernels, models, ops, parallel
 from nmfjax import trainer as trainer_module
 from tests.conftest import tiny_config
 
@@ -21,6 +21,8 @@ CUDA = ("cuda",)
 # The fused kernel's Triton call has no compatibility guarantee across jaxlib versions (it is
 # compiled where it runs), so jax.export must be told to accept it.
 TRITON = [export.DisabledSafetyCheck.custom_call(kernels.TRITON_CALL_TARGET)]
+# Likewise the CPU kernel's FFI call: a program that holds it runs where nmfjax registered it.
+FUSED = [*TRITON, export.DisabledSafetyCheck.custom_call(cpu_kernel.TARGET)]
 
 
 def _abstract(tree):
@@ -96,12 +98,17 @@ def test_auto_takes_the_kernel_on_a_gpu_where_it_fills_the_sms_and_xla_elsewhere
     def lowered(positions, platform):
         x = jax.ShapeDtypeStruct((positions, 75), jnp.float32)
         w = jax.ShapeDtypeStruct((75, 32), jnp.float32)
-        return export.export(op, platforms=(platform,), disabled_checks=TRITON)(x, w).mlir_module()
+        return export.export(op, platforms=(platform,), disabled_checks=FUSED)(x, w).mlir_module()
 
     # Block 1 at batch 50: 225 programs for an H100's 132 SMs (planned for an H100 without one).
     assert kernels.TRITON_CALL_TARGET in lowered(28800, "cuda")
-    on_cpu = lowered(28800, "cpu")
-    assert kernels.TRITON_CALL_TARGET not in on_cpu and _while_loops(on_cpu) == 1  # XLA's loop of N updates
+    on_cpu = lowered(28800, "cpu")  # the C++ kernel (tests/test_cpu_kernel.py), or XLA's loop of N updates
+    assert kernels.TRITON_CALL_TARGET not in on_cpu
+    if cpu_kernel.available():
+        assert cpu_kernel.TARGET in on_cpu and _while_loops(on_cpu) == 0
+    else:
+        assert _while_loops(on_cpu) == 1
+    assert cpu_kernel.TARGET not in lowered(28800, "cuda")
     # 64 positions make 4 programs: XLA's loop on the GPU as well ...
     few = lowered(64, "cuda")
     assert kernels.TRITON_CALL_TARGET not in few and _while_loops(few) == 1

@@ -170,9 +170,11 @@ def test_a_grouped_strided_nmf_conv_with_epsilon_equals_its_xla_twin():
     np.testing.assert_allclose(make("pallas")(x), make("xla")(x), rtol=H_RTOL, atol=H_ATOL)
 
 
-def test_auto_is_xla_off_a_gpu():
+def test_auto_off_a_gpu_is_the_cpu_kernel_in_float32_and_xla_below():
     x, w = _problem(40, 30, 12)
-    assert jnp.array_equal(ops.nmf(x, w, iterations=4, kernel="auto"), ops.nmf(x, w, iterations=4))
+    assert jnp.array_equal(ops.nmf(x, w, iterations=4, kernel="auto"), ops.nmf(x, w, iterations=4, kernel="cpu"))
+    lower = dict(iterations=4, precision="bfloat16")
+    assert jnp.array_equal(ops.nmf(x, w, kernel="auto", **lower), ops.nmf(x, w, **lower))
 
 
 @pytest.mark.parametrize("gradient", ["approx", "implicit"])

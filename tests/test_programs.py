@@ -21,7 +21,7 @@ _PROGRAMS_SCRIPT = textwrap.dedent(
     import json, os
     os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
     import jax, jax.numpy as jnp, numpy as np
-    from nmfjax import configuration, evaluation, parallel, trainer as trainers
+    from nmfjax import configuration, cpu_kernel, evaluation, parallel, trainer as trainers
     from tests.conftest import tiny_config
 
     config = tiny_config({model!r}, batch_size=12, eval_batch_size=12)
@@ -38,6 +38,7 @@ _PROGRAMS_SCRIPT = textwrap.dedent(
     )
     print(json.dumps({{
         "devices": jax.device_count(),
+        "cpu_kernel": cpu_kernel.available() and spec.uses_nmf,
         "state_leaves": len(jax.tree.leaves(state)),
         "single": single.compile().as_text(),
         "steps": steps.compile().as_text(),
@@ -86,6 +87,14 @@ def test_the_k_step_call_splits_the_batch_over_the_devices(programs):
         assert "f32[3456,75]" in hlo, name
         assert "f32[6912,75]" not in hlo, name
         assert "all-reduce(" in hlo, name
+        # Where the C++ kernel runs the NMF iterations (kernel "auto" on a CPU), each device's call takes
+        # its own positions: custom_partitioning keeps the split instead of gathering the batch.
+        calls = [line for line in hlo.splitlines() if 'custom_call_target="nmfjax_nmf_forward"' in line]
+        if programs["cpu_kernel"]:
+            results = {line.split("=")[1].split()[0].split("{")[0] for line in calls}
+            assert "f32[3456,32]" in results and "f32[6912,32]" not in results, (name, results)
+        else:
+            assert not calls
 
 
 def test_the_k_step_call_donates_the_state(programs):

@@ -18,7 +18,19 @@ from absl import flags
 from absl.testing import flagsaver
 from flax import nnx
 
-from nmfjax import checkpoints, configuration, errors, evaluation, models, ops, parallel, plots, training, workdirs
+from nmfjax import (
+    checkpoints,
+    configuration,
+    cpu_kernel,
+    errors,
+    evaluation,
+    models,
+    ops,
+    parallel,
+    plots,
+    training,
+    workdirs,
+)
 from nmfjax import trainer as trainer_module
 from tests.conftest import mocked_tfds, run_process, tiny_config
 
@@ -236,6 +248,27 @@ def test_the_first_line_says_how_the_bfloat16_products_run(tmp_path, capsys, pat
     assert first == f"Training cnmf_1x1 into {tmp_path} ({source}; NMF products in {products})."
 
 
+@pytest.mark.parametrize(
+    ("kernel", "unavailable", "says"),
+    [
+        ("auto", None, "; NMF iterations in the fused C++ kernel"),
+        ("auto", "no C++ compiler ('c++')", "; NMF iterations in XLA's loop: the C++ kernel is unavailable (no C++"),
+        ("xla", None, ""),
+    ],
+)
+def test_the_first_line_says_whether_the_cpu_kernel_runs(tmp_path, capsys, monkeypatch, kernel, unavailable, says):
+    if unavailable is None and not cpu_kernel.available():
+        pytest.skip(f"the CPU kernel cannot be built here: {cpu_kernel.unavailable_reason()}")
+    if unavailable is not None:
+        monkeypatch.setattr(cpu_kernel, "available", lambda: False)
+        monkeypatch.setattr(cpu_kernel, "unavailable_reason", lambda: unavailable)
+    config = tiny_config(**{"model.nmf.kernel": kernel})
+    with mocked_tfds(20):
+        training.train_and_evaluate(config, tmp_path)
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first.startswith(f"Training cnmf_1x1 into {tmp_path} (cifar10 from tfds's default data directory{says}")
+
+
 def test_a_bad_bfloat16_path_in_the_environment_is_a_config_error(tmp_path, monkeypatch):
     config = tiny_config()
     config.model.nmf.precision = "bfloat16"
@@ -254,7 +287,9 @@ def test_a_run_names_its_workdir_first_and_sums_itself_up_last(tmp_path, capsys)
     with mocked_tfds(20):
         training.train_and_evaluate(tiny_config(num_epochs=2), tmp_path)
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0] == f"Training cnmf_1x1 into {tmp_path} (cifar10 from tfds's default data directory)."
+    # (then the NMF iterations' path: the next test)
+    assert lines[0].startswith(f"Training cnmf_1x1 into {tmp_path} (cifar10 from tfds's default data directory")
+    assert lines[0].endswith(").")
     rows = workdirs.read_metrics(tmp_path)
     best = max(rows, key=lambda row: row["test_accuracy"])
     summary = lines[lines.index(next(line for line in lines if line.startswith("Best test accuracy"))) :]
@@ -338,3 +373,19 @@ _DATA_PARALLEL_SCRIPT = textwrap.dedent(
 def test_sharded_step_on_eight_devices_equals_the_single_device_step(tmp_path):
     child = run_process([sys.executable, "-c", _DATA_PARALLEL_SCRIPT], tmp_path, timeout=600)
     assert child.process.returncode == 0 and "DATA PARALLEL OK" in child.stdout, child.stderr[-3000:]
+
+
+def test_the_epochs_run_the_programs_compiled_ahead_of_time():
+    # The persistent compilation cache does not keep a program with the CPU kernel's call: were the
+    # epochs to call the jitted steps, each would compile again, inside the first epoch's timing.
+    from nmfjax.bench import throughput
+
+    trainer, _, (state, images, labels, *_) = throughput.synthetic_train_step("cnmf_1x1", 4, 2, 1)
+    trainer.compile(state, images, labels, images, labels)
+    state, _ = trainer.train_epoch(state, 1, images, labels, progress=False)
+    trainer.evaluate(state, images, labels)
+    assert trainer.train_steps._cache_size() == 0
+    assert trainer.evaluator.step._cache_size() == 0
+    # Other shapes still go through jit: 6 images are a whole batch of 4 and a last one of 2.
+    trainer.evaluate(state, images[:6], labels[:6])
+    assert trainer.evaluator.step._cache_size() == 2

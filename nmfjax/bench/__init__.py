@@ -27,6 +27,7 @@ More suites, each its own JSON::
 
     python -m nmfjax.bench --precision --output bench   # the op in tf32 and bfloat16 against float32
     python -m nmfjax.bench --bfloat16 --output bench    # CNMF+1x1 at bfloat16 against float32 (CPU)
+    python -m nmfjax.bench --cpu_kernel --output bench  # the fused C++ kernel against XLA's loop (CPU)
     python -m nmfjax.bench --unroll --output bench      # the NMF loop unrolled: compile time and speed
     python -m nmfjax.bench --triton --output bench      # the fused kernel compiled for sm_90/sm_80 (no GPU)
     python -m nmfjax.bench --gpu --data_dir DIR --output bench   # on a machine with a GPU: its table
@@ -50,6 +51,10 @@ More suites, each its own JSON::
   float32 and bfloat16 product peaks, and CNMF+1x1's train and eval steps and
   ``train.py``'s epoch at float32, native and emulated bfloat16, each as a
   fraction of its own peak, with a profile of the step at each precision.
+* ``--cpu_kernel`` (``cpu_kernel.json``): :mod:`nmfjax.bench.fused_cpu`, each NMF
+  layer of CNMF+1x1 alone with XLA's loop and with :mod:`nmfjax.cpu_kernel`, and
+  CNMF+1x1's train and eval steps and ``train.py``'s epoch with each, as fractions
+  of the float32 peak, the two kernels in turn in each of 4 rounds.
 * ``--gpu`` (``gpu.json``): the op's results on the GPU against the CPU's
   (float32, and TF32 and bfloat16 on the GPU's own tensor cores), train and
   eval images/s of the four networks at batch 50 and 500 (CNMF+1x1 in each
@@ -66,8 +71,9 @@ More suites, each its own JSON::
 
 from nmfjax.bench.cli import main, run
 from nmfjax.bench.figure1 import FIGURE1_COLUMNS, figure1, measure_backward
+from nmfjax.bench.fused_cpu import CPU_KERNEL_COLUMNS, LAYER_COLUMNS, cpu_kernel_study, measure_layers
 from nmfjax.bench.gpu import GPU_FULL, GPU_THROUGHPUT_COLUMNS, GPU_TINY, GPUSizes, gpu_suite, paper_recipe_minutes
-from nmfjax.bench.loop import LOOP_COLUMNS, measure_loop
+from nmfjax.bench.loop import LOOP_COLUMNS, compare_in_rounds, measure_loop
 from nmfjax.bench.peak import PEAK_SIZE, measure_peak_gflops
 from nmfjax.bench.precision import PRECISION_COLUMNS, PRECISION_ITERATIONS, op_errors, op_problem, precision_study
 from nmfjax.bench.profile import (
@@ -95,6 +101,11 @@ from nmfjax.bench.throughput import (
 from nmfjax.bench.timing import uncounted_loop_flops
 
 __all__ = [
+    "CPU_KERNEL_COLUMNS",
+    "LAYER_COLUMNS",
+    "compare_in_rounds",
+    "cpu_kernel_study",
+    "measure_layers",
     "CPU_PROFILE_COLUMNS",
     "FIGURE1_COLUMNS",
     "FULL",

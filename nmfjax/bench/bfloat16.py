@@ -11,13 +11,12 @@ from __future__ import annotations
 import contextlib
 import json
 import pathlib
-import statistics
 from typing import Any
 
 import jax
 
 from nmfjax import ops, parallel
-from nmfjax.bench.loop import measure_loop
+from nmfjax.bench.loop import compare_in_rounds, measure_loop
 from nmfjax.bench.peak import PEAK_SIZE, cpu_name, measure_peak_gflops
 from nmfjax.bench.profile import cpu_profile
 from nmfjax.bench.throughput import Sizes, measure_train_and_eval
@@ -53,30 +52,29 @@ def bfloat16_study(sizes: Sizes, output: pathlib.Path, rounds: int = 4) -> dict[
     own_peak = {
         name: peaks["float32" if name in ("float32", "bfloat16 emulated") else "bfloat16"] for name, _, _ in variants
     }
-    measured: dict[str, list[dict]] = {name: [] for name, _, _ in variants}
-    for _ in range(rounds):
-        for name, precision, forced in variants:
-            with ops.forcing_cpu_bfloat16(forced) if forced else contextlib.nullcontext():
-                step = measure_train_and_eval(
-                    MODEL, sizes.loop_batch, sizes.repeats, own_peak[name], devices=len(devices), precision=precision
-                )
-                loop = measure_loop(
-                    MODEL, sizes.loop_batch, own_peak[name], sizes.loop_steps, sizes.repeats, precision=precision
-                )
-            measured[name].append({**step, **{key: value for key, value in loop.items() if key.startswith("loop_")}})
-    reference = measured[variants[0][0]]
-    rows = []
-    for name, _, _ in variants:
-        row = {"variant": name, **_median_row(measured[name], own_peak[name]), "peak_gflops": own_peak[name]}
-        for key in _LOOP_KEYS:
-            row[key] = statistics.median(measure[key] for measure in measured[name])
-        for key in ("train_images_per_second", "eval_images_per_second", *_LOOP_KEYS[:2]):
-            ratios = [mine[key] / theirs[key] for mine, theirs in zip(measured[name], reference, strict=True)]
-            row[key.replace("images_per_second", "speedup")] = statistics.median(ratios)
-        rows.append(row)
+
+    def measure(name: str) -> dict:
+        precision, forced = {variant: (precision, forced) for variant, precision, forced in variants}[name]
+        with ops.forcing_cpu_bfloat16(forced) if forced else contextlib.nullcontext():
+            # XLA's loop at every precision: the C++ kernel (train.py's float32 default) has no bf16 path.
+            step = measure_train_and_eval(
+                MODEL, sizes.loop_batch, sizes.repeats, own_peak[name], devices=len(devices), precision=precision
+            )
+            loop = measure_loop(
+                MODEL,
+                sizes.loop_batch,
+                own_peak[name],
+                sizes.loop_steps,
+                sizes.repeats,
+                precision=precision,
+                kernel="xla",
+            )
+        return {**step, **{key: value for key, value in loop.items() if key.startswith("loop_")}}
+
+    rows, measured = compare_in_rounds([name for name, _, _ in variants], measure, rounds, own_peak)
     # Where the time goes at each precision: the NMF forward iterations against the rest of the step.
     profiles = [
-        cpu_profile(MODEL, sizes.loop_batch, steps=sizes.loop_steps // 2, precision=precision)
+        cpu_profile(MODEL, sizes.loop_batch, steps=sizes.loop_steps // 2, precision=precision, kernel="xla")
         for precision in ("float32", "bfloat16")
     ]
     results: dict[str, Any] = {
@@ -102,26 +100,6 @@ def bfloat16_study(sizes: Sizes, output: pathlib.Path, rounds: int = 4) -> dict[
     write_output(output / "bfloat16.json", json.dumps(results, indent=2))
     print(f"wrote {output / 'bfloat16.json'}")
     return results
-
-
-_LOOP_KEYS = (
-    "loop_train_images_per_second",
-    "loop_eval_images_per_second",
-    "loop_train_fraction_of_peak",
-    "loop_eval_fraction_of_peak",
-)
-
-
-def _median_row(rows: list[dict], peak_gflops: float) -> dict[str, Any]:
-    """One row of the rounds: the median images/s of train and eval, their GFLOP/s and fraction of the peak."""
-    row = dict(rows[0])
-    for part in ("train", "eval"):
-        speed = statistics.median(r[f"{part}_images_per_second"] for r in rows)
-        gflop_per_image = rows[0][f"{part}_gflop_per_second"] / rows[0][f"{part}_images_per_second"]
-        row[f"{part}_images_per_second"] = speed
-        row[f"{part}_gflop_per_second"] = speed * gflop_per_image
-        row[f"{part}_fraction_of_peak"] = speed * gflop_per_image / peak_gflops
-    return row
 
 
 BFLOAT16_COLUMNS = [

@@ -13,6 +13,7 @@ import jax
 from nmfjax import cli, parallel, plots
 from nmfjax.bench.bfloat16 import bfloat16_study
 from nmfjax.bench.figure1 import FIGURE1_COLUMNS, figure1
+from nmfjax.bench.fused_cpu import cpu_kernel_study
 from nmfjax.bench.gpu import GPU_FULL, GPU_TINY, gpu_suite, gpus
 from nmfjax.bench.loop import LOOP_COLUMNS, measure_loop
 from nmfjax.bench.peak import PEAK_SIZE, cpu_name, measure_peak_gflops
@@ -104,6 +105,9 @@ def main(argv: list[str] | None = None) -> None:
     suite.add_argument(
         "--bfloat16", action="store_true", help="CNMF+1x1 at bfloat16 against float32 on a CPU, each to its own peak"
     )
+    suite.add_argument(
+        "--cpu_kernel", action="store_true", help="the fused C++ kernel against XLA's loop on a CPU, to the peak"
+    )
     suite.add_argument("--gpu", action="store_true", help="the GPU table (needs a GPU and --data_dir)")
     parser.add_argument("--data_dir", help="TFDS data directory with CIFAR-10, for --gpu's training run")
     args = parser.parse_args(argv)
@@ -150,6 +154,10 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.bfloat16:
         bfloat16_study(sizes, output, rounds=1 if args.tiny else 4)
+        return
+    if args.cpu_kernel:
+        with cli.exit_on_errors():
+            cpu_kernel_study(sizes, output, *((1, 2) if args.tiny else ()))
         return
     run(sizes, output)
 

@@ -12,9 +12,11 @@ import pathlib
 import re
 import tempfile
 import time
+from typing import Any
 
 import jax
 
+from nmfjax import cpu_kernel
 from nmfjax.bench.throughput import nmf_variant, synthetic_train_step
 
 
@@ -173,22 +175,37 @@ def thread_events(trace_dir: pathlib.Path) -> list[tuple[str, str, float]]:
     ]
 
 
+def nmf_kernel_calls(hlo_text: str) -> set[str]:
+    """Names of the calls of :mod:`nmfjax.cpu_kernel` (all N forward iterations of a layer each) in an
+    optimised HLO module's text.
+    """
+    pattern = rf"^\s*(?:ROOT\s+)?%([\w.-]+)\s*=.*custom_call_target=\"{cpu_kernel.TARGET}\""
+    return set(re.findall(pattern, hlo_text, re.MULTILINE))
+
+
 def cpu_profile(
-    model: str = "cnmf_1x1", batch_size: int = 50, steps: int = 10, iterations: int = 20, precision: str = "float32"
+    model: str = "cnmf_1x1",
+    batch_size: int = 50,
+    steps: int = 10,
+    iterations: int = 20,
+    precision: str = "float32",
+    kernel: str | None = None,
 ) -> dict:
     """Where a train step's time goes on a CPU: the XLA operations that each device ran (its thunks,
-    from a trace of ``steps`` steps), split into the NMF op's forward iterations and the rest, per
-    device and step, with the 15 operations of the rest that take longest (their HLO shapes). The
-    NMF products in ``precision``; ``nmf_loop_products`` counts the products of the forward
-    iterations (XLA's CPU dot fusions) and ``bfloat16_loop_products`` those of them that take
-    bfloat16 operands.
+    from a trace of ``steps`` steps), split into the NMF op's forward iterations (the bodies of XLA's
+    loops, or the calls of the C++ kernel) and the rest, per device and step, with the 15 operations
+    of the rest that take longest (their HLO shapes). The NMF products in ``precision``, the
+    iterations by ``kernel`` (default: the config's, as ``train.py``); ``nmf_loop_products`` counts
+    the products of XLA's forward loops (its CPU dot fusions) and ``bfloat16_loop_products`` those of
+    them that take bfloat16 operands.
     """
-    trainer, _, (state, images, labels, batch, key, totals) = synthetic_train_step(
-        model, batch_size, iterations, precision=precision
+    fields: dict[str, Any] = {} if kernel is None else {"kernel": kernel}
+    trainer, spec, (state, images, labels, batch, key, totals) = synthetic_train_step(
+        model, batch_size, iterations, precision=precision, **fields
     )
     compiled = trainer.train_step.lower(state, images, labels, batch, key, totals).compile()
     hlo = compiled.as_text() or ""
-    in_loops = nmf_loop_instructions(hlo)
+    in_loops = nmf_loop_instructions(hlo) | nmf_kernel_calls(hlo)
     shapes = dict(re.findall(r"^\s*(?:ROOT\s+)?%([\w.-]+)\s*=\s*(\([^)]*\)|\S+)\s", hlo, re.MULTILINE))
     wall, events = _traced_steps(compiled, (state, images, labels, batch, key, totals), steps, thread_events)
     # The operations are the events named after an instruction of the program (not its while loops,
@@ -206,6 +223,8 @@ def cpu_profile(
         "model": model,
         "batch_size": batch_size,
         "precision": precision,
+        "kernel": spec.nmf.kernel,
+        "nmf_kernel_calls": len(nmf_kernel_calls(hlo)),
         "nmf_loop_products": loop_products,
         "bfloat16_loop_products": bfloat16_products,
         "devices": trainer.mesh.size,

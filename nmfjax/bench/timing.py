@@ -36,27 +36,42 @@ def flops(compiled) -> float:
     return float(analysis.get("flops", float("nan")))
 
 
-def uncounted_loop_flops(spec: models.NetworkSpec, batch_size: int) -> float:
-    """FLOPs of the forward NMF iterations that XLA's cost analysis leaves out.
-
-    XLA counts the body of a while loop once, whatever its trip count; the
-    forward pass runs it ``N`` times per NMF layer. Per iteration and position:
-    two ``S x I`` matrix products (``4 S I``), the division and the update
-    (``~2 S + 4 I``). An unrolled loop (``NMFOptions.unroll``) is counted whole.
-    """
-    if not spec.uses_nmf or spec.nmf.unroll:
-        return 0.0
+def nmf_layer_problems(spec: models.NetworkSpec, batch_size: int) -> list[tuple[int, int, int]]:
+    """``(positions, S, I)`` of each NMF layer's op call at ``batch_size`` (every group's positions)."""
     size, _, channels = spec.input_shape
-    total = 0.0
+    problems = []
     for index, kernel_size in enumerate(spec.kernel_sizes):
         kernel_size = kernel_size or size
         out = size - kernel_size + 1
         features, groups = spec.block_features[index], spec.groups[index]
         inputs, hidden = kernel_size * kernel_size * channels // groups, features // groups
-        positions = batch_size * out * out * groups
-        total += (spec.nmf.iterations - 1) * positions * (4 * inputs * hidden + 2 * inputs + 4 * hidden)
+        problems.append((batch_size * out * out * groups, inputs, hidden))
         size, channels = (out // 2 if spec.pooling[index] else out), features
-    return total
+    return problems
+
+
+def nmf_iteration_flops(positions: int, inputs: int, hidden: int) -> int:
+    """FLOPs of one NMF update: per position two ``S x I`` products (``4 S I``), the division and the
+    update (``~2 S + 4 I``).
+    """
+    return positions * (4 * inputs * hidden + 2 * inputs + 4 * hidden)
+
+
+def uncounted_loop_flops(spec: models.NetworkSpec, batch_size: int) -> float:
+    """FLOPs of the forward NMF iterations that XLA's cost analysis leaves out.
+
+    XLA counts the body of a while loop once, whatever its trip count; the
+    forward pass runs it ``N`` times per NMF layer (:func:`nmf_iteration_flops`).
+    An unrolled loop (``NMFOptions.unroll``) is counted whole.
+    """
+    if not spec.uses_nmf or spec.nmf.unroll:
+        return 0.0
+    return float(
+        sum(
+            (spec.nmf.iterations - 1) * nmf_iteration_flops(*problem)
+            for problem in nmf_layer_problems(spec, batch_size)
+        )
+    )
 
 
 def peak_bytes(compiled) -> int:
