@@ -25,7 +25,7 @@ from nmfjax.outputs import write_output
 from nmfjax.tables import markdown_table
 
 MODEL = "cnmf_1x1"
-#: The two ways a CPU runs the NMF iterations: XLA's loop, and the C++ kernel (``kernel="auto"`` on a CPU).
+#: The two ways a CPU runs the NMF iterations, XLA's loop and the C++ kernel (``kernel="auto"`` on a CPU).
 KERNELS = ("xla", "cpu")
 
 

@@ -117,7 +117,8 @@ def synthetic_train_step(
 
 def counted_flops(train_compiled, eval_compiled, spec: models.NetworkSpec, batch_size: int, devices: int):
     """FLOPs of one train step and one eval step over all ``devices``: XLA's cost analysis (of one
-    device's share) plus the NMF iterations it leaves out (:func:`timing.uncounted_loop_flops`).
+    device's share) plus the NMF iterations it leaves out
+    (:func:`nmfjax.bench.timing.uncounted_loop_flops`).
     """
     loop_flops = timing.uncounted_loop_flops(spec, batch_size)
     return timing.flops(train_compiled) * devices + loop_flops, timing.flops(eval_compiled) * devices + loop_flops
