@@ -190,8 +190,9 @@ def _nmf_iterations(spec: models.NetworkSpec) -> str:
         return ""
     if jax.default_backend() != "cpu":
         return ""
-    if not cpu_kernel.available():
-        return f"; NMF iterations in XLA's loop: the C++ kernel is unavailable ({cpu_kernel.unavailable_reason()})"
+    reason = cpu_kernel.unavailable_reason()
+    if reason is not None:  # (a compiler's error may run over many lines: its first says what failed)
+        return f"; NMF iterations in XLA's loop: the C++ kernel is unavailable ({reason.splitlines()[0]})"
     return "; NMF iterations in the fused C++ kernel"
 
 

@@ -261,12 +261,13 @@ def test_the_first_line_says_whether_the_cpu_kernel_runs(tmp_path, capsys, monke
         pytest.skip(f"the CPU kernel cannot be built here: {cpu_kernel.unavailable_reason()}")
     if unavailable is not None:
         monkeypatch.setattr(cpu_kernel, "available", lambda: False)
-        monkeypatch.setattr(cpu_kernel, "unavailable_reason", lambda: unavailable)
+        monkeypatch.setattr(cpu_kernel, "unavailable_reason", lambda: unavailable + "\nthe compiler's other lines")
     config = tiny_config(**{"model.nmf.kernel": kernel})
     with mocked_tfds(20):
         training.train_and_evaluate(config, tmp_path)
-    first = capsys.readouterr().out.splitlines()[0]
+    first, second = capsys.readouterr().out.splitlines()[:2]
     assert first.startswith(f"Training cnmf_1x1 into {tmp_path} (cifar10 from tfds's default data directory{says}")
+    assert first.endswith(").") and second.startswith("cnmf_1x1: ")  # one line, whatever the reason
 
 
 def test_a_bad_bfloat16_path_in_the_environment_is_a_config_error(tmp_path, monkeypatch):
