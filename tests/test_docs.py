@@ -881,6 +881,19 @@ def bfloat16_accuracy_rows() -> list[dict]:
     return rows
 
 
+def _assert_speedups_are_within_round_ratios(record: dict, reference: str) -> None:
+    """Each row's ``*_speedup`` of a study in rounds is the median over the rounds of its ratio to the
+    ``reference`` variant within a round (``nmfjax.bench.loop.compare_in_rounds``).
+    """
+    for row in record["rows"]:
+        for key in ("train", "eval", "loop_train", "loop_eval"):
+            ratios = [
+                mine[f"{key}_images_per_second"] / theirs[f"{key}_images_per_second"]
+                for mine, theirs in zip(record["measured"][row["variant"]], record["measured"][reference], strict=True)
+            ]
+            assert row[f"{key}_speedup"] == pytest.approx(statistics.median(ratios), rel=1e-6)
+
+
 def performance_bfloat16(doc: Document) -> None:
     from nmfjax.bench.bfloat16 import BFLOAT16_COLUMNS, BFLOAT16_PROFILE_COLUMNS
 
@@ -898,14 +911,7 @@ def performance_bfloat16(doc: Document) -> None:
     assert {profile["steps"] for profile in record["profiles"]} == {10}
     rows = {row["variant"]: row for row in record["rows"]}
     native, emulated = rows["bfloat16 native"], rows["bfloat16 emulated"]
-    # "x float32": the median over the rounds of the ratio within a round.
-    for row in record["rows"]:
-        for key in ("train", "eval", "loop_train", "loop_eval"):
-            ratios = [
-                mine[f"{key}_images_per_second"] / theirs[f"{key}_images_per_second"]
-                for mine, theirs in zip(record["measured"][row["variant"]], record["measured"]["float32"], strict=True)
-            ]
-            assert row[f"{key}_speedup"] == pytest.approx(statistics.median(ratios), rel=1e-6)
+    _assert_speedups_are_within_round_ratios(record, "float32")  # "x float32"
     peaks = record["peak_gflops"]
     ratio = peaks["bfloat16"] / peaks["float32"]
     doc.claim(
@@ -999,14 +1005,7 @@ def performance_cpu_kernel(doc: Document) -> None:
     doc.claim("Block 2 gains {}x. Block 3 has {} positions", f"{layers[2]['speedup']:.2f}", str(layers[3]["positions"]))
     doc.claim("({}x, {} ms of the step)", f"{layers[3]['speedup']:.2f}", f"{layers[3]['cpu_ms']:.1f}")
     assert all(row["max_relative_difference"] < 2e-5 for row in record["layers"])  # "to float32 round-off"
-    # "x XLA": the median over the rounds of the ratio within a round.
-    for row in record["rows"]:
-        for key in ("train", "eval", "loop_train", "loop_eval"):
-            ratios = [
-                mine[f"{key}_images_per_second"] / theirs[f"{key}_images_per_second"]
-                for mine, theirs in zip(record["measured"][row["variant"]], record["measured"]["xla"], strict=True)
-            ]
-            assert row[f"{key}_speedup"] == pytest.approx(statistics.median(ratios), rel=1e-6)
+    _assert_speedups_are_within_round_ratios(record, "xla")  # "x XLA"
     rows = {row["variant"]: row for row in record["rows"]}
     xla, kernel = rows["xla"], rows["cpu"]
     assert xla["train_gflops_per_image"] == kernel["train_gflops_per_image"]  # both counted on XLA's program
