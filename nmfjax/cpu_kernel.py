@@ -23,8 +23,14 @@ XLA's loop.
 Under ``jit`` with the batch split over devices the call keeps that split (a
 ``custom_partitioning`` rule: positions sharded, ``W`` replicated), so each
 device runs its own positions. Within one call, tiles are shared by the calling
-thread and helpers on XLA's CPU thread pool. Float32 only; the backward passes
-of :mod:`nmfjax.ops` stay XLA's.
+thread and helpers on XLA's CPU thread pool. The backward passes of
+:mod:`nmfjax.ops` stay XLA's.
+
+Its products run at float32, or at ``precision="bfloat16"`` as
+:func:`nmfjax.ops.matmul` does: operands rounded to bfloat16 (to nearest even),
+float32 sums. On processors with AVX512-BF16 (:func:`bfloat16_units`) those run
+on the dot-product instruction ``vdpbf16ps``, twice the multiply-adds of a
+float32 FMA; elsewhere the rounded operands are multiplied in float32.
 """
 
 from __future__ import annotations
@@ -110,34 +116,49 @@ def build() -> pathlib.Path:
     return library
 
 
+#: The precisions of the kernel's products (as in :func:`nmfjax.ops.matmul`).
+PRECISIONS = ("float32", "bfloat16")
+
+
 @functools.cache
-def _load() -> str | None:
-    """Builds and registers the kernel once per process; the reason it is unavailable, or None."""
+def _load() -> ctypes.CDLL | str:
+    """Builds and registers the kernel once per process: the library, or the reason it is unavailable."""
     try:
         library = ctypes.CDLL(str(build()))
     except (RuntimeError, OSError) as error:
         return str(error)
     jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(getattr(library, _SYMBOL)), platform="cpu")
-    return None
+    library.NmfjaxBfloat16Units.restype = ctypes.c_bool
+    return library
 
 
 def unavailable_reason() -> str | None:
     """Why the kernel cannot run in this process (e.g. no C++ compiler), or None where it can."""
-    return _load()
+    loaded = _load()
+    return loaded if isinstance(loaded, str) else None
 
 
 def available() -> bool:
     """Whether the kernel is built and registered (building it on the first call)."""
-    return _load() is None
+    return unavailable_reason() is None
 
 
-def _call(x: jax.Array, w: jax.Array, iterations: int, epsilon: float | None) -> jax.Array:
+def bfloat16_units() -> bool:
+    """Whether the kernel's bfloat16 products run on the processor's bf16 dot-product instruction
+    (AVX512-BF16); False where they are widened to float32, or the kernel is unavailable.
+    """
+    loaded = _load()
+    return not isinstance(loaded, str) and bool(loaded.NmfjaxBfloat16Units())
+
+
+def _call(x: jax.Array, w: jax.Array, iterations: int, epsilon: float | None, precision: str) -> jax.Array:
     return jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((x.shape[0], w.shape[1]), jnp.float32))(
         x,
         w,
         iterations=np.int64(iterations),
         epsilon=np.float32(0.0 if epsilon is None else epsilon),
         pure=epsilon is None,
+        bfloat16=precision == "bfloat16",
     )
 
 
@@ -148,18 +169,19 @@ def _positions_sharded(mesh, arg_shapes, result_shape):
     return NamedSharding(mesh, P(rows, None)), (NamedSharding(mesh, P(rows, None)), NamedSharding(mesh, P()))
 
 
-@functools.partial(custom_partitioning, static_argnums=(2, 3))
-def _partitioned_call(x: jax.Array, w: jax.Array, iterations: int, epsilon: float | None) -> jax.Array:
-    return _call(x, w, iterations, epsilon)
+@functools.partial(custom_partitioning, static_argnums=(2, 3, 4))
+def _partitioned_call(x: jax.Array, w: jax.Array, iterations: int, epsilon: float | None, precision: str) -> jax.Array:
+    return _call(x, w, iterations, epsilon, precision)
 
 
-def _partition(iterations, epsilon, mesh, arg_shapes, result_shape):
+def _partition(iterations, epsilon, precision, mesh, arg_shapes, result_shape):
     result_sharding, arg_shardings = _positions_sharded(mesh, arg_shapes, result_shape)
-    return mesh, functools.partial(_call, iterations=iterations, epsilon=epsilon), result_sharding, arg_shardings
+    call = functools.partial(_call, iterations=iterations, epsilon=epsilon, precision=precision)
+    return mesh, call, result_sharding, arg_shardings
 
 
-def _infer(iterations, epsilon, mesh, arg_shapes, result_shape):
-    del iterations, epsilon
+def _infer(iterations, epsilon, precision, mesh, arg_shapes, result_shape):
+    del iterations, epsilon, precision
     return _positions_sharded(mesh, arg_shapes, result_shape)[0]
 
 
@@ -171,7 +193,9 @@ _partitioned_call.def_partition(
 )
 
 
-def nmf_forward(x: jax.Array, w: jax.Array, iterations: int, epsilon: float | None = None) -> jax.Array:
+def nmf_forward(
+    x: jax.Array, w: jax.Array, iterations: int, epsilon: float | None = None, precision: str = "float32"
+) -> jax.Array:
     """``h`` after ``iterations`` normalised multiplicative updates from ``h = 1/I``, as
     :func:`nmfjax.ops.nmf` computes it (paper eq. 3, or eq. 6 with ``epsilon``), by the C++ kernel.
 
@@ -180,6 +204,8 @@ def nmf_forward(x: jax.Array, w: jax.Array, iterations: int, epsilon: float | No
       w: positive float32 weight, shape ``(S, I)``.
       iterations: ``N``.
       epsilon: ``None`` for the pure update, else the step size of eq. 6.
+      precision: of the two products ``h W^T`` and ``(x / R) W``, one of :data:`PRECISIONS`:
+        ``"bfloat16"`` rounds their operands to bfloat16 and sums in float32.
 
     Returns:
       ``h``, shape ``(P, I)``, float32.
@@ -187,7 +213,10 @@ def nmf_forward(x: jax.Array, w: jax.Array, iterations: int, epsilon: float | No
     Raises:
       RuntimeError: the kernel is unavailable (:func:`unavailable_reason` says why).
       TypeError: ``x`` or ``w`` is not float32.
+      ValueError: ``precision`` is not one of :data:`PRECISIONS`.
     """
+    if precision not in PRECISIONS:
+        raise ValueError(f"the CPU kernel's products run at {PRECISIONS}, not precision={precision!r}.")
     if x.dtype != jnp.float32 or w.dtype != jnp.float32:
         raise TypeError(
             f"kernel='cpu' computes in float32, but x and w are {x.dtype} and {w.dtype}; "
@@ -196,16 +225,16 @@ def nmf_forward(x: jax.Array, w: jax.Array, iterations: int, epsilon: float | No
     reason = unavailable_reason()
     if reason is not None:
         raise RuntimeError(f"the CPU kernel is unavailable: {reason}")
-    return _batchable_call(iterations, epsilon)(x, w)
+    return _batchable_call(iterations, epsilon, precision)(x, w)
 
 
 @functools.cache
-def _batchable_call(iterations: int, epsilon: float | None):
+def _batchable_call(iterations: int, epsilon: float | None, precision: str):
     """The partitioned call under ``vmap`` (the layers' feature groups): one call per batch entry."""
 
     @jax.custom_batching.custom_vmap
     def call(x: jax.Array, w: jax.Array) -> jax.Array:
-        return _partitioned_call(x, w, iterations, epsilon)
+        return _partitioned_call(x, w, iterations, epsilon, precision)
 
     @call.def_vmap
     def _batched(axis_size: int, in_batched: list[bool], x: jax.Array, w: jax.Array) -> tuple[jax.Array, bool]:

@@ -25,7 +25,8 @@ Where it runs (``NMFOptions.kernel``): ``"pallas"`` lowers to Triton on an
 NVIDIA GPU and runs in Pallas's interpret mode on other platforms (slow, but
 the same arithmetic: for tests); ``"auto"`` takes Triton on a GPU where the
 call's programs fill the SMs (:func:`fills_gpu`), the C++ kernel of
-:mod:`nmfjax.cpu_kernel` on a CPU (float32), and XLA's loop elsewhere (a call
+:mod:`nmfjax.cpu_kernel` on a CPU (float32, and bfloat16 on bf16 units), and
+XLA's loop elsewhere (a call
 of a few programs leaves most of the GPU idle, while XLA's products spread
 over it). :func:`forward` makes that choice; the platform's branch is taken
 when the program is lowered for its platform (``lax.platform_dependent``), so
@@ -299,14 +300,16 @@ def forward(
     precision: str,
     kernel: str,
     xla: Callable[[jax.Array, jax.Array], jax.Array],
+    cpu_bfloat16_path: str = "native",
 ) -> jax.Array:
     """The forward ``h`` of :func:`nmfjax.ops.nmf` with ``NMFOptions(kernel=...)`` ``"pallas"``, ``"cpu"``
-    or ``"auto"``; ``iterations``, ``epsilon`` and ``precision`` are the op's, ``xla(x, w)`` its XLA loop.
+    or ``"auto"``; ``iterations``, ``epsilon`` and ``precision`` are the op's, ``xla(x, w)`` its XLA loop,
+    ``cpu_bfloat16_path`` the process's :func:`nmfjax.ops.cpu_bfloat16_path`.
 
     - ``"pallas"``: Triton on an NVIDIA GPU, Pallas's interpret mode elsewhere (see the module docstring).
-    - ``"cpu"``: :mod:`nmfjax.cpu_kernel` on a CPU (float32 only), XLA's loop elsewhere.
+    - ``"cpu"``: :mod:`nmfjax.cpu_kernel` on a CPU (float32 or bfloat16 products), XLA's loop elsewhere.
     - ``"auto"``: Triton on an NVIDIA GPU where its grid fills the SMs (:func:`fills_gpu`), the CPU
-      kernel on a CPU where it is available and the op computes in float32, else XLA's loop.
+      kernel on a CPU where :func:`cpu_kernel_applies`, else XLA's loop.
 
     The platform's branch is chosen where the program is lowered (``lax.platform_dependent``).
     """
@@ -323,15 +326,23 @@ def forward(
             branches["cuda"], default = fused, functools.partial(fused, interpret=True)
         elif fills_gpu(positions, parameters, target):
             branches["cuda"] = fused
-    if kernel == "cpu" or (kernel == "auto" and cpu_kernel_applies(precision, x.dtype)):
-        branches["cpu"] = functools.partial(cpu_kernel.nmf_forward, iterations=iterations, epsilon=epsilon)
+    if kernel == "cpu" or (kernel == "auto" and cpu_kernel_applies(precision, x.dtype, cpu_bfloat16_path)):
+        branches["cpu"] = functools.partial(
+            cpu_kernel.nmf_forward, iterations=iterations, epsilon=epsilon, precision=precision
+        )
     if not branches:
         return default(x, w)
     return lax.platform_dependent(x, w, **branches, default=default)
 
 
-def cpu_kernel_applies(precision: str, dtype: jax.typing.DTypeLike) -> bool:
-    """Whether ``kernel="auto"`` takes :mod:`nmfjax.cpu_kernel` on a CPU: float32 products of operands
-    of ``dtype`` float32, and the kernel built for this machine.
+def cpu_kernel_applies(precision: str, dtype: jax.typing.DTypeLike, cpu_bfloat16_path: str = "native") -> bool:
+    """Whether ``kernel="auto"`` takes :mod:`nmfjax.cpu_kernel` on a CPU: operands of ``dtype`` float32,
+    the kernel built for this machine, and float32 products, or bfloat16 ones where the process runs
+    them on the bf16 units (``cpu_bfloat16_path`` ``"native"``) and so does the kernel
+    (:func:`nmfjax.cpu_kernel.bfloat16_units`); the emulation stays XLA's loop.
     """
-    return precision == "float32" and jnp.dtype(dtype) == jnp.float32 and cpu_kernel.available()
+    if jnp.dtype(dtype) != jnp.float32:
+        return False
+    if precision == "float32":
+        return cpu_kernel.available()
+    return precision == "bfloat16" and cpu_bfloat16_path == "native" and cpu_kernel.bfloat16_units()

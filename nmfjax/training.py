@@ -23,12 +23,13 @@ from collections.abc import Iterator
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
-from nmfjax import checkpoints, configuration, cpu_kernel, data, models, ops, parallel, workdirs
+from nmfjax import checkpoints, configuration, cpu_kernel, data, kernels, models, ops, parallel, workdirs
 from nmfjax.errors import ConfigError, TrainingDiverged, TrainingInterrupted, WorkdirError, quiet_failure
 from nmfjax.trainer import Trainer, TrainState, learning_rates
 
@@ -184,12 +185,14 @@ def _lower_precision_products(precision: str) -> str:
 
 def _nmf_iterations(spec: models.NetworkSpec) -> str:
     """For the header line, on a CPU: that the fused C++ kernel runs the NMF iterations, or why
-    ``kernel="auto"`` cannot have it (empty for other kernels, precisions and platforms).
+    ``kernel="auto"`` cannot have it (empty for other kernels and platforms, and for precisions that
+    ``"auto"`` leaves to XLA's loop: tf32, and bfloat16 without the bf16 units).
     """
-    if not spec.uses_nmf or spec.nmf.kernel not in ("cpu", "auto") or spec.nmf.precision != "float32":
+    if not spec.uses_nmf or spec.nmf.kernel not in ("cpu", "auto") or jax.default_backend() != "cpu":
         return ""
-    if jax.default_backend() != "cpu":
-        return ""
+    if spec.nmf.kernel == "auto" and spec.nmf.precision != "float32":
+        applies = kernels.cpu_kernel_applies(spec.nmf.precision, jnp.float32, ops.cpu_bfloat16_path())
+        return "; NMF iterations in the fused C++ kernel" if applies else ""
     reason = cpu_kernel.unavailable_reason()
     if reason is not None:  # (a compiler's error may run over many lines: its first says what failed)
         return f"; NMF iterations in XLA's loop: the C++ kernel is unavailable ({reason.splitlines()[0]})"

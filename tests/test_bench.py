@@ -4,9 +4,10 @@ import dataclasses
 import json
 
 import jax
+import jax.numpy as jnp
 import pytest
 
-from nmfjax import bench, cpu_kernel, models, ops
+from nmfjax import bench, cpu_kernel, kernels, models, ops
 from tests.conftest import mocked_tfds
 
 
@@ -166,29 +167,38 @@ def test_the_bfloat16_study_sets_each_path_against_float32_and_its_own_peak(tmp_
     bench.main(["--bfloat16", "--tiny", "--output", str(tmp_path)])
     written = json.loads((tmp_path / "bfloat16.json").read_text())
     path = ops.cpu_bfloat16_path()
-    expected = ["float32", f"bfloat16 {path}"] + (["bfloat16 emulated"] if path == "native" else [])
+    # Each precision as train.py runs it (kernel "auto"), then XLA's loop where that was the C++ kernel.
+    by_kernel = {
+        precision: kernels.cpu_kernel_applies(precision, jnp.float32, path) for precision in ("float32", "bfloat16")
+    }
+    names = {"float32": "float32", "bfloat16": f"bfloat16 {path}"}
+    expected = [f"{names[p]}, {'C++ kernel' if by_kernel[p] else 'XLA loop'}" for p in ("float32", "bfloat16")]
+    expected += [f"{names[p]}, XLA loop" for p in ("float32", "bfloat16") if by_kernel[p]]
+    expected += ["bfloat16 emulated, XLA loop"] if path == "native" else []
     assert [row["variant"] for row in written["rows"]] == expected
+    assert [row["kernel"] for row in written["rows"]] == ["auto", "auto"] + ["xla"] * (len(expected) - 2)
     assert written["bfloat16_path"] == path and written["peak_gflops"]["bfloat16"] > 0
+    assert written["cpu_kernel_bfloat16_units"] == cpu_kernel.bfloat16_units()
     float32, *lower = written["rows"]
     assert float32["train_speedup"] == float32["loop_train_speedup"] == 1.0
     for row in written["rows"]:
         # Each against its own peak: the native products against bfloat16's, the emulation against float32's.
-        own = "bfloat16" if row["variant"] == "bfloat16 native" else "float32"
+        own = "bfloat16" if row["variant"].startswith("bfloat16 native") else "float32"
         assert row["peak_gflops"] == written["peak_gflops"][own]
         assert row["train_fraction_of_peak"] == pytest.approx(row["train_gflop_per_second"] / row["peak_gflops"])
-        assert row["precision"] == row["variant"].split()[0]
+        assert row["precision"] == row["variant"].split()[0].rstrip(",")
     # The speed-ups are ratios within a round (one round at the tiny size).
     assert written["rounds"] == 1 and all(len(rounds) == 1 for rounds in written["measured"].values())
     for row in lower:
-        (mine,), (reference,) = written["measured"][row["variant"]], written["measured"]["float32"]
+        (mine,), (reference,) = written["measured"][row["variant"]], written["measured"][float32["variant"]]
         for key in ("train", "eval", "loop_train", "loop_eval"):
             ratio = mine[f"{key}_images_per_second"] / reference[f"{key}_images_per_second"]
             assert row[f"{key}_speedup"] == pytest.approx(ratio)
-    # The profiles count the forward iterations' products, and those on bfloat16 operands.
+    # The profiles run as train.py does: the C++ kernel's calls where it takes the precision.
     profiles = {profile["precision"]: profile for profile in written["profiles"]}
-    assert profiles["float32"]["nmf_loop_products"] > 0 and profiles["float32"]["bfloat16_loop_products"] == 0
-    on_units = profiles["bfloat16"]["bfloat16_loop_products"]
-    assert (on_units > 0) == (path == "native") and on_units <= profiles["bfloat16"]["nmf_loop_products"]
+    for precision, profile in profiles.items():
+        assert (profile["nmf_kernel_calls"] > 0) == by_kernel[precision] and profile["kernel"] == "auto"
+        assert profile["nmf_iterations_ms"] > 0 and profile["rest_ms"] > 0
     assert "(bf16 units: " in capsys.readouterr().out
 
 

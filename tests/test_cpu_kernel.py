@@ -1,11 +1,16 @@
 """The fused C++ kernel for CPUs (nmfjax.cpu_kernel) against XLA's loop: its ``h`` for every NMF layer
 shape of the paper's networks, odd shapes and the input contract's edge cases, the gradients of the
-three backward modes through it, feature groups (vmap), the build and its fallback. How it splits
-over devices is checked in tests/test_programs.py (the compiled train step of two devices).
+three backward modes through it, feature groups (vmap), its bfloat16 products (on the bf16 units and
+widened), the build and its fallback. How it splits over devices is checked in tests/test_programs.py
+(the compiled train step of two devices).
 """
 
+import os
 import pathlib
+import platform
 import subprocess
+import sys
+import textwrap
 
 import jax
 import jax.numpy as jnp
@@ -108,7 +113,40 @@ def test_feature_groups_under_vmap_equal_xlas():
     np.testing.assert_allclose(outputs["cpu"], outputs["xla"], rtol=H_RTOL, atol=H_ATOL)
 
 
-def test_auto_runs_the_kernel_on_a_cpu_for_float32_only():
+# bfloat16: both sides round the same operands to nearest even and sum them in float32, in another
+# order; where a sum lands beside a rounding boundary, one element of h rounds to the other bfloat16
+# neighbour (2^-8 relative) in the next update, and the updates carry that along.
+BFLOAT16_RTOL, BFLOAT16_ATOL = 2e-3, 1e-5
+
+
+@pytest.mark.parametrize("path", ops.CPU_BFLOAT16_PATHS)
+@pytest.mark.parametrize("epsilon", [None, 0.5])
+@pytest.mark.parametrize(("positions", "features", "hidden"), LAYER_PROBLEMS)
+def test_h_at_bfloat16_equals_xlas_by_either_path(positions, features, hidden, epsilon, path):
+    x, w = _problem(positions, features, hidden)
+    with ops.forcing_cpu_bfloat16(path):
+        xla = ops.nmf(x, w, iterations=20, epsilon=epsilon, precision="bfloat16")
+    fused = ops.nmf(x, w, iterations=20, epsilon=epsilon, precision="bfloat16", kernel="cpu")
+    np.testing.assert_allclose(fused, xla, rtol=BFLOAT16_RTOL, atol=BFLOAT16_ATOL)
+    # ... and the kernel did round: float32's h is much further away.
+    float32 = ops.nmf(x, w, iterations=20, epsilon=epsilon, kernel="cpu")
+    assert float(jnp.abs(fused - float32).max()) > 10 * float(jnp.abs(fused - xla).max())
+
+
+@pytest.mark.parametrize("gradient", ops.GRADIENTS)
+def test_the_gradients_through_the_kernel_at_bfloat16_equal_xlas(gradient):
+    x, w = _problem(300, 75, 32)
+    g = jax.random.normal(jax.random.key(3), (300, 32))
+
+    def loss(x, w, kernel):
+        return jnp.sum(g * ops.nmf(x, w, iterations=10, gradient=gradient, kernel=kernel, precision="bfloat16"))
+
+    expected = jax.grad(loss, argnums=(0, 1))(x, w, "xla")
+    for fused, xla in zip(jax.grad(loss, argnums=(0, 1))(x, w, "cpu"), expected, strict=True):
+        np.testing.assert_allclose(fused, xla, rtol=2e-2, atol=2e-3 * float(jnp.abs(xla).max()))
+
+
+def test_auto_runs_the_kernel_for_float32_and_for_bfloat16_on_bf16_units():
     x, w = _problem(64, 75, 32)
 
     def program(**fields):
@@ -116,13 +154,65 @@ def test_auto_runs_the_kernel_on_a_cpu_for_float32_only():
 
     assert cpu_kernel.TARGET in program(kernel="auto")
     assert cpu_kernel.TARGET not in program(kernel="xla")
-    assert cpu_kernel.TARGET not in program(kernel="auto", precision="bfloat16")
+    assert cpu_kernel.TARGET not in program(kernel="auto", precision="tf32")
+    with ops.forcing_cpu_bfloat16("native"):
+        on_units = cpu_kernel.TARGET in program(kernel="auto", precision="bfloat16")
+    assert on_units == cpu_kernel.bfloat16_units() == kernels.cpu_kernel_applies("bfloat16", jnp.float32, "native")
+    with ops.forcing_cpu_bfloat16("emulated"):  # the emulation stays XLA's loop
+        assert cpu_kernel.TARGET not in program(kernel="auto", precision="bfloat16")
+        assert cpu_kernel.TARGET in program(kernel="cpu", precision="bfloat16")
     assert not kernels.cpu_kernel_applies("float32", jnp.float64)
 
 
-def test_the_kernel_computes_in_float32_only(x64):
-    with pytest.raises(ValueError, match="kernel='cpu' computes in float32"):
-        ops.NMFOptions(kernel="cpu", precision="bfloat16")
+def test_the_kernel_reports_its_bf16_units_as_the_processor_has_them():
+    # -march=native compiles the vdpbf16ps path exactly where Linux lists avx512_bf16.
+    if platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("AVX512-BF16 is an x86 feature")
+    assert cpu_kernel.bfloat16_units() == ("avx512_bf16" in pathlib.Path("/proc/cpuinfo").read_text().split())
+
+
+@pytest.mark.skipif(not cpu_kernel.bfloat16_units(), reason="the kernel's products run widened here already")
+def test_widened_bfloat16_products_equal_the_bf16_units(tmp_path):
+    # The path of processors without AVX512-BF16, built here by turning the feature off: its h must
+    # match XLA's emulation as the vdpbf16ps path does. (A process of its own: the FFI target is global.)
+    script = (
+        textwrap.dedent(
+            """
+        import jax, numpy as np
+        from nmfjax import cpu_kernel, ops
+        flags = cpu_kernel._compile_flags
+        cpu_kernel._compile_flags = lambda: [*flags(), "-mno-avx512bf16"]
+        assert not cpu_kernel.bfloat16_units()
+        from tests.test_kernels import _problem  # (after the build: its module builds the kernel)
+        for positions, features, hidden in [(300, 75, 32), (50, 800, 64), (37, 33, 17)]:
+            x, w = _problem(positions, features, hidden)
+            with ops.forcing_cpu_bfloat16("emulated"):
+                xla = ops.nmf(x, w, precision="bfloat16")
+            fused = ops.nmf(x, w, precision="bfloat16", kernel="cpu")
+            np.testing.assert_allclose(fused, xla, rtol=RTOL, atol=ATOL)
+        print("widened ok")
+        """
+        )
+        .replace("RTOL", repr(BFLOAT16_RTOL))
+        .replace("ATOL", repr(BFLOAT16_ATOL))
+    )
+    environment = {**os.environ, "NMFJAX_CACHE_DIR": str(tmp_path), "JAX_PLATFORMS": "cpu"}
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=environment,
+        cwd=pathlib.Path(__file__).parents[1],
+    )
+    assert result.returncode == 0 and "widened ok" in result.stdout, result.stderr[-3000:]
+
+
+def test_the_kernel_computes_in_float32_or_bfloat16(x64):
+    with pytest.raises(ValueError, match="kernel='cpu' computes in float32 or bfloat16, not precision='tf32'"):
+        ops.NMFOptions(kernel="cpu", precision="tf32")
+    with pytest.raises(ValueError, match="the CPU kernel's products run at"):
+        cpu_kernel.nmf_forward(*_problem(8, 75, 32), iterations=3, precision="tf32")
     x, w = _problem(8, 75, 32)
     with pytest.raises(TypeError, match="but x and w are float64 and float64"):
         ops.nmf(x.astype(jnp.float64), w.astype(jnp.float64), kernel="cpu")
@@ -168,9 +258,13 @@ def test_auto_falls_back_to_xla_where_the_kernel_is_unavailable(monkeypatch):
         configuration.validate_config(tiny_config(**{"model.nmf.kernel": "cpu"}))
 
 
-def test_the_source_compiles_without_warnings(tmp_path):
-    # The flags of the build plus -Wall -Wextra: a warning is a bug waiting.
-    command = [cpu_kernel.compiler(), *cpu_kernel._compile_flags(), "-Wall", "-Wextra", "-Werror"]
+@pytest.mark.parametrize("bf16_units", ["as the processor has them", "turned off"])
+def test_the_source_compiles_without_warnings(tmp_path, bf16_units):
+    # The flags of the build plus -Wall -Wextra: a warning is a bug waiting. Both bfloat16 paths.
+    if bf16_units == "turned off" and platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("AVX512-BF16 is an x86 feature")
+    off = ["-mno-avx512bf16"] if bf16_units == "turned off" else []
+    command = [cpu_kernel.compiler(), *cpu_kernel._compile_flags(), *off, "-Wall", "-Wextra", "-Werror"]
     result = subprocess.run(
         [*command, str(cpu_kernel.SOURCE), "-o", str(tmp_path / "k.so")], capture_output=True, text=True
     )

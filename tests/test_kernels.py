@@ -11,7 +11,7 @@ import pytest
 from flax import nnx
 from jax.test_util import check_grads
 
-from nmfjax import configuration, evaluation, kernels, layers, models, ops, parallel
+from nmfjax import configuration, cpu_kernel, evaluation, kernels, layers, models, ops, parallel
 from nmfjax import trainer as trainer_module
 from tests.conftest import tiny_config
 
@@ -170,11 +170,18 @@ def test_a_grouped_strided_nmf_conv_with_epsilon_equals_its_xla_twin():
     np.testing.assert_allclose(make("pallas")(x), make("xla")(x), rtol=H_RTOL, atol=H_ATOL)
 
 
-def test_auto_off_a_gpu_is_the_cpu_kernel_in_float32_and_xla_below():
+def test_auto_off_a_gpu_is_the_cpu_kernel_in_float32_and_on_bf16_units_and_xla_below():
     x, w = _problem(40, 30, 12)
     assert jnp.array_equal(ops.nmf(x, w, iterations=4, kernel="auto"), ops.nmf(x, w, iterations=4, kernel="cpu"))
-    lower = dict(iterations=4, precision="bfloat16")
-    assert jnp.array_equal(ops.nmf(x, w, kernel="auto", **lower), ops.nmf(x, w, **lower))
+    bfloat16 = dict(iterations=4, precision="bfloat16")
+    with ops.forcing_cpu_bfloat16("native"):
+        auto = ops.nmf(x, w, kernel="auto", **bfloat16)
+        by = "cpu" if cpu_kernel.bfloat16_units() else "xla"
+        assert jnp.array_equal(auto, ops.nmf(x, w, kernel=by, **bfloat16))
+    with ops.forcing_cpu_bfloat16("emulated"):
+        assert jnp.array_equal(ops.nmf(x, w, kernel="auto", **bfloat16), ops.nmf(x, w, **bfloat16))
+    tf32 = dict(iterations=4, precision="tf32")
+    assert jnp.array_equal(ops.nmf(x, w, kernel="auto", **tf32), ops.nmf(x, w, **tf32))
 
 
 @pytest.mark.parametrize("gradient", ["approx", "implicit"])

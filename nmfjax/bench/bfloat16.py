@@ -1,21 +1,26 @@
 """bfloat16 against float32 on a CPU (``--bfloat16``): the product peak of each, and CNMF+1x1's steps
 and ``train.py``'s epoch path at each, as fractions of their own peak.
 
-bfloat16 runs twice: by the process's path (:func:`nmfjax.ops.cpu_bfloat16_path`, native on a
-processor with bf16 units) and forced to the float32 emulation, so that the table shows what the
-native products gain. The emulation's own peak is float32's: it runs float32 products.
+Each precision runs as ``train.py`` runs it (``kernel="auto"``: the fused C++ kernel where it takes
+that precision, :func:`nmfjax.kernels.cpu_kernel_applies`) and, where that is the kernel, with XLA's
+loop too. bfloat16 runs by the process's path (:func:`nmfjax.ops.cpu_bfloat16_path`, native on a
+processor with bf16 units) and, where that is native, forced to the float32 emulation, so that the
+table shows what the native products gain. The emulation's own peak is float32's: it runs float32
+products.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import pathlib
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
-from nmfjax import ops, parallel
+from nmfjax import cpu_kernel, kernels, ops, parallel
 from nmfjax.bench.loop import compare_in_rounds, measure_loop
 from nmfjax.bench.peak import PEAK_SIZE, cpu_name, measure_peak_gflops
 from nmfjax.bench.profile import cpu_profile
@@ -26,12 +31,46 @@ from nmfjax.tables import markdown_table
 MODEL = "cnmf_1x1"
 
 
-def _variants() -> list[tuple[str, str, str | None]]:
-    """(name, precision, forced bfloat16 path) of each row: float32, the process's bfloat16, the emulation."""
-    variants: list[tuple[str, str, str | None]] = [("float32", "float32", None)]
-    variants.append((f"bfloat16 {ops.cpu_bfloat16_path()}", "bfloat16", None))
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """One row: the products' ``precision``, the ``forced`` bfloat16 path (None: the process's) and
+    the NMF forward's ``kernel`` (an :class:`nmfjax.ops.NMFOptions` value).
+    """
+
+    precision: str
+    forced: str | None
+    kernel: str
+
+    @property
+    def path(self) -> str:
+        """The bfloat16 path this row runs by."""
+        return self.forced or ops.cpu_bfloat16_path()
+
+    @property
+    def runs_the_cpu_kernel(self) -> bool:
+        """Whether its NMF forward is the C++ kernel."""
+        return self.kernel == "auto" and kernels.cpu_kernel_applies(self.precision, jnp.float32, self.path)
+
+    @property
+    def name(self) -> str:
+        """The row's name: its products and what runs the NMF forward."""
+        products = "float32" if self.precision == "float32" else f"bfloat16 {self.path}"
+        return f"{products}, {'C++ kernel' if self.runs_the_cpu_kernel else 'XLA loop'}"
+
+    @property
+    def peak(self) -> str:
+        """Whose product peak is this row's own: the emulation runs float32 products."""
+        return "bfloat16" if self.precision == "bfloat16" and self.path == "native" else "float32"
+
+
+def _variants() -> list[Variant]:
+    """float32 and the process's bfloat16 as train.py runs them, first; then, where that is the C++
+    kernel, the same with XLA's loop; then, where bfloat16 is native, its emulation.
+    """
+    as_train_py = [Variant("float32", None, "auto"), Variant("bfloat16", None, "auto")]
+    variants = as_train_py + [Variant(v.precision, None, "xla") for v in as_train_py if v.runs_the_cpu_kernel]
     if ops.cpu_bfloat16_path() == "native":
-        variants.append(("bfloat16 emulated", "bfloat16", "emulated"))
+        variants.append(Variant("bfloat16", "emulated", "xla"))
     return variants
 
 
@@ -40,25 +79,29 @@ def bfloat16_study(sizes: Sizes, output: pathlib.Path, rounds: int = 4) -> dict[
 
     The variants' steps and ``train.py``'s epochs are measured in ``rounds`` rounds, the variants in
     turn within each, so that all see the machine alike: images/s are the median over the rounds,
-    and each "x float32" is the median over the rounds of the ratio within a round (this machine's
-    speed drifts between rounds by more than the difference measured).
+    and each "x float32" is the median over the rounds of the ratio within a round to the first row
+    (float32 as ``train.py`` runs it; this machine's speed drifts between rounds by more than the
+    difference measured).
     """
     devices = jax.devices()[: parallel.largest_dividing_count(jax.device_count(), (sizes.loop_batch,))]
     peaks = {
         operands: measure_peak_gflops(devices, repeats=sizes.repeats, operands=operands)
         for operands in ("float32", "bfloat16")
     }
-    variants = _variants()
-    own_peak = {
-        name: peaks["float32" if name in ("float32", "bfloat16 emulated") else "bfloat16"] for name, _, _ in variants
-    }
+    variants = {variant.name: variant for variant in _variants()}
+    own_peak = {name: peaks[variant.peak] for name, variant in variants.items()}
 
     def measure(name: str) -> dict:
-        precision, forced = {variant: (precision, forced) for variant, precision, forced in variants}[name]
-        with ops.forcing_cpu_bfloat16(forced) if forced else contextlib.nullcontext():
-            # XLA's loop at every precision: the C++ kernel (train.py's float32 default) has no bf16 path.
+        variant = variants[name]
+        with ops.forcing_cpu_bfloat16(variant.forced) if variant.forced else contextlib.nullcontext():
             step = measure_train_and_eval(
-                MODEL, sizes.loop_batch, sizes.repeats, own_peak[name], devices=len(devices), precision=precision
+                MODEL,
+                sizes.loop_batch,
+                sizes.repeats,
+                own_peak[name],
+                devices=len(devices),
+                precision=variant.precision,
+                kernel=variant.kernel,
             )
             loop = measure_loop(
                 MODEL,
@@ -66,21 +109,22 @@ def bfloat16_study(sizes: Sizes, output: pathlib.Path, rounds: int = 4) -> dict[
                 own_peak[name],
                 sizes.loop_steps,
                 sizes.repeats,
-                precision=precision,
-                kernel="xla",
+                precision=variant.precision,
+                kernel=variant.kernel,
             )
         return {**step, **{key: value for key, value in loop.items() if key.startswith("loop_")}}
 
-    rows, measured = compare_in_rounds([name for name, _, _ in variants], measure, rounds, own_peak)
-    # Where the time goes at each precision: the NMF forward iterations against the rest of the step.
+    rows, measured = compare_in_rounds(list(variants), measure, rounds, own_peak)
+    # Where the time goes at each precision as train.py runs it: the NMF forward iterations against the rest.
     profiles = [
-        cpu_profile(MODEL, sizes.loop_batch, steps=sizes.loop_steps // 2, precision=precision, kernel="xla")
+        cpu_profile(MODEL, sizes.loop_batch, steps=sizes.loop_steps // 2, precision=precision, kernel="auto")
         for precision in ("float32", "bfloat16")
     ]
     results: dict[str, Any] = {
         "cpu": cpu_name(),
         "bfloat16_units": ops.cpu_has_bfloat16_units(),
         "bfloat16_path": ops.cpu_bfloat16_path(),
+        "cpu_kernel_bfloat16_units": cpu_kernel.bfloat16_units(),
         "jax": jax.__version__,
         "devices": len(devices),
         "batch_size": sizes.loop_batch,
@@ -118,9 +162,9 @@ BFLOAT16_COLUMNS = [
 ]
 BFLOAT16_PROFILE_COLUMNS = [
     ("precision", "precision", "s"),
+    ("kernel", "kernel", "s"),
+    ("C++ kernel calls", "nmf_kernel_calls", "d"),
     ("wall ms/step", "wall_ms_per_step", ".1f"),
     ("NMF forward iterations ms", "nmf_iterations_ms", ".1f"),
     ("the rest ms", "rest_ms", ".1f"),
-    ("forward products", "nmf_loop_products", "d"),
-    ("of them on bf16 operands", "bfloat16_loop_products", "d"),
 ]
