@@ -901,17 +901,27 @@ def performance_bfloat16(doc: Document) -> None:
     doc.table(markdown_table(record["rows"], BFLOAT16_COLUMNS))
     doc.table(markdown_table(record["profiles"], BFLOAT16_PROFILE_COLUMNS))
     assert record["cpu"].startswith("AMD EPYC") and record["bfloat16_units"] and record["bfloat16_path"] == "native"
+    assert record["cpu_kernel_bfloat16_units"]  # "whose bfloat16 products run on the bf16 units' `vdpbf16ps`"
     assert record["batch_size"] == 50 and record["devices"] == 2
-    doc.given("in 4 rounds with the three in turn in each", "the benchmark's setting (bfloat16.json's rounds)")
-    assert record["rounds"] == 4
+    doc.given("in 4 rounds with the five in turn in each", "the benchmark's setting (bfloat16.json's rounds)")
+    assert record["rounds"] == 4 and len(record["rows"]) == 5
     assert record["peak_size"] == 2048
     doc.given("2048 x 2048", "the peak's product size (bfloat16.json's peak_size)")
     doc.given("The issue's goal (1.3x the step, 2x the product)", "issue #38's goal")
     doc.given("a trace of 10 steps", "the benchmark's setting (profiles' steps)")
     assert {profile["steps"] for profile in record["profiles"]} == {10}
     rows = {row["variant"]: row for row in record["rows"]}
-    native, emulated = rows["bfloat16 native"], rows["bfloat16 emulated"]
-    _assert_speedups_are_within_round_ratios(record, "float32")  # "x float32"
+    kernel, xla, float32_xla, emulated = (
+        rows[name]
+        for name in (
+            "bfloat16 native, C++ kernel",
+            "bfloat16 native, XLA loop",
+            "float32, XLA loop",
+            "bfloat16 emulated, XLA loop",
+        )
+    )
+    assert record["rows"][0]["variant"] == "float32, C++ kernel"
+    _assert_speedups_are_within_round_ratios(record, "float32, C++ kernel")  # "x float32"
     peaks = record["peak_gflops"]
     ratio = peaks["bfloat16"] / peaks["float32"]
     doc.claim(
@@ -921,39 +931,48 @@ def performance_bfloat16(doc: Document) -> None:
         f"{peaks['float32']:.0f}",
     )
     doc.claim(
-        "native bfloat16 ran the train step at {}x float32 and the eval step at {}x, and `train.py`'s epoch path "
-        "trained at {}x and evaluated at {}x.",
-        *(f"{native[key]:.2f}" for key in ("train_speedup", "eval_speedup", "loop_train_speedup", "loop_eval_speedup")),
+        "As `train.py` runs them, bfloat16 ran the train step at {}x float32 and the eval step at {}x, and "
+        "`train.py`'s epoch path trained at {}x and evaluated at {}x.",
+        *(f"{kernel[key]:.2f}" for key in ("train_speedup", "eval_speedup", "loop_train_speedup", "loop_eval_speedup")),
+    )
+    # "met by the bare train step, not by `train.py`'s epoch path"; 2x is not reached by the product
+    assert kernel["train_speedup"] >= 1.3 > kernel["loop_train_speedup"] and ratio < 2
+    loop_ratios = [
+        mine["loop_train_images_per_second"] / theirs["loop_train_images_per_second"]
+        for mine, theirs in zip(
+            record["measured"]["bfloat16 native, C++ kernel"], record["measured"]["float32, C++ kernel"], strict=True
+        )
+    ]
+    doc.claim(
+        "whose ratio ranged over the rounds from {}x to {}x;", f"{min(loop_ratios):.2f}", f"{max(loop_ratios):.2f}"
+    )
+    doc.claim(
+        "With XLA's loop, bfloat16 trained at {}x and evaluated at {}x the float32 kernel in `train.py`'s epoch path, "
+        "float32 at {}x and {}x.",
+        *(f"{row[key]:.2f}" for row in (xla, float32_xla) for key in ("loop_train_speedup", "loop_eval_speedup")),
     )
     doc.claim(
         "The emulation, float32 products plus the rounding, ran at {}x and {}x (steps).",
         f"{emulated['train_speedup']:.2f}",
         f"{emulated['eval_speedup']:.2f}",
     )
-    # "met by neither on this processor"
-    assert ratio < 2 and native["train_speedup"] < 1.3 and native["loop_train_speedup"] < 1.3
-    doc.claim(
-        "bfloat16 is worth {}x in evaluation and {}x in training here.",
-        f"{native['loop_eval_speedup']:.2f}",
-        f"{native['loop_train_speedup']:.2f}",
-    )
     doc.claim(
         "trains at {}x and evaluates at {}x (above)",
-        f"{native['loop_train_speedup']:.2f}",
-        f"{native['loop_eval_speedup']:.2f}",
+        f"{kernel['loop_train_speedup']:.2f}",
+        f"{kernel['loop_eval_speedup']:.2f}",
     )
     profiles = {profile["precision"]: profile for profile in record["profiles"]}
-    assert profiles["bfloat16"]["bfloat16_loop_products"] == profiles["bfloat16"]["nmf_loop_products"]
+    assert all(profile["kernel"] == "auto" and profile["nmf_kernel_calls"] == 4 for profile in profiles.values())
     doc.claim(
-        "Every product of the forward iterations takes bfloat16 operands ({} of {}).",
-        *(str(profiles["bfloat16"][key]) for key in ("bfloat16_loop_products", "nmf_loop_products")),
+        "The kernel's bfloat16 products took the forward iterations from {} ms per device and step to {} ms.",
+        *(f"{profiles[p]['nmf_iterations_ms']:.1f}" for p in ("float32", "bfloat16")),
     )
     doc.claim(
-        "The forward iterations took {} ms per device and step instead of {}. The rest of the step (augmentation, "
-        "BatchNorm, the backward formulas, Adam) took {} ms instead of {}:",
-        *(f"{profiles[p][key]:.1f}" for key in ("nmf_iterations_ms", "rest_ms") for p in ("bfloat16", "float32")),
+        "The rest of the step (augmentation, BatchNorm, the backward formulas, Adam) took {} ms at bfloat16 and {} ms "
+        "at float32:",
+        *(f"{profiles[p]['rest_ms']:.1f}" for p in ("bfloat16", "float32")),
     )
-    assert profiles["bfloat16"]["rest_ms"] > profiles["float32"]["rest_ms"]
+    doc.given("and 2x the product is the most", "AVX512-BF16's design: 32 multiply-adds per vdpbf16ps, 16 per FMA")
     doc.given("whose bfloat16 products ran at 3-4x float32", "the issue's measurement on another machine (#38)")
     doc.given("AVX512-BF16 alone gives about 2x", "the peaks above")
     accuracy = bfloat16_accuracy_rows()
@@ -1023,11 +1042,6 @@ def performance_cpu_kernel(doc: Document) -> None:
         "XLA's loop alone reached\n{} and {} here",
         percent(xla["loop_train_fraction_of_peak"]),
         percent(xla["loop_eval_fraction_of_peak"]),
-    )
-    doc.claim(
-        "which in its own run trained at {}x and\nevaluated at {}x XLA's loop",
-        f"{kernel['loop_train_speedup']:.2f}",
-        f"{kernel['loop_eval_speedup']:.2f}",
     )
     bench_record = _json(DOCS / "bench_cpu" / "bench.json")
     (loop,) = bench_record["loop"]
