@@ -26,9 +26,8 @@ NVIDIA GPU and runs in Pallas's interpret mode on other platforms (slow, but
 the same arithmetic: for tests); ``"auto"`` takes Triton on a GPU where the
 call's programs fill the SMs (:func:`fills_gpu`), the C++ kernel of
 :mod:`nmfjax.cpu_kernel` on a CPU (float32, and bfloat16 on bf16 units), and
-XLA's loop elsewhere (a call
-of a few programs leaves most of the GPU idle, while XLA's products spread
-over it). :func:`forward` makes that choice; the platform's branch is taken
+XLA's loop elsewhere (a call of a few programs leaves most of the GPU idle,
+while XLA's products spread over it). :func:`forward` makes that choice; the platform's branch is taken
 when the program is lowered for its platform (``lax.platform_dependent``), so
 an exported program carries each.
 """
@@ -300,7 +299,7 @@ def forward(
     precision: str,
     kernel: str,
     xla: Callable[[jax.Array, jax.Array], jax.Array],
-    cpu_bfloat16_path: str = "native",
+    cpu_bfloat16_path: str,
 ) -> jax.Array:
     """The forward ``h`` of :func:`nmfjax.ops.nmf` with ``NMFOptions(kernel=...)`` ``"pallas"``, ``"cpu"``
     or ``"auto"``; ``iterations``, ``epsilon`` and ``precision`` are the op's, ``xla(x, w)`` its XLA loop,
@@ -335,7 +334,7 @@ def forward(
     return lax.platform_dependent(x, w, **branches, default=default)
 
 
-def cpu_kernel_applies(precision: str, dtype: jax.typing.DTypeLike, cpu_bfloat16_path: str = "native") -> bool:
+def cpu_kernel_applies(precision: str, dtype: jax.typing.DTypeLike, cpu_bfloat16_path: str) -> bool:
     """Whether ``kernel="auto"`` takes :mod:`nmfjax.cpu_kernel` on a CPU: operands of ``dtype`` float32,
     the kernel built for this machine, and float32 products, or bfloat16 ones where the process runs
     them on the bf16 units (``cpu_bfloat16_path`` ``"native"``) and so does the kernel

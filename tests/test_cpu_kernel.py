@@ -160,7 +160,7 @@ def test_auto_runs_the_kernel_for_float32_and_for_bfloat16_on_bf16_units():
     with ops.forcing_cpu_bfloat16("emulated"):  # the emulation stays XLA's loop
         assert cpu_kernel.TARGET not in program(kernel="auto", precision="bfloat16")
         assert cpu_kernel.TARGET in program(kernel="cpu", precision="bfloat16")
-    assert not kernels.cpu_kernel_applies("float32", jnp.float64)
+    assert not kernels.cpu_kernel_applies("float32", jnp.float64, "native")
 
 
 def test_the_kernel_reports_its_bf16_units_as_the_processor_has_them():
