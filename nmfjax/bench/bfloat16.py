@@ -53,13 +53,13 @@ class Variant:
 
     @property
     def name(self) -> str:
-        """The row's name: its products and what runs the NMF forward."""
+        """The row's name, from its products and what runs the NMF forward."""
         products = "float32" if self.precision == "float32" else f"bfloat16 {self.path}"
         return f"{products}, {'C++ kernel' if self.runs_the_cpu_kernel else 'XLA loop'}"
 
     @property
     def peak(self) -> str:
-        """Whose product peak is this row's own: the emulation runs float32 products."""
+        """Whose product peak is this row's own (the emulation runs float32 products)."""
         return "bfloat16" if self.precision == "bfloat16" and self.path == "native" else "float32"
 
 
