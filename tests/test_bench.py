@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import pytest
 
 from nmfjax import bench, cpu_kernel, kernels, models, ops
+from nmfjax.bench import bfloat16 as bench_bfloat16
 from tests.conftest import mocked_tfds
 
 
@@ -163,9 +164,7 @@ def test_the_unroll_study_compares_the_loop_and_its_unrolled_form(tmp_path, caps
     assert written["peak_gflops"] > 0 and "xla_unrolled" in capsys.readouterr().out
 
 
-def test_the_bfloat16_study_sets_each_path_against_float32_and_its_own_peak(tmp_path, capsys):
-    bench.main(["--bfloat16", "--tiny", "--output", str(tmp_path)])
-    written = json.loads((tmp_path / "bfloat16.json").read_text())
+def test_the_bfloat16_study_has_each_precision_as_train_py_runs_it_then_with_xlas_loop():
     path = ops.cpu_bfloat16_path()
     # Each precision as train.py runs it (kernel "auto"), then XLA's loop where that was the C++ kernel.
     by_kernel = {
@@ -175,8 +174,27 @@ def test_the_bfloat16_study_sets_each_path_against_float32_and_its_own_peak(tmp_
     expected = [f"{names[p]}, {'C++ kernel' if by_kernel[p] else 'XLA loop'}" for p in ("float32", "bfloat16")]
     expected += [f"{names[p]}, XLA loop" for p in ("float32", "bfloat16") if by_kernel[p]]
     expected += ["bfloat16 emulated, XLA loop"] if path == "native" else []
-    assert [row["variant"] for row in written["rows"]] == expected
-    assert [row["kernel"] for row in written["rows"]] == ["auto", "auto"] + ["xla"] * (len(expected) - 2)
+    variants = bench_bfloat16._variants()
+    assert [variant.name for variant in variants] == expected
+    assert [variant.kernel for variant in variants] == ["auto", "auto"] + ["xla"] * (len(expected) - 2)
+    # Each against its own peak: the native products against bfloat16's, the emulation against float32's.
+    assert [variant.peak for variant in variants] == [
+        "bfloat16" if name.startswith("bfloat16 native") else "float32" for name in expected
+    ]
+
+
+def test_the_bfloat16_study_sets_each_path_against_float32_and_its_own_peak(tmp_path, capsys, monkeypatch):
+    # Its rows as train.py runs each precision, and the emulation (the XLA-loop twins: the test above).
+    rows = [v for v in bench_bfloat16._variants() if v.kernel == "auto" or v.forced]
+    monkeypatch.setattr(bench_bfloat16, "_variants", lambda: rows)
+    bench.main(["--bfloat16", "--tiny", "--output", str(tmp_path)])
+    written = json.loads((tmp_path / "bfloat16.json").read_text())
+    path = ops.cpu_bfloat16_path()
+    by_kernel = {
+        precision: kernels.cpu_kernel_applies(precision, jnp.float32, path) for precision in ("float32", "bfloat16")
+    }
+    assert [row["variant"] for row in written["rows"]] == [variant.name for variant in rows]
+    assert [row["kernel"] for row in written["rows"]] == [variant.kernel for variant in rows]
     assert written["bfloat16_path"] == path and written["peak_gflops"]["bfloat16"] > 0
     assert written["cpu_kernel_bfloat16_units"] == cpu_kernel.bfloat16_units()
     float32, *lower = written["rows"]
