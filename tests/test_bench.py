@@ -184,8 +184,8 @@ def test_the_bfloat16_study_has_each_precision_as_train_py_runs_it_then_with_xla
 
 
 def test_the_bfloat16_study_sets_each_path_against_float32_and_its_own_peak(tmp_path, capsys, monkeypatch):
-    # Its rows as train.py runs each precision, and the emulation (the XLA-loop twins: the test above).
-    rows = [v for v in bench_bfloat16._variants() if v.kernel == "auto" or v.forced]
+    # Its rows as train.py runs each precision (the XLA-loop twins and the emulation: the test above).
+    rows = [v for v in bench_bfloat16._variants() if v.kernel == "auto"]
     monkeypatch.setattr(bench_bfloat16, "_variants", lambda: rows)
     bench.main(["--bfloat16", "--tiny", "--output", str(tmp_path)])
     written = json.loads((tmp_path / "bfloat16.json").read_text())

@@ -12,6 +12,7 @@ import threading
 import jax
 import numpy as np
 import pytest
+from flax import nnx
 from PIL import Image
 
 from nmfjax import configuration, data, evaluation, image_folder, models, parallel
@@ -148,22 +149,48 @@ NETWORK_CASES = [
     for index, architecture in enumerate(models.ARCHITECTURES)
     for offset, shape in enumerate(SHAPES)
 ]
+# A train step (a program to compile) for each network once, each shape and each count of classes among them.
+TRAINED_CASES = [
+    (architecture, shape, classes)
+    for index, (architecture, shape, classes) in enumerate(NETWORK_CASES)
+    if shape == SHAPES[(index // len(SHAPES)) % len(SHAPES)]
+]
 
 
-@pytest.mark.parametrize("architecture, shape, classes", NETWORK_CASES)
-def test_each_network_builds_and_trains_a_step_for_the_data(monkeypatch, architecture, shape, classes):
+def test_the_trained_cases_hold_each_network_shape_and_count_of_classes():
+    assert {case[0] for case in TRAINED_CASES} == set(models.ARCHITECTURES)
+    assert {case[1] for case in TRAINED_CASES} == set(SHAPES)
+    assert {case[2] for case in TRAINED_CASES} == {10, 100}
+
+
+def _network_for(monkeypatch, architecture, shape, classes):
+    """The config, spec and network of ``architecture`` for made-up data of ``shape`` and ``classes``."""
     info = data.DatasetInfo("made_up", shape, tuple(str(label) for label in range(classes)))
     monkeypatch.setattr(data, "dataset_info", lambda name, data_dir=None: info)
     config = tiny_config(architecture, batch_size=4, eval_batch_size=4, **{"model.nmf.iterations": 1})
     spec = configuration.validate_config(config, 1)
+    return config, spec, models.build(spec, config.seed)
+
+
+@pytest.mark.parametrize("architecture, shape, classes", NETWORK_CASES)
+def test_each_network_builds_for_the_datas_shape_and_classes(monkeypatch, architecture, shape, classes):
+    config, spec, model = _network_for(monkeypatch, architecture, shape, classes)
     crop = shape[0] * 7 // 8
     assert spec.input_shape == (crop, crop, shape[2]) and spec.features[-1] == classes
-    trainer = Trainer(config, spec, parallel.data_mesh(jax.devices()[:1]))
+    # Every layer's shapes, traced without running them (the train step below runs them).
+    images = data.center_crop(np.zeros((8, *shape), np.uint8), crop)
+    logits = nnx.eval_shape(lambda network, inputs: network.logits(inputs), model, images)
+    assert logits.shape == (8, classes)
+
+
+@pytest.mark.parametrize("architecture, shape, classes", TRAINED_CASES)
+def test_each_network_trains_a_step_for_the_data(monkeypatch, architecture, shape, classes):
+    config, spec, model = _network_for(monkeypatch, architecture, shape, classes)
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (8, *shape), dtype=np.uint8)
     labels = rng.integers(0, classes, 8).astype(np.int32)
-    model = models.build(spec, config.seed)
-    assert model.logits(data.center_crop(images, crop)).shape == (8, classes)
+    assert model.logits(data.center_crop(images, spec.input_shape[0])).shape == (8, classes)
+    trainer = Trainer(config, spec, parallel.data_mesh(jax.devices()[:1]))
     before = jax.device_get(trainer.initial_state.params)
     state, totals = trainer.train_step(
         trainer.initial_state,

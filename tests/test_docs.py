@@ -1012,7 +1012,9 @@ def performance_bfloat16(doc: Document) -> None:
     # "about 1.5 points ..., more than float32's seed spread and no more than the order of the sums moves a run"
     assert high - low < cost <= moved[most] + 1e-6
     doc.claim("about {} points in this pair of seeds", f"{100 * cost:.1f}")
-    doc.claim("after 3 epochs both its seeds ended below both float32 seeds (by {} points on average)", f"{100 * cost:.1f}")
+    doc.claim(
+        "after 3 epochs both its seeds ended below both float32 seeds (by {} points on average)", f"{100 * cost:.1f}"
+    )
     before = {
         seed: read_metrics(RUNS / f"bfloat16_3_epochs_bfe1a7d/float32_seed{seed}")[-1]["test_accuracy"]
         for seed in (0, 1)
