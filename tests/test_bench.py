@@ -255,6 +255,27 @@ def test_a_kernel_step_is_counted_with_the_flops_of_xlas_loop():
     assert rows["cpu"]["train_gflops_per_image"] == rows["xla"]["train_gflops_per_image"]
 
 
+def test_the_cpu_kernel_study_sets_the_kernel_against_xlas_loop_and_the_peak(tmp_path, capsys):
+    if not cpu_kernel.available():
+        pytest.skip(f"the CPU kernel cannot be built here: {cpu_kernel.unavailable_reason()}")
+    bench.main(["--cpu_kernel", "--tiny", "--output", str(tmp_path)])
+    written = json.loads((tmp_path / "cpu_kernel.json").read_text())
+    assert (written["rounds"], written["iterations"], written["peak_size"]) == (1, 2, bench.PEAK_SIZE)
+    assert written["peak_gflops"] > 0 and len(written["layers"]) == 4
+    xla, kernel = written["rows"]
+    assert (xla["variant"], kernel["variant"]) == ("xla", "cpu")
+    for key in ("train", "eval", "loop_train", "loop_eval"):
+        assert xla[f"{key}_speedup"] == 1.0
+        (mine,), (theirs,) = written["measured"]["cpu"], written["measured"]["xla"]
+        assert kernel[f"{key}_speedup"] == pytest.approx(
+            mine[f"{key}_images_per_second"] / theirs[f"{key}_images_per_second"]
+        )
+    for row in written["rows"]:
+        assert row["train_fraction_of_peak"] == pytest.approx(row["train_gflop_per_second"] / written["peak_gflops"])
+    out = capsys.readouterr().out
+    assert "kernel x XLA" in out and "train.py train x XLA" in out and "wrote" in out
+
+
 def test_the_cpu_kernel_study_without_the_kernel_is_one_error_line(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(cpu_kernel, "available", lambda: False)
     monkeypatch.setattr(cpu_kernel, "unavailable_reason", lambda: "no C++ compiler ('c++')")
