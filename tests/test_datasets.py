@@ -174,7 +174,7 @@ def _network_for(monkeypatch, architecture, shape, classes):
 
 @pytest.mark.parametrize("architecture, shape, classes", NETWORK_CASES)
 def test_each_network_builds_for_the_datas_shape_and_classes(monkeypatch, architecture, shape, classes):
-    config, spec, model = _network_for(monkeypatch, architecture, shape, classes)
+    _, spec, model = _network_for(monkeypatch, architecture, shape, classes)
     crop = shape[0] * 7 // 8
     assert spec.input_shape == (crop, crop, shape[2]) and spec.features[-1] == classes
     # Every layer's shapes, traced without running them (the train step below runs them).

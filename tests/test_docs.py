@@ -870,12 +870,18 @@ BFLOAT16_ACCURACY_COLUMNS = [
 ]
 
 
+def _three_epoch_run(run: str, precision: str, seed: int, kernel: str) -> list[dict]:
+    """The metrics of a 3-epoch run of docs/runs, its config checked: ``precision``, ``seed``, ``kernel``."""
+    config = _json(RUNS / run / "config.json")
+    nmf = config["model"]["nmf"]
+    assert (config["seed"], nmf["precision"], nmf["kernel"], config["num_epochs"]) == (seed, precision, kernel, 3), run
+    return read_metrics(RUNS / run)
+
+
 def bfloat16_accuracy_rows() -> list[dict]:
     rows = []
     for (precision, seed), run in BFLOAT16_RUNS.items():
-        config = _json(RUNS / run / "config.json")
-        assert (config["seed"], config["model"]["nmf"]["precision"], config["num_epochs"]) == (seed, precision, 3), run
-        metrics = read_metrics(RUNS / run)
+        metrics = _three_epoch_run(run, precision, seed, "auto")  # as train.py runs them
         test = [row["test_accuracy"] for row in metrics]
         rows.append({"precision": precision, "seed": seed, "test": test, "test_loss": metrics[-1]["test_loss"]})
     return rows
@@ -977,8 +983,6 @@ def performance_bfloat16(doc: Document) -> None:
     doc.given("AVX512-BF16 alone gives about 2x", "the peaks above")
     accuracy = bfloat16_accuracy_rows()
     doc.table(markdown_table(accuracy, BFLOAT16_ACCURACY_COLUMNS))
-    for run in BFLOAT16_RUNS.values():  # "as `train.py` runs them (`kernel` `auto`)"
-        assert _json(RUNS / run / "config.json")["model"]["nmf"]["kernel"] == "auto", run
     test = {(row["precision"], row["seed"]): row["test"] for row in accuracy}
     final = {run: accuracies[-1] for run, accuracies in test.items()}
     float32 = [final["float32", seed] for seed in (0, 1)]
@@ -998,8 +1002,10 @@ def performance_bfloat16(doc: Document) -> None:
     doc.claim("bfloat16 led float32 by {} and {} points (seeds 0 and 1)", *(f"{100 * lead:.2f}" for lead in second))
     # The same runs with XLA's loop: the same rounded operands, the sums in another order.
     loop = {
-        run: read_metrics(RUNS / f"bfloat16_3_epochs_351e229/{run[0]}_seed{run[1]}")[-1]["test_accuracy"]
-        for run in final
+        (precision, seed): _three_epoch_run(
+            f"bfloat16_3_epochs_351e229/{precision}_seed{seed}", precision, seed, "xla"
+        )[-1]["test_accuracy"]
+        for precision, seed in final
     }
     doc.claim(
         "ended at {} and {} (float32) and {} and {} (bfloat16)",
@@ -1016,19 +1022,12 @@ def performance_bfloat16(doc: Document) -> None:
         "after 3 epochs both its seeds ended below both float32 seeds (by {} points on average)", f"{100 * cost:.1f}"
     )
     before = {
-        seed: read_metrics(RUNS / f"bfloat16_3_epochs_bfe1a7d/float32_seed{seed}")[-1]["test_accuracy"]
+        seed: _three_epoch_run(f"bfloat16_3_epochs_bfe1a7d/float32_seed{seed}", "float32", seed, "xla")[-1][
+            "test_accuracy"
+        ]
         for seed in (0, 1)
     }
     doc.claim("`docs/runs/bfloat16_3_epochs_bfe1a7d`) ended at {} and {}.", *(percent(before[seed]) for seed in (0, 1)))
-    for seed in (0, 1):
-        config = _json(RUNS / f"bfloat16_3_epochs_bfe1a7d/float32_seed{seed}" / "config.json")
-        assert (config["seed"], config["model"]["nmf"]["precision"], config["num_epochs"]) == (seed, "float32", 3)
-    for run in final:
-        config = _json(RUNS / f"bfloat16_3_epochs_351e229/{run[0]}_seed{run[1]}" / "config.json")
-        assert (config["model"]["nmf"]["precision"], config["seed"], config["model"]["nmf"]["kernel"]) == (
-            *run,
-            "xla",
-        )
 
 
 def performance_cpu_kernel(doc: Document) -> None:
