@@ -1,6 +1,8 @@
-"""The fused NMF forward pass for CPUs: all ``N`` updates of a tile of positions in one C++ call.
+"""The fused NMF forward pass for CPUs: all ``N`` updates of a tile of positions in one C++ call; and
+the one-step backward, a tile at a time.
 
-It computes what :func:`nmfjax.ops.nmf` does (arXiv 2503.20398, eq. 3, or eq. 6 with ``epsilon``).
+It computes what :func:`nmfjax.ops.nmf` does (arXiv 2503.20398, eq. 3, or eq. 6 with ``epsilon``), and
+for ``gradient="approx"`` its one-step VJP (eq. 17-19, :func:`nmfjax.ops.one_step_vjp`).
 
 XLA runs each update of :func:`nmfjax.ops.nmf` as two GEMMs over all positions
 at once: every update writes ``R = h W^T`` and ``x / R`` for all positions to
@@ -23,8 +25,16 @@ XLA's loop.
 Under ``jit`` with the batch split over devices the call keeps that split (a
 ``custom_partitioning`` rule: positions sharded, ``W`` replicated), so each
 device runs its own positions. Within one call, tiles are shared by the calling
-thread and helpers on XLA's CPU thread pool. The backward passes of
-:mod:`nmfjax.ops` stay XLA's.
+thread and helpers on XLA's CPU thread pool.
+
+The one-step backward (:func:`one_step_backward`, registered as :data:`BACKWARD_TARGET`) runs its
+four products (``h W^T`` and ``(h g) W^T``, then ``dW^T`` as one product over twice a tile's
+positions) and its quotients a tile at a time, in the caches, where XLA writes each of them for all
+positions. ``dW`` sums over the positions: the tiles go into a fixed number of groups, each group
+sums its tiles in order, and the groups are added in order, so that the result does not depend on
+which thread took which tile; split over devices, each sums its own positions and the partition
+rule adds the devices' sums (an all-reduce). The exact (``"unrolled"``) and ``"implicit"`` backward
+passes stay XLA's.
 
 Its products run at float32, or at ``precision="bfloat16"`` as
 :func:`nmfjax.ops.matmul` does: operands rounded to bfloat16 (to nearest even),
@@ -54,9 +64,11 @@ from jax.sharding import PartitionSpec as P
 
 #: The C++ source, shipped inside the package.
 SOURCE = pathlib.Path(__file__).with_name("cpu_kernel.cc")
-#: The FFI target the kernel is registered as (CPU platform).
+#: The FFI target the forward kernel is registered as (CPU platform).
 TARGET = "nmfjax_nmf_forward"
-_SYMBOL = "NmfjaxNmfForward"
+#: The FFI target of the one-step VJP.
+BACKWARD_TARGET = "nmfjax_nmf_one_step_backward"
+_SYMBOLS = {TARGET: "NmfjaxNmfForward", BACKWARD_TARGET: "NmfjaxNmfOneStepBackward"}
 
 
 def compiler() -> str:
@@ -127,7 +139,8 @@ def _load() -> ctypes.CDLL | str:
         library = ctypes.CDLL(str(build()))
     except (RuntimeError, OSError) as error:
         return str(error)
-    jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(getattr(library, _SYMBOL)), platform="cpu")
+    for target, symbol in _SYMBOLS.items():
+        jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu")
     library.NmfjaxBfloat16Units.restype = ctypes.c_bool
     return library
 
@@ -215,9 +228,15 @@ def nmf_forward(
       TypeError: ``x`` or ``w`` is not float32.
       ValueError: ``precision`` is not one of :data:`PRECISIONS`.
     """
+    _check_call(precision, x, w)
+    return _batchable_call(iterations, epsilon, precision)(x, w)
+
+
+def _check_call(precision: str, x: jax.Array, w: jax.Array, *others: jax.Array) -> None:
+    """Raises unless the kernel can take these arguments (see :func:`nmf_forward`)."""
     if precision not in PRECISIONS:
         raise ValueError(f"the CPU kernel's products run at {PRECISIONS}, not precision={precision!r}.")
-    if x.dtype != jnp.float32 or w.dtype != jnp.float32:
+    if any(a.dtype != jnp.float32 for a in (x, w, *others)):
         raise TypeError(
             f"kernel='cpu' computes in float32, but x and w are {x.dtype} and {w.dtype}; "
             "use kernel='auto' (XLA's loop for other dtypes) or 'xla'."
@@ -225,7 +244,6 @@ def nmf_forward(
     reason = unavailable_reason()
     if reason is not None:
         raise RuntimeError(f"the CPU kernel is unavailable: {reason}")
-    return _batchable_call(iterations, epsilon, precision)(x, w)
 
 
 @functools.cache
@@ -243,5 +261,99 @@ def _batchable_call(iterations: int, epsilon: float | None, precision: str):
             for a, batched in zip((x, w), in_batched, strict=True)
         )
         return lax.map(lambda pair: call(*pair), (x, w)), True
+
+    return call
+
+
+def _backward_call(
+    x: jax.Array, w: jax.Array, h: jax.Array, g: jax.Array, precision: str
+) -> tuple[jax.Array, jax.Array]:
+    dx, dw = jax.ffi.ffi_call(
+        BACKWARD_TARGET,
+        (jax.ShapeDtypeStruct(x.shape, jnp.float32), jax.ShapeDtypeStruct(w.shape, jnp.float32)),
+    )(x, w, h, g, bfloat16=precision == "bfloat16")
+    return dx, dw
+
+
+def _backward_shardings(mesh, arg_shapes):
+    """The positions' mesh axes, and the shardings of ``(x, w, h, g)`` and of ``(dx, dW)``: positions
+    split as ``x``'s are, ``W`` and ``dW`` whole on every device.
+    """
+    rows = arg_shapes[0].sharding.spec[0] if len(arg_shapes[0].sharding.spec) else None
+    split, whole = NamedSharding(mesh, P(rows, None)), NamedSharding(mesh, P())
+    return rows, (split, whole, split, split), (split, whole)
+
+
+@functools.partial(custom_partitioning, static_argnums=(4,))
+def _partitioned_backward(x: jax.Array, w: jax.Array, h: jax.Array, g: jax.Array, precision: str):
+    return _backward_call(x, w, h, g, precision)
+
+
+def _partition_backward(precision, mesh, arg_shapes, result_shape):
+    del result_shape
+    rows, arg_shardings, result_shardings = _backward_shardings(mesh, arg_shapes)
+
+    def call(x, w, h, g):
+        dx, dw = _backward_call(x, w, h, g, precision)
+        # Each device summed dW over its own positions.
+        return dx, dw if rows is None else lax.psum(dw, rows)
+
+    return mesh, call, result_shardings, arg_shardings
+
+
+def _infer_backward(precision, mesh, arg_shapes, result_shape):
+    del precision, result_shape
+    return _backward_shardings(mesh, arg_shapes)[2]
+
+
+_partitioned_backward.def_partition(
+    partition=_partition_backward,
+    infer_sharding_from_operands=_infer_backward,
+    sharding_rule="p s, s i, p i, p i -> p s, s i",
+    need_replication_factors=("s", "i"),
+)
+
+
+def one_step_backward(
+    x: jax.Array, w: jax.Array, h: jax.Array, g: jax.Array, precision: str = "float32"
+) -> tuple[jax.Array, jax.Array]:
+    """The paper's one-step VJP at ``h`` (eq. 17-19), as :mod:`nmfjax.ops` computes it for
+    ``gradient="approx"``, by the C++ kernel: with ``R = h W^T``,
+    ``dx = (h g) W^T / R`` and ``dW^T = (h g)^T (x / R) - h^T (x / R * dx)``, summed over positions.
+
+    Args:
+      x: the op's float32 input, shape ``(P, S)``.
+      w: its float32 weight, shape ``(S, I)``.
+      h: the ``h`` it returned, shape ``(P, I)``.
+      g: the cotangent of ``h``, shape ``(P, I)``.
+      precision: of the four products, one of :data:`PRECISIONS` (as in :func:`nmf_forward`).
+
+    Returns:
+      ``(dx, dW)``, shapes ``(P, S)`` and ``(S, I)``, float32.
+
+    Raises:
+      RuntimeError: the kernel is unavailable (:func:`unavailable_reason` says why).
+      TypeError: an argument is not float32.
+      ValueError: ``precision`` is not one of :data:`PRECISIONS`.
+    """
+    _check_call(precision, x, w, h, g)
+    return _batchable_backward(precision)(x, w, h, g)
+
+
+@functools.cache
+def _batchable_backward(precision: str):
+    """The partitioned backward under ``vmap`` (the layers' feature groups): one call per batch entry."""
+
+    @jax.custom_batching.custom_vmap
+    def call(x: jax.Array, w: jax.Array, h: jax.Array, g: jax.Array) -> tuple[jax.Array, jax.Array]:
+        return _partitioned_backward(x, w, h, g, precision)
+
+    @call.def_vmap
+    def _batched(axis_size: int, in_batched: list[bool], *arguments: jax.Array):
+        arguments = tuple(
+            a if batched else jnp.broadcast_to(a, (axis_size, *a.shape))
+            for a, batched in zip(arguments, in_batched, strict=True)
+        )
+        return lax.map(lambda each: call(*each), arguments), (True, True)
 
     return call

@@ -334,6 +334,43 @@ def forward(
     return lax.platform_dependent(x, w, **branches, default=default)
 
 
+_xla_backward: contextvars.ContextVar[bool] = contextvars.ContextVar("xla_backward", default=False)
+
+
+@contextlib.contextmanager
+def xla_backward() -> Iterator[None]:
+    """Programs traced inside run the one-step backward by XLA's formulas where :func:`one_step_backward`
+    would take the C++ kernel (to time one against the other). JAX's caches are cleared on entry and exit.
+    """
+    with retracing_with(_xla_backward, True):
+        yield
+
+
+def one_step_backward(
+    x: jax.Array,
+    w: jax.Array,
+    h: jax.Array,
+    g: jax.Array,
+    *,
+    precision: str,
+    kernel: str,
+    xla: Callable[[jax.Array, jax.Array, jax.Array, jax.Array], tuple[jax.Array, jax.Array]],
+    cpu_bfloat16_path: str,
+) -> tuple[jax.Array, jax.Array]:
+    """The one-step VJP ``(dx, dW)`` of :func:`nmfjax.ops.nmf` at ``h`` with cotangent ``g``:
+    :func:`nmfjax.cpu_kernel.one_step_backward` on a CPU where :func:`forward` takes the C++ kernel
+    (``kernel`` ``"cpu"``, or ``"auto"`` where :func:`cpu_kernel_applies`), else ``xla(x, w, h, g)``
+    (on a GPU too: there the four products are XLA's GEMMs at full speed).
+    """
+    if _xla_backward.get():
+        return xla(x, w, h, g)
+    if kernel == "cpu" or (kernel == "auto" and cpu_kernel_applies(precision, x.dtype, cpu_bfloat16_path)):
+        return lax.platform_dependent(
+            x, w, h, g, cpu=functools.partial(cpu_kernel.one_step_backward, precision=precision), default=xla
+        )
+    return xla(x, w, h, g)
+
+
 def cpu_kernel_applies(precision: str, dtype: jax.typing.DTypeLike, cpu_bfloat16_path: str) -> bool:
     """Whether ``kernel="auto"`` takes :mod:`nmfjax.cpu_kernel` on a CPU: operands of ``dtype`` float32,
     the kernel built for this machine, and float32 products, or bfloat16 ones where the process runs

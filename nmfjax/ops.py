@@ -266,8 +266,10 @@ class NMFOptions:
         Triton on an NVIDIA GPU where its programs fill the SMs, the C++ kernel
         on a CPU where it compiles and the op computes in float32, or in
         bfloat16 on the CPU's bf16 units; else XLA's loop.
-        The backward passes are XLA's in every case, and ``"unrolled"``
-        differentiates XLA's loop.
+        Where the C++ kernel runs the forward, it runs the one-step backward
+        of ``"approx"`` too (:func:`nmfjax.cpu_kernel.one_step_backward`);
+        the other backward passes are XLA's, and ``"unrolled"`` differentiates
+        XLA's loop.
       unroll: XLA's ``N`` updates (and the adjoint iterations of
         ``"implicit"``) as straight-line code instead of a while loop. A GPU
         then reads no loop condition back to the host, and XLA can put a
@@ -469,14 +471,41 @@ def _iterate_keeping_residuals(x: jax.Array, w: jax.Array, options: NMFOptions) 
 
 
 def _nmf_approx_bwd(options: NMFOptions, residuals: Residuals, g: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """The paper's one-step VJP at the returned ``h`` (eq. 17-19).
+    """The paper's one-step VJP at the returned ``h`` (eq. 17-19): :func:`one_step_vjp`, by the C++
+    kernel where ``options.kernel`` runs the forward there (:func:`nmfjax.kernels.one_step_backward`).
+    """
+    x, w, h = residuals
+    return kernels.one_step_backward(
+        x,
+        w,
+        h,
+        g,
+        precision=options.precision,
+        kernel=options.kernel,
+        xla=functools.partial(one_step_vjp, precision=options.precision),
+        cpu_bfloat16_path=cpu_bfloat16_path(),
+    )
+
+
+def one_step_vjp(
+    x: jax.Array, w: jax.Array, h: jax.Array, g: jax.Array, precision: str = "float32"
+) -> tuple[jax.Array, jax.Array]:
+    """The paper's one-step VJP at ``h`` (eq. 17-19), in XLA.
 
     ``dx[s] = sum_i W[s,i] h[i] g[i] / R[s]`` and
     ``dW[s,i] = sum_positions h[i] x[s] / R[s] * (g[i] - dx[s])``.
     The one-step formula is the same for the pure and the ``epsilon`` update.
+
+    Args:
+      x: input, shape ``(P, S)``.
+      w: weight, shape ``(S, I)``.
+      h: the ``h`` the op returned, shape ``(P, I)``.
+      g: its cotangent, shape ``(P, I)``.
+      precision: of the four products (see :func:`matmul`).
+
+    Returns:
+      ``(dx, dW)`` in the dtypes of ``x`` and ``w``.
     """
-    x, w, h = residuals
-    precision = options.precision
     w_transposed = _laid_out_for_bfloat16(w.T, precision)
     reconstruction = matmul(h, w_transposed, precision) + RECONSTRUCTION_EPS
     weighted_error = h * g

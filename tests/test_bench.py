@@ -166,17 +166,25 @@ def test_the_unroll_study_compares_the_loop_and_its_unrolled_form(tmp_path, caps
 
 def test_the_bfloat16_study_has_each_precision_as_train_py_runs_it_then_with_xlas_loop():
     path = ops.cpu_bfloat16_path()
-    # Each precision as train.py runs it (kernel "auto"), then XLA's loop where that was the C++ kernel.
+    # Each precision as train.py runs it (kernel "auto"), then where that was the C++ kernel with XLA's
+    # backward, and with XLA's loop.
     by_kernel = {
         precision: kernels.cpu_kernel_applies(precision, jnp.float32, path) for precision in ("float32", "bfloat16")
     }
     names = {"float32": "float32", "bfloat16": f"bfloat16 {path}"}
     expected = [f"{names[p]}, {'C++ kernel' if by_kernel[p] else 'XLA loop'}" for p in ("float32", "bfloat16")]
-    expected += [f"{names[p]}, XLA loop" for p in ("float32", "bfloat16") if by_kernel[p]]
+    twins = [p for p in ("float32", "bfloat16") if by_kernel[p]]
+    expected += [f"{names[p]}, C++ kernel forward, XLA backward" for p in twins]
+    expected += [f"{names[p]}, XLA loop" for p in twins]
     expected += ["bfloat16 emulated, XLA loop"] if path == "native" else []
     variants = bench_bfloat16._variants()
     assert [variant.name for variant in variants] == expected
-    assert [variant.kernel for variant in variants] == ["auto", "auto"] + ["xla"] * (len(expected) - 2)
+    assert [variant.kernel for variant in variants] == ["auto"] * (2 + len(twins)) + ["xla"] * (
+        len(expected) - 2 - len(twins)
+    )
+    assert [variant.xla_backward for variant in variants] == [False, False] + [True] * len(twins) + [False] * (
+        len(expected) - 2 - len(twins)
+    )
     # Each against its own peak: the native products against bfloat16's, the emulation against float32's.
     assert [variant.peak for variant in variants] == [
         "bfloat16" if name.startswith("bfloat16 native") else "float32" for name in expected
@@ -185,7 +193,7 @@ def test_the_bfloat16_study_has_each_precision_as_train_py_runs_it_then_with_xla
 
 def test_the_bfloat16_study_sets_each_path_against_float32_and_its_own_peak(tmp_path, capsys, monkeypatch):
     # Its rows as train.py runs each precision (the XLA-loop twins and the emulation: the test above).
-    rows = [v for v in bench_bfloat16._variants() if v.kernel == "auto"]
+    rows = [v for v in bench_bfloat16._variants() if v.kernel == "auto" and not v.xla_backward]
     monkeypatch.setattr(bench_bfloat16, "_variants", lambda: rows)
     bench.main(["--bfloat16", "--tiny", "--output", str(tmp_path)])
     written = json.loads((tmp_path / "bfloat16.json").read_text())
@@ -217,6 +225,9 @@ def test_the_bfloat16_study_sets_each_path_against_float32_and_its_own_peak(tmp_
     for precision, profile in profiles.items():
         assert (profile["nmf_kernel_calls"] > 0) == by_kernel[precision] and profile["kernel"] == "auto"
         assert profile["nmf_iterations_ms"] > 0 and profile["rest_ms"] > 0
+        # ... and the one-step backward's calls, one per NMF layer, where the kernel runs
+        assert profile["nmf_backward_kernel_calls"] == profile["nmf_kernel_calls"]
+        assert (profile["nmf_backward_kernel_ms"] > 0) == by_kernel[precision]
     assert "(bf16 units: " in capsys.readouterr().out
 
 

@@ -41,16 +41,16 @@ def test_h_equals_xlas_for_every_nmf_layer_of_the_networks(positions, features, 
     np.testing.assert_allclose(fused, xla, rtol=H_RTOL, atol=H_ATOL)
 
 
-@pytest.mark.parametrize(
-    ("positions", "features", "hidden"),
-    [
-        (1, 1, 1),  # one of everything
-        (5, 3, 17),  # fewer positions than a register block; I one past a vector
-        (121, 16, 16),  # a tile and one more position; whole vectors
-        (1000, 200, 70),  # several tiles; S and I far from vector multiples (column chunks of 4 and less)
-        (50, 1100, 130),  # S beyond any tile's share of the cache: the smallest tile
-    ],
-)
+ODD_SHAPES = [
+    (1, 1, 1),  # one of everything
+    (5, 3, 17),  # fewer positions than a register block; I one past a vector
+    (121, 16, 16),  # a tile and one more position; whole vectors
+    (1000, 200, 70),  # several tiles; S and I far from vector multiples (column chunks of 4 and less)
+    (50, 1100, 130),  # S beyond any tile's share of the cache: the smallest tile
+]
+
+
+@pytest.mark.parametrize(("positions", "features", "hidden"), ODD_SHAPES)
 def test_h_equals_xlas_for_odd_shapes(positions, features, hidden):
     x, w = _problem(positions, features, hidden, seed=positions)
     np.testing.assert_allclose(
@@ -102,15 +102,111 @@ def test_the_gradients_through_the_kernel_equal_xlas(gradient):
 
 
 def test_feature_groups_under_vmap_equal_xlas():
-    # A grouped NMFConv vmaps the op over its groups: one kernel call per group.
+    # A grouped NMFConv vmaps the op over its groups: one kernel call per group, forward and backward.
     images = jax.random.uniform(jax.random.key(0), (2, 9, 9, 6))
-    outputs = {}
+    outputs, gradients = {}, {}
     for kernel in ("xla", "cpu"):
         layer = layers.NMFConv(
             6, 8, kernel_size=3, feature_group_count=2, iterations=5, kernel=kernel, rngs=nnx.Rngs(0)
         )
         outputs[kernel] = layer(images)
+        graph, params = nnx.split(layer)
+
+        def loss(params, images, graph=graph):
+            return jnp.sum(jnp.sin(nnx.merge(graph, params)(images)))
+
+        gradients[kernel] = jax.grad(loss, argnums=(0, 1))(params, images)
     np.testing.assert_allclose(outputs["cpu"], outputs["xla"], rtol=H_RTOL, atol=H_ATOL)
+    # (entries that cancel to ~1e-5 of the largest differ by float32's round-off of the terms they sum)
+    for fused, xla in zip(jax.tree.leaves(gradients["cpu"]), jax.tree.leaves(gradients["xla"]), strict=True):
+        np.testing.assert_allclose(fused, xla, rtol=1e-3, atol=1e-4 * float(jnp.abs(xla).max()))
+
+
+def _backward_problem(positions, features, hidden):
+    x, w = _problem(positions, features, hidden, seed=positions)
+    h = ops.nmf(x, w, iterations=10)
+    return x, w, h, jax.random.normal(jax.random.key(positions), h.shape)
+
+
+def _assert_gradients_close(got, expected, rtol, atol):
+    for fused, xla in zip(got, expected, strict=True):
+        np.testing.assert_allclose(fused, xla, rtol=rtol, atol=atol * float(jnp.abs(xla).max()))
+
+
+@pytest.mark.parametrize(("positions", "features", "hidden"), LAYER_PROBLEMS + ODD_SHAPES)
+def test_the_one_step_backward_equals_xlas(positions, features, hidden):
+    x, w, h, g = _backward_problem(positions, features, hidden)
+    got = jax.jit(cpu_kernel.one_step_backward)(x, w, h, g)
+    _assert_gradients_close(got, ops.one_step_vjp(x, w, h, g), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize(("positions", "features", "hidden"), LAYER_PROBLEMS + ODD_SHAPES[1:])
+def test_the_one_step_backward_at_bfloat16_equals_xlas(positions, features, hidden):
+    # The same rounded operands as XLA's products on the bf16 units; the sums in another order.
+    x, w, h, g = _backward_problem(positions, features, hidden)
+    with ops.forcing_cpu_bfloat16("native"):
+        expected = ops.one_step_vjp(x, w, h, g, "bfloat16")
+    got = cpu_kernel.one_step_backward(x, w, h, g, "bfloat16")
+    _assert_gradients_close(got, expected, rtol=2e-2, atol=2e-3)
+    # ... and the kernel did round: float32's gradients are much further away.
+    float32 = cpu_kernel.one_step_backward(x, w, h, g)
+    for fused, xla, exact in zip(got, expected, float32, strict=True):
+        assert float(jnp.abs(fused - exact).max()) > 10 * float(jnp.abs(fused - xla).max())
+
+
+def test_the_one_step_backward_of_no_positions_is_zero():
+    x, w, h, g = _backward_problem(0, 75, 32)
+    dx, dw = cpu_kernel.one_step_backward(x, w, h, g)
+    assert dx.shape == (0, 75)
+    np.testing.assert_array_equal(dw, np.zeros((75, 32), np.float32))
+
+
+def test_repeated_backward_calls_are_bitwise_equal():
+    # dW sums the tiles in groups, in order, whichever thread takes a group.
+    x, w, h, g = _backward_problem(14400, 75, 32)
+    call = jax.jit(cpu_kernel.one_step_backward)
+    first = [np.asarray(a) for a in call(x, w, h, g)]
+    for _ in range(3):
+        for again, before in zip(call(x, w, h, g), first, strict=True):
+            np.testing.assert_array_equal(np.asarray(again), before)
+
+
+def test_the_backward_over_two_devices_equals_one_device():
+    # Positions split over two devices: each sums dW over its own, the partition rule adds them.
+    script = textwrap.dedent(
+        """
+        import jax, jax.numpy as jnp, numpy as np
+        from jax.sharding import NamedSharding, PartitionSpec as P
+        from nmfjax import cpu_kernel, ops
+        from tests.test_kernels import _problem
+        x, w = _problem(2 * 1000, 800, 64)
+        g = jax.random.normal(jax.random.key(1), (2000, 64))
+        def loss(x, w, kernel):
+            return jnp.sum(g * ops.nmf(x, w, iterations=5, kernel=kernel))
+        grad = jax.jit(jax.grad(loss, argnums=(0, 1)), static_argnums=2)
+        mesh = jax.make_mesh((2,), ("data",))
+        split = jax.device_put(x, NamedSharding(mesh, P("data", None)))
+        text = grad.lower(split, w, "cpu").compile().as_text()
+        assert cpu_kernel.BACKWARD_TARGET in text and "all-reduce" in text
+        for fused, xla in zip(grad(split, w, "cpu"), grad(x, w, "xla"), strict=True):
+            np.testing.assert_allclose(fused, xla, rtol=1e-4, atol=1e-6 * float(jnp.abs(xla).max()))
+        print("two devices ok")
+        """
+    )
+    environment = {
+        **os.environ,
+        "XLA_FLAGS": os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2",
+        "JAX_PLATFORMS": "cpu",
+    }
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=environment,
+        cwd=pathlib.Path(__file__).parents[1],
+    )
+    assert result.returncode == 0 and "two devices ok" in result.stdout, result.stderr[-3000:]
 
 
 # bfloat16: both sides round the same operands to nearest even and sum them in float32, in another
@@ -153,6 +249,16 @@ def test_auto_runs_the_kernel_for_float32_and_for_bfloat16_on_bf16_units():
 
     assert cpu_kernel.TARGET in program(kernel="auto")
     assert cpu_kernel.TARGET not in program(kernel="xla")
+    # ... and the one-step backward, where the gradient is "approx"
+    x, w = _problem(64, 75, 32)
+
+    def backward(**fields):
+        gradient = jax.grad(lambda x, w: jnp.sum(ops.nmf(x, w, **fields) ** 2), argnums=(0, 1))
+        return jax.jit(gradient).lower(x, w).as_text()
+
+    assert cpu_kernel.BACKWARD_TARGET in backward(kernel="auto")
+    assert cpu_kernel.BACKWARD_TARGET not in backward(kernel="xla")
+    assert cpu_kernel.BACKWARD_TARGET not in backward(kernel="auto", gradient="implicit")
     assert cpu_kernel.TARGET not in program(kernel="auto", precision="tf32")
     with ops.forcing_cpu_bfloat16("native"):
         on_units = cpu_kernel.TARGET in program(kernel="auto", precision="bfloat16")
@@ -189,6 +295,11 @@ def test_widened_bfloat16_products_equal_the_bf16_units(tmp_path):
                 xla = ops.nmf(x, w, precision="bfloat16")
             fused = ops.nmf(x, w, precision="bfloat16", kernel="cpu")
             np.testing.assert_allclose(fused, xla, rtol=RTOL, atol=ATOL)
+            g = jax.random.normal(jax.random.key(1), xla.shape)
+            with ops.forcing_cpu_bfloat16("emulated"):
+                expected = ops.one_step_vjp(x, w, xla, g, "bfloat16")
+            for got, want in zip(cpu_kernel.one_step_backward(x, w, xla, g, "bfloat16"), expected):
+                np.testing.assert_allclose(got, want, rtol=2e-2, atol=2e-3 * float(np.abs(want).max()))
         print("widened ok")
         """
         )

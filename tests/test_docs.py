@@ -909,18 +909,20 @@ def performance_bfloat16(doc: Document) -> None:
     assert record["cpu"].startswith("AMD EPYC") and record["bfloat16_units"] and record["bfloat16_path"] == "native"
     assert record["cpu_kernel_bfloat16_units"]  # "whose bfloat16 products run on the bf16 units' `vdpbf16ps`"
     assert record["batch_size"] == 50 and record["devices"] == 2
-    doc.given("in 4 rounds with the five in turn in each", "the benchmark's setting (bfloat16.json's rounds)")
-    assert record["rounds"] == 4 and len(record["rows"]) == 5
+    doc.given("in 4 rounds with the\nseven in turn in each", "the benchmark's setting (bfloat16.json's rounds)")
+    assert record["rounds"] == 4 and len(record["rows"]) == 7
     assert record["peak_size"] == 2048
     doc.given("2048 x 2048", "the peak's product size (bfloat16.json's peak_size)")
     doc.given("The issue's goal (1.3x the step, 2x the product)", "issue #38's goal")
     doc.given("a trace of 10 steps", "the benchmark's setting (profiles' steps)")
     assert {profile["steps"] for profile in record["profiles"]} == {10}
     rows = {row["variant"]: row for row in record["rows"]}
-    kernel, xla, float32_xla, emulated = (
+    kernel, xla_backward, float32_xla_backward, xla, float32_xla, emulated = (
         rows[name]
         for name in (
             "bfloat16 native, C++ kernel",
+            "bfloat16 native, C++ kernel forward, XLA backward",
+            "float32, C++ kernel forward, XLA backward",
             "bfloat16 native, XLA loop",
             "float32, XLA loop",
             "bfloat16 emulated, XLA loop",
@@ -941,8 +943,8 @@ def performance_bfloat16(doc: Document) -> None:
         "`train.py`'s epoch path trained at {}x and evaluated at {}x.",
         *(f"{kernel[key]:.2f}" for key in ("train_speedup", "eval_speedup", "loop_train_speedup", "loop_eval_speedup")),
     )
-    # "met by the bare train step, not by `train.py`'s epoch path"; 2x is not reached by the product
-    assert kernel["train_speedup"] >= 1.3 > kernel["loop_train_speedup"] and ratio < 2
+    # "met by `train.py`'s train step and epoch path"; 2x is not reached by the product
+    assert min(kernel["train_speedup"], kernel["loop_train_speedup"]) >= 1.3 and ratio < 2
     loop_ratios = [
         mine["loop_train_images_per_second"] / theirs["loop_train_images_per_second"]
         for mine, theirs in zip(
@@ -950,10 +952,20 @@ def performance_bfloat16(doc: Document) -> None:
         )
     ]
     doc.claim(
-        "whose ratio ranged over the rounds from {}x to {}x;", f"{min(loop_ratios):.2f}", f"{max(loop_ratios):.2f}"
+        "whose ratio ranged over the rounds from {}x to\n{}x;", f"{min(loop_ratios):.2f}", f"{max(loop_ratios):.2f}"
     )
+    assert min(loop_ratios) >= 1.3  # the goal held in every round
     doc.claim(
-        "With XLA's loop, bfloat16 trained at {}x and evaluated at {}x the float32 kernel in `train.py`'s epoch path, "
+        "With XLA's formulas for the backward, bfloat16 trained at {}x the\nfloat32 kernel in `train.py`'s epoch path "
+        "and float32 at {}x (steps: {}x and\n{}x): the kernel's backward is what took bfloat16 past 1.3x.",
+        f"{xla_backward['loop_train_speedup']:.2f}",
+        f"{float32_xla_backward['loop_train_speedup']:.2f}",
+        f"{xla_backward['train_speedup']:.2f}",
+        f"{float32_xla_backward['train_speedup']:.2f}",
+    )
+    assert xla_backward["loop_train_speedup"] < 1.3 <= kernel["loop_train_speedup"]
+    doc.claim(
+        "With XLA's loop, bfloat16 trained at {}x and evaluated at {}x\nthe float32 kernel in `train.py`'s epoch path, "
         "float32 at {}x and {}x.",
         *(f"{row[key]:.2f}" for row in (xla, float32_xla) for key in ("loop_train_speedup", "loop_eval_speedup")),
     )
@@ -969,16 +981,25 @@ def performance_bfloat16(doc: Document) -> None:
     )
     profiles = {profile["precision"]: profile for profile in record["profiles"]}
     assert all(profile["kernel"] == "auto" and profile["nmf_kernel_calls"] == 4 for profile in profiles.values())
+    assert all(profile["nmf_backward_kernel_calls"] == 4 for profile in profiles.values())
     doc.claim(
         "The kernel's bfloat16 products took the forward iterations from {} ms per device and step to {} ms.",
         *(f"{profiles[p]['nmf_iterations_ms']:.1f}" for p in ("float32", "bfloat16")),
     )
     doc.claim(
-        "The rest of the step (augmentation, BatchNorm, the backward formulas, Adam) took {} ms at bfloat16 and {} ms "
-        "at float32:",
-        *(f"{profiles[p]['rest_ms']:.1f}" for p in ("bfloat16", "float32")),
+        "The kernel's one-step backward took {} ms at float32 and {} ms at\n  bfloat16,",
+        *(f"{profiles[p]['nmf_backward_kernel_ms']:.1f}" for p in ("float32", "bfloat16")),
     )
-    doc.given("and 2x the product is the most", "AVX512-BF16's design: 32 multiply-adds per vdpbf16ps, 16 per FMA")
+    outside = {p: profiles[p]["rest_ms"] - profiles[p]["nmf_backward_kernel_ms"] for p in profiles}
+    doc.claim(
+        "took {} ms at\n  float32 and {} ms at bfloat16, {} % of the bfloat16 step's operations:",
+        f"{outside['float32']:.1f}",
+        f"{outside['bfloat16']:.1f}",
+        f"{100 * outside['bfloat16'] / profiles['bfloat16']['operations_ms_per_device_step']:.0f}",
+    )
+    doc.given("2x is the most", "AVX512-BF16's design: 32 multiply-adds per vdpbf16ps, 16 per FMA")
+    doc.given("2x the product is not", "issue #38's goal")
+    doc.given("past 1.3x", "issue #38's goal")
     doc.given("whose bfloat16 products ran at 3-4x float32", "the issue's measurement on another machine (#38)")
     doc.given("AVX512-BF16 alone gives about 2x", "the peaks above")
     accuracy = bfloat16_accuracy_rows()
@@ -997,27 +1018,38 @@ def performance_bfloat16(doc: Document) -> None:
         f"{100 * (high - low):.2f}",
         f"{100 * cost:.1f}",
     )
-    second = [test["bfloat16", seed][1] - test["float32", seed][1] for seed in (0, 1)]
-    assert min(second) > 0  # "the reverse"
-    doc.claim("bfloat16 led float32 by {} and {} points (seeds 0 and 1)", *(f"{100 * lead:.2f}" for lead in second))
-    # The same runs with XLA's loop: the same rounded operands, the sums in another order.
-    loop = {
-        (precision, seed): _three_epoch_run(
-            f"bfloat16_3_epochs_351e229/{precision}_seed{seed}", precision, seed, "xla"
-        )[-1]["test_accuracy"]
-        for precision, seed in final
-    }
+    second = [test["float32", seed][1] - test["bfloat16", seed][1] for seed in (0, 1)]
+    assert min(second) > 0  # "trailed"
+    doc.claim("bfloat16\ntrailed float32 by {} and {} points (seeds 0 and 1)", *(f"{100 * lag:.2f}" for lag in second))
+
+    # The same runs earlier: the same rounded operands, the sums in another order.
+    def earlier(directory: str, kernel: str) -> tuple[dict, tuple]:
+        accuracy = {
+            (precision, seed): _three_epoch_run(f"{directory}/{precision}_seed{seed}", precision, seed, kernel)[-1][
+                "test_accuracy"
+            ]
+            for precision, seed in final
+        }
+        doc.claim(
+            "ended at {} and {} (float32)\nand {} and {} (bfloat16)",
+            *(percent(accuracy[precision, seed]) for precision in ("float32", "bfloat16") for seed in (0, 1)),
+        )
+        moved = {run: abs(final[run] - accuracy[run]) for run in final}
+        most = max(moved, key=moved.__getitem__)
+        return moved, most
+
+    moved, most = earlier("bfloat16_3_epochs_c8294dd", "auto")  # XLA's one-step backward
+    doc.claim("3-epoch figure by up to {} points ({}, seed {})", f"{100 * moved[most]:.2f}", most[0], str(most[1]))
+    moved, most = earlier("bfloat16_3_epochs_351e229", "xla")  # XLA's loop too
     doc.claim(
-        "ended at {} and {} (float32) and {} and {} (bfloat16)",
-        *(percent(loop[precision, seed]) for precision in ("float32", "bfloat16") for seed in (0, 1)),
+        "moved one of these 3-epoch figures by up to {} points ({},\nseed {})",
+        f"{100 * moved[most]:.2f}",
+        most[0],
+        str(most[1]),
     )
-    moved = {run: abs(final[run] - loop[run]) for run in final}
-    most = max(moved, key=moved.__getitem__)
-    assert most == ("bfloat16", 0)  # "(bfloat16, seed 0)"
-    doc.claim("moved one of these 3-epoch figures by up to {} points", f"{100 * moved[most]:.2f}")
-    # "about 1.5 points ..., more than float32's seed spread and no more than the order of the sums moves a run"
+    # "about 1.4 points ..., more than float32's seed spread and no more than the order of the sums moves a run"
     assert high - low < cost <= moved[most] + 1e-6
-    doc.claim("about {} points in this pair of seeds", f"{100 * cost:.1f}")
+    doc.claim("about {}\npoints in this pair of seeds", f"{100 * cost:.1f}")
     doc.claim(
         "after 3 epochs both its seeds ended below both float32 seeds (by {} points on average)", f"{100 * cost:.1f}"
     )

@@ -2,11 +2,12 @@
 and ``train.py``'s epoch path at each, as fractions of their own peak.
 
 Each precision runs as ``train.py`` runs it (``kernel="auto"``: the fused C++ kernel where it takes
-that precision, :func:`nmfjax.kernels.cpu_kernel_applies`) and, where that is the kernel, with XLA's
-loop too. bfloat16 runs by the process's path (:func:`nmfjax.ops.cpu_bfloat16_path`, native on a
-processor with bf16 units) and, where that is native, forced to the float32 emulation, so that the
-table shows what the native products gain. The emulation's own peak is float32's: it runs float32
-products.
+that precision, :func:`nmfjax.kernels.cpu_kernel_applies`, forward and one-step backward) and, where
+that is the kernel, with XLA's formulas for the backward (:func:`nmfjax.kernels.xla_backward`), and
+with XLA's loop and formulas for both. bfloat16 runs by the process's path
+(:func:`nmfjax.ops.cpu_bfloat16_path`, native on a processor with bf16 units) and, where that is
+native, forced to the float32 emulation, so that the table shows what the native products gain. The
+emulation's own peak is float32's: it runs float32 products.
 """
 
 from __future__ import annotations
@@ -33,13 +34,15 @@ MODEL = "cnmf_1x1"
 
 @dataclasses.dataclass(frozen=True)
 class Variant:
-    """One row: the products' ``precision``, the ``forced`` bfloat16 path (None: the process's) and
-    the NMF forward's ``kernel`` (an :class:`nmfjax.ops.NMFOptions` value).
+    """One row: the products' ``precision``, the ``forced`` bfloat16 path (None: the process's),
+    the NMF op's ``kernel`` (an :class:`nmfjax.ops.NMFOptions` value) and whether its one-step
+    backward is forced to XLA's formulas (``xla_backward``).
     """
 
     precision: str
     forced: str | None
     kernel: str
+    xla_backward: bool = False
 
     @property
     def path(self) -> str:
@@ -55,7 +58,9 @@ class Variant:
     def name(self) -> str:
         """The row's name, from its products and what runs the NMF forward."""
         products = "float32" if self.precision == "float32" else f"bfloat16 {self.path}"
-        return f"{products}, {'C++ kernel' if self.runs_the_cpu_kernel else 'XLA loop'}"
+        if not self.runs_the_cpu_kernel:
+            return f"{products}, XLA loop"
+        return f"{products}, C++ kernel{' forward, XLA backward' if self.xla_backward else ''}"
 
     @property
     def peak(self) -> str:
@@ -65,10 +70,13 @@ class Variant:
 
 def _variants() -> list[Variant]:
     """float32 and the process's bfloat16 as train.py runs them, first; then, where that is the C++
-    kernel, the same with XLA's loop; then, where bfloat16 is native, its emulation.
+    kernel, the same with XLA's backward, and with XLA's loop; then, where bfloat16 is native, its
+    emulation.
     """
     as_train_py = [Variant("float32", None, "auto"), Variant("bfloat16", None, "auto")]
-    variants = as_train_py + [Variant(v.precision, None, "xla") for v in as_train_py if v.runs_the_cpu_kernel]
+    on_the_kernel = [v for v in as_train_py if v.runs_the_cpu_kernel]
+    variants = as_train_py + [dataclasses.replace(v, xla_backward=True) for v in on_the_kernel]
+    variants += [Variant(v.precision, None, "xla") for v in on_the_kernel]
     if ops.cpu_bfloat16_path() == "native":
         variants.append(Variant("bfloat16", "emulated", "xla"))
     return variants
@@ -93,7 +101,11 @@ def bfloat16_study(sizes: Sizes, output: pathlib.Path, rounds: int = 4) -> dict[
 
     def measure(name: str) -> dict:
         variant = variants[name]
-        with ops.forcing_cpu_bfloat16(variant.forced) if variant.forced else contextlib.nullcontext():
+        with contextlib.ExitStack() as forcing:
+            if variant.forced:
+                forcing.enter_context(ops.forcing_cpu_bfloat16(variant.forced))
+            if variant.xla_backward:
+                forcing.enter_context(kernels.xla_backward())
             step = measure_train_and_eval(
                 MODEL,
                 sizes.loop_batch,
@@ -167,4 +179,5 @@ BFLOAT16_PROFILE_COLUMNS = [
     ("wall ms/step", "wall_ms_per_step", ".1f"),
     ("NMF forward iterations ms", "nmf_iterations_ms", ".1f"),
     ("the rest ms", "rest_ms", ".1f"),
+    ("of which C++ one-step backward ms", "nmf_backward_kernel_ms", ".1f"),
 ]

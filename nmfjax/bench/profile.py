@@ -175,11 +175,11 @@ def thread_events(trace_dir: pathlib.Path) -> list[tuple[str, str, float]]:
     ]
 
 
-def nmf_kernel_calls(hlo_text: str) -> set[str]:
-    """Names of the calls of :mod:`nmfjax.cpu_kernel` (all N forward iterations of a layer each) in an
-    optimised HLO module's text.
+def nmf_kernel_calls(hlo_text: str, target: str = cpu_kernel.TARGET) -> set[str]:
+    """Names of the calls of :mod:`nmfjax.cpu_kernel` in an optimised HLO module's text: of its forward
+    (all N iterations of a layer each), or of ``target`` (:data:`nmfjax.cpu_kernel.BACKWARD_TARGET`).
     """
-    pattern = rf"^\s*(?:ROOT\s+)?%([\w.-]+)\s*=.*custom_call_target=\"{cpu_kernel.TARGET}\""
+    pattern = rf"^\s*(?:ROOT\s+)?%([\w.-]+)\s*=.*custom_call_target=\"{target}\""
     return set(re.findall(pattern, hlo_text, re.MULTILINE))
 
 
@@ -194,7 +194,8 @@ def cpu_profile(
     """Where a train step's time goes on a CPU: the XLA operations that each device ran (its thunks,
     from a trace of ``steps`` steps), split into the NMF op's forward iterations (the bodies of XLA's
     loops, or the calls of the C++ kernel) and the rest, per device and step, with the 15 operations
-    of the rest that take longest (their HLO shapes). The NMF products in ``precision``, the
+    of the rest that take longest (their HLO shapes); of the rest, ``nmf_backward_kernel_ms`` is the
+    C++ kernel's one-step backward (its calls counted). The NMF products in ``precision``, the
     iterations by ``kernel`` (default: the config's, as ``train.py``); ``nmf_loop_products`` counts
     the products of XLA's forward loops (its CPU dot fusions) and ``bfloat16_loop_products`` those of
     them that take bfloat16 operands.
@@ -217,6 +218,7 @@ def cpu_profile(
             operations[name] += milliseconds * per_step
     loops = sum(ms for name, ms in operations.items() if name in in_loops)
     rest = {name: ms for name, ms in operations.items() if name not in in_loops}
+    backward_calls = nmf_kernel_calls(hlo, cpu_kernel.BACKWARD_TARGET)
     top = sorted(rest.items(), key=lambda item: -item[1])[:15]
     loop_products, bfloat16_products = nmf_loop_products(hlo, in_loops)
     return {
@@ -233,6 +235,8 @@ def cpu_profile(
         "operations_ms_per_device_step": sum(operations.values()),
         "nmf_iterations_ms": loops,
         "rest_ms": sum(rest.values()),
+        "nmf_backward_kernel_calls": len(backward_calls),
+        "nmf_backward_kernel_ms": sum(ms for name, ms in rest.items() if name in backward_calls),
         "top_rest": [{"name": name, "shape": shapes[name], "ms": ms} for name, ms in top],
     }
 
