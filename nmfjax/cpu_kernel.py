@@ -246,23 +246,27 @@ def _check_call(precision: str, x: jax.Array, w: jax.Array, *others: jax.Array) 
         raise RuntimeError(f"the CPU kernel is unavailable: {reason}")
 
 
-@functools.cache
-def _batchable_call(iterations: int, epsilon: float | None, precision: str):
-    """The partitioned call under ``vmap`` (the layers' feature groups): one call per batch entry."""
-
-    @jax.custom_batching.custom_vmap
-    def call(x: jax.Array, w: jax.Array) -> jax.Array:
-        return _partitioned_call(x, w, iterations, epsilon, precision)
+def _one_call_per_batch_entry(call, outputs: int):
+    """``call`` (of arrays, returning ``outputs`` arrays, or one where ``outputs`` is 1) made to run once
+    per batch entry under ``vmap`` (the layers' feature groups), unbatched arguments broadcast.
+    """
+    call = jax.custom_batching.custom_vmap(call)
 
     @call.def_vmap
-    def _batched(axis_size: int, in_batched: list[bool], x: jax.Array, w: jax.Array) -> tuple[jax.Array, bool]:
-        x, w = (
+    def _batched(axis_size: int, in_batched: list[bool], *arguments: jax.Array):
+        arguments = tuple(
             a if batched else jnp.broadcast_to(a, (axis_size, *a.shape))
-            for a, batched in zip((x, w), in_batched, strict=True)
+            for a, batched in zip(arguments, in_batched, strict=True)
         )
-        return lax.map(lambda pair: call(*pair), (x, w)), True
+        return lax.map(lambda each: call(*each), arguments), True if outputs == 1 else (True,) * outputs
 
     return call
+
+
+@functools.cache
+def _batchable_call(iterations: int, epsilon: float | None, precision: str):
+    """The partitioned call, one per batch entry under ``vmap``."""
+    return _one_call_per_batch_entry(lambda x, w: _partitioned_call(x, w, iterations, epsilon, precision), outputs=1)
 
 
 def _backward_call(
@@ -342,18 +346,5 @@ def one_step_backward(
 
 @functools.cache
 def _batchable_backward(precision: str):
-    """The partitioned backward under ``vmap`` (the layers' feature groups): one call per batch entry."""
-
-    @jax.custom_batching.custom_vmap
-    def call(x: jax.Array, w: jax.Array, h: jax.Array, g: jax.Array) -> tuple[jax.Array, jax.Array]:
-        return _partitioned_backward(x, w, h, g, precision)
-
-    @call.def_vmap
-    def _batched(axis_size: int, in_batched: list[bool], *arguments: jax.Array):
-        arguments = tuple(
-            a if batched else jnp.broadcast_to(a, (axis_size, *a.shape))
-            for a, batched in zip(arguments, in_batched, strict=True)
-        )
-        return lax.map(lambda each: call(*each), arguments), (True, True)
-
-    return call
+    """The partitioned backward, one per batch entry under ``vmap``."""
+    return _one_call_per_batch_entry(lambda x, w, h, g: _partitioned_backward(x, w, h, g, precision), outputs=2)

@@ -198,6 +198,13 @@ def test_the_backward_over_two_devices_equals_one_device():
         "XLA_FLAGS": os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2",
         "JAX_PLATFORMS": "cpu",
     }
+    _run_python(script, environment, "two devices ok")
+
+
+def _run_python(script: str, environment: dict, says: str) -> None:
+    """Runs ``script`` in a Python process of its own (from the repository, bounded) and checks that it
+    succeeded and printed ``says``.
+    """
     result = subprocess.run(
         [sys.executable, "-c", script],
         capture_output=True,
@@ -206,7 +213,7 @@ def test_the_backward_over_two_devices_equals_one_device():
         env=environment,
         cwd=pathlib.Path(__file__).parents[1],
     )
-    assert result.returncode == 0 and "two devices ok" in result.stdout, result.stderr[-3000:]
+    assert result.returncode == 0 and says in result.stdout, result.stderr[-3000:]
 
 
 # bfloat16: both sides round the same operands to nearest even and sum them in float32, in another
@@ -308,15 +315,7 @@ def test_widened_bfloat16_products_equal_the_bf16_units(tmp_path):
         .replace("ATOL", repr(BFLOAT16_ATOL))
     )
     environment = {**os.environ, "NMFJAX_CACHE_DIR": str(tmp_path), "JAX_PLATFORMS": "cpu"}
-    result = subprocess.run(
-        [sys.executable, "-c", script],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=environment,
-        cwd=pathlib.Path(__file__).parents[1],
-    )
-    assert result.returncode == 0 and "widened ok" in result.stdout, result.stderr[-3000:]
+    _run_python(script, environment, "widened ok")
 
 
 def test_the_kernel_computes_in_float32_or_bfloat16(x64):
