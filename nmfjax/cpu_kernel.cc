@@ -7,7 +7,8 @@
 // x: (P, S) float32, w: (S, I) float32  ->  h: (P, I) float32, h = 1/I updated N times:
 //   R = h W^T + 1e-20,  f = (x / R) W,  h <- h * f  (or h * (1 + epsilon f)),  h <- h / (sum_i h + 1e-19)
 // XLA's loop materialises R and x / R for all P positions in every update; here each tile's x, R and
-// h stay in L1/L2, and the two products run as register-blocked outer products over 16-float vectors.
+// h stay in L1/L2, and the two products run as register-blocked outer products over vectors of 16 floats
+// (AVX-512: 32 registers) or 8 (AVX2 and others: 16 registers), the blocks sized to the register file.
 //
 // With `bfloat16`, the products take their operands (h, x / R and W) rounded to bfloat16 (to nearest
 // even) and sum in float32, as nmfjax.ops.matmul's precision "bfloat16" does; the elementwise update
@@ -36,8 +37,14 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-typedef float Vec __attribute__((vector_size(64)));  // 16 floats: one AVX-512 register
-constexpr int kLanes = 16;
+#if defined(__AVX512F__)
+constexpr int kLanes = 16;  // floats per vector: one AVX-512 register
+constexpr int kRegisters = 32;
+#else
+constexpr int kLanes = 8;  // one AVX2 register (or two of 128-bit instruction sets)
+constexpr int kRegisters = 16;
+#endif
+typedef float Vec __attribute__((vector_size(4 * kLanes)));
 constexpr float kReconstructionEps = 1e-20f;  // nmfjax.numerics.RECONSTRUCTION_EPS
 constexpr float kNormalizeEps = 1e-19f;       // nmfjax.numerics.NORMALIZE_EPS
 
@@ -49,24 +56,18 @@ inline Vec Load(const float* p) {
 inline void Store(float* p, Vec v) { std::memcpy(p, &v, sizeof v); }
 inline Vec Splat(float a) { return Vec{} + a; }
 
-// The sum of v's 16 lanes, as a tree: halves added until four lanes are left.
+// The sum of v's lanes, as a tree: halves added until four lanes are left.
 inline float Sum(Vec v) {
-  typedef float Half __attribute__((vector_size(32)));
-  typedef float Quarter __attribute__((vector_size(16)));
-  Half low, high;
-  std::memcpy(&low, &v, sizeof low);
-  std::memcpy(&high, reinterpret_cast<const char*>(&v) + sizeof low, sizeof high);
-  const Half eight = low + high;
-  Quarter first, second;
-  std::memcpy(&first, &eight, sizeof first);
-  std::memcpy(&second, reinterpret_cast<const char*>(&eight) + sizeof first, sizeof second);
-  const Quarter four = first + second;
-  return (four[0] + four[2]) + (four[1] + four[3]);
+  float lanes[kLanes];
+  std::memcpy(lanes, &v, sizeof lanes);
+  for (int half = kLanes / 2; half >= 4; half /= 2)
+    for (int lane = 0; lane < half; ++lane) lanes[lane] += lanes[lane + half];
+  return (lanes[0] + lanes[2]) + (lanes[1] + lanes[3]);
 }
 
 // A bfloat16 number: the upper half of a float32.
 typedef uint16_t Bf16;
-typedef int32_t Words __attribute__((vector_size(64)));  // 16 pairs of bfloat16
+typedef int32_t Words __attribute__((vector_size(4 * kLanes)));  // kLanes pairs of bfloat16
 
 Bf16 ToBfloat16(float value) {
   uint32_t bits;
@@ -76,7 +77,7 @@ Bf16 ToBfloat16(float value) {
   return static_cast<Bf16>(bits >> 16);
 }
 
-// 16 floats rounded to bfloat16, stored at p.
+// A vector's floats rounded to bfloat16, stored at p.
 inline void Store(Bf16* p, Vec v) {
 #if defined(__AVX512BF16__)
   __m512 vm;
@@ -126,7 +127,7 @@ inline Vec Divide(Vec a, Vec b) {
 #endif
 }
 
-// acc[MR][NV] = A[MR x K] B[K x 16 NV]; rows of A lda apart, rows of B ldb apart.
+// acc[MR][NV] = A[MR x K] B[K x kLanes NV]; rows of A lda apart, rows of B ldb apart.
 template <int MR, int NV>
 [[gnu::always_inline]] inline void Product(const float* a, int lda, const float* b, int ldb, int k,
                                            Vec (&acc)[MR][NV]) {
@@ -143,7 +144,7 @@ template <int MR, int NV>
 }
 
 // The same with bfloat16 operands: A's rows hold K bfloat16 (K even); B holds K / 2 rows of pairs,
-// row q interleaving B's rows 2q and 2q + 1 (ldb bfloat16 apart, 32 per vector of 16 columns).
+// row q interleaving B's rows 2q and 2q + 1 (ldb bfloat16 apart, 2 kLanes per vector of kLanes columns).
 template <int MR, int NV>
 [[gnu::always_inline]] inline void Product(const Bf16* a, int lda, const Bf16* b, int ldb, int k,
                                            Vec (&acc)[MR][NV]) {
@@ -166,9 +167,11 @@ template <int MR, int NV>
 template <typename T>
 constexpr int kPack = std::is_same_v<T, float> ? 1 : 2;
 
-// MR x NV register blocks: at most 24 accumulators of the 32 registers.
+// MR x NV register blocks: at most 24 accumulators of AVX-512's 32 registers, 12 of AVX2's 16 (MR
+// divides 24, the tiles' unit of positions).
 template <int NV>
-constexpr int kRows = NV == 1 ? 12 : NV == 2 ? 12 : NV == 3 ? 8 : 6;
+constexpr int kRows = kRegisters == 32 ? (NV == 1 ? 12 : NV == 2 ? 12 : NV == 3 ? 8 : 6)
+                                       : (NV == 1 ? 12 : NV == 2 ? 6 : NV == 3 ? 4 : 3);
 
 // The product of `rows` rows of A (lda apart) and NV vectors of B's columns, in MR x NV register
 // blocks; each vector of the result goes to epilogue(row, vector, value).
@@ -190,7 +193,7 @@ template <int NV, typename T, typename Epilogue>
   }
 }
 
-// A[rows x k] B[k x columns] (columns a multiple of 16), in chunks of at most 4 vectors of columns;
+// A[rows x k] B[k x columns] (columns a multiple of kLanes), in chunks of at most 4 vectors of columns;
 // each vector of the result goes to epilogue(row, first column, value).
 template <typename T, typename Epilogue>
 [[gnu::flatten]] void ProductColumns(int rows, int columns, const T* a, int lda, const T* b, int ldb, int k,
@@ -209,8 +212,8 @@ template <typename T, typename Epilogue>
 
 int RoundUp(int n) { return (n + kLanes - 1) / kLanes * kLanes; }
 
-// 16 floats rounded to bfloat16 (to nearest even, NaN stays NaN), each in the low half of a lane.
-typedef uint32_t Bits __attribute__((vector_size(64)));
+// A vector's floats rounded to bfloat16 (to nearest even, NaN stays NaN), each in the low half of a lane.
+typedef uint32_t Bits __attribute__((vector_size(4 * kLanes)));
 inline Bits RoundedBits(Vec v) {
   Bits bits;
   std::memcpy(&bits, &v, sizeof bits);
@@ -219,7 +222,7 @@ inline Bits RoundedBits(Vec v) {
   return (nan & ((bits >> 16) | 0x40u)) | (~nan & rounded);
 }
 
-// Two rows of 16 floats rounded to bfloat16 as the 16 pairs (even, odd) of Product's bfloat16 B.
+// Two vectors of a row pair rounded to bfloat16 as the kLanes pairs (even, odd) of Product's bfloat16 B.
 inline void StorePairs(Bf16* p, Vec even, Vec odd) {
   const Bits pairs = RoundedBits(even) | (RoundedBits(odd) << 16);
   std::memcpy(p, &pairs, sizeof pairs);
@@ -614,3 +617,7 @@ extern "C" bool NmfjaxBfloat16Units() {
   return false;
 #endif
 }
+
+// The width of the vectors the kernel was compiled for, in bits: 512 where the compiler targets
+// AVX-512, else 256 (AVX2 and others).
+extern "C" int NmfjaxVectorBits() { return 32 * kLanes; }

@@ -10,7 +10,8 @@ memory and reads them back, and block 1's thin products (``S = 75``,
 ``I = 32``) run well below the core's peak. ``cpu_kernel.cc`` instead takes a
 tile of positions at a time and runs all ``N`` updates on it while its ``x``,
 ``x / R`` and ``h`` stay in the core's caches, the two products as
-register-blocked outer products over 16-float vectors. It computes the same
+register-blocked outer products over vectors of 16 floats (AVX-512, 32
+registers) or 8 (AVX2, 16 registers: blocks half as tall; :func:`vector_bits`). It computes the same
 ``h`` to float32 round-off (the quotients by a reciprocal and one Newton
 step on AVX-512, within 2 ulp).
 
@@ -142,6 +143,7 @@ def _load() -> ctypes.CDLL | str:
     for target, symbol in _SYMBOLS.items():
         jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu")
     library.NmfjaxBfloat16Units.restype = ctypes.c_bool
+    library.NmfjaxVectorBits.restype = ctypes.c_int
     return library
 
 
@@ -162,6 +164,14 @@ def bfloat16_units() -> bool:
     """
     loaded = _load()
     return not isinstance(loaded, str) and bool(loaded.NmfjaxBfloat16Units())
+
+
+def vector_bits() -> int | None:
+    """The width of the kernel's vectors: 512 bits where it is compiled for AVX-512 (32 registers),
+    256 elsewhere (AVX2: 16 registers, blocks of products half as tall); None where it is unavailable.
+    """
+    loaded = _load()
+    return None if isinstance(loaded, str) else int(loaded.NmfjaxVectorBits())
 
 
 def _call(x: jax.Array, w: jax.Array, iterations: int, epsilon: float | None, precision: str) -> jax.Array:

@@ -1,8 +1,8 @@
 """The fused C++ kernel for CPUs (nmfjax.cpu_kernel) against XLA's loop: its ``h`` for every NMF layer
 shape of the paper's networks, odd shapes and the input contract's edge cases, the gradients of the
 three backward modes through it, feature groups (vmap), its bfloat16 products (on the bf16 units and
-widened), the build and its fallback. How it splits over devices is checked in tests/test_programs.py
-(the compiled train step of two devices).
+widened), its builds for processors without AVX-512 or AVX512-BF16, the build and its fallback. How it
+splits over devices is checked in tests/test_programs.py (the compiled train step of two devices).
 """
 
 import os
@@ -283,39 +283,73 @@ def test_the_kernel_reports_its_bf16_units_as_the_processor_has_them():
     assert cpu_kernel.bfloat16_units() == ("avx512_bf16" in pathlib.Path("/proc/cpuinfo").read_text().split())
 
 
-@pytest.mark.skipif(not cpu_kernel.bfloat16_units(), reason="the kernel's products run widened here already")
-def test_widened_bfloat16_products_equal_the_bf16_units(tmp_path):
-    # The path of processors without AVX512-BF16, built here by turning the feature off: its h must
-    # match XLA's emulation as the vdpbf16ps path does. (A process of its own: the FFI target is global.)
+def test_the_kernel_reports_its_vector_width_as_the_processor_has_it():
+    # -march=native compiles the 16-float vectors exactly where Linux lists avx512f; else 8 (AVX2).
+    if platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("AVX-512 is an x86 feature")
+    assert cpu_kernel.vector_bits() == (512 if "avx512f" in pathlib.Path("/proc/cpuinfo").read_text().split() else 256)
+
+
+# The builds for processors without a feature this one has, built here by turning the feature off:
+# without AVX512-BF16 the bfloat16 pairs are widened to float32; without AVX-512 the vectors hold 8
+# floats and the register blocks are half as tall (AVX2's 16 registers). Each must compute what XLA
+# does, as this processor's build does. (A process of its own: the FFI targets are global.)
+WITHOUT_FEATURE = [
+    pytest.param(
+        "-mno-avx512bf16",
+        "assert not cpu_kernel.bfloat16_units()",
+        marks=pytest.mark.skipif(not cpu_kernel.bfloat16_units(), reason="the bfloat16 products run widened here"),
+        id="without AVX512-BF16",
+    ),
+    pytest.param(
+        "-mno-avx512f",
+        "assert cpu_kernel.vector_bits() == 256 and not cpu_kernel.bfloat16_units()",
+        marks=pytest.mark.skipif(cpu_kernel.vector_bits() != 512, reason="the kernel runs 256-bit vectors here"),
+        id="without AVX-512",
+    ),
+]
+
+
+@pytest.mark.parametrize(("flag", "built_without"), WITHOUT_FEATURE)
+def test_the_builds_for_processors_without_a_feature_compute_as_xla(flag, built_without, tmp_path):
     script = (
         textwrap.dedent(
             """
         import jax, numpy as np
         from nmfjax import cpu_kernel, ops
         flags = cpu_kernel._compile_flags
-        cpu_kernel._compile_flags = lambda: [*flags(), "-mno-avx512bf16", *WARNINGS]
-        assert not cpu_kernel.bfloat16_units()
+        cpu_kernel._compile_flags = lambda: [*flags(), FLAG, *WARNINGS]
+        BUILT_WITHOUT
         from tests.test_kernels import _problem  # (after the build: its module builds the kernel)
         for positions, features, hidden in [(300, 75, 32), (50, 800, 64), (37, 33, 17)]:
             x, w = _problem(positions, features, hidden)
+            for epsilon in (None, 0.5):
+                xla = ops.nmf(x, w, epsilon=epsilon)
+                np.testing.assert_allclose(ops.nmf(x, w, epsilon=epsilon, kernel="cpu"), xla, rtol=H_RTOL, atol=H_ATOL)
+            g = jax.random.normal(jax.random.key(1), xla.shape)
+            for got, want in zip(cpu_kernel.one_step_backward(x, w, xla, g), ops.one_step_vjp(x, w, xla, g)):
+                np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6 * float(np.abs(want).max()))
             with ops.forcing_cpu_bfloat16("emulated"):
                 xla = ops.nmf(x, w, precision="bfloat16")
             fused = ops.nmf(x, w, precision="bfloat16", kernel="cpu")
             np.testing.assert_allclose(fused, xla, rtol=RTOL, atol=ATOL)
-            g = jax.random.normal(jax.random.key(1), xla.shape)
             with ops.forcing_cpu_bfloat16("emulated"):
                 expected = ops.one_step_vjp(x, w, xla, g, "bfloat16")
             for got, want in zip(cpu_kernel.one_step_backward(x, w, xla, g, "bfloat16"), expected):
                 np.testing.assert_allclose(got, want, rtol=2e-2, atol=2e-3 * float(np.abs(want).max()))
-        print("widened ok")
+        print("built without ok")
         """
         )
+        .replace("FLAG", repr(flag))
+        .replace("BUILT_WITHOUT", built_without)
         .replace("WARNINGS", repr(WARNINGS_ARE_ERRORS))
+        .replace("H_RTOL", repr(H_RTOL))
+        .replace("H_ATOL", repr(H_ATOL))
         .replace("RTOL", repr(BFLOAT16_RTOL))
         .replace("ATOL", repr(BFLOAT16_ATOL))
     )
     environment = {**os.environ, "NMFJAX_CACHE_DIR": str(tmp_path), "JAX_PLATFORMS": "cpu"}
-    _run_python(script, environment, "widened ok")
+    _run_python(script, environment, "built without ok")
 
 
 def test_the_kernel_computes_in_float32_or_bfloat16(x64):
@@ -329,7 +363,7 @@ def test_the_kernel_computes_in_float32_or_bfloat16(x64):
 
 
 # The build's flags plus -Wall -Wextra -Werror (a warning is a bug waiting), here for this processor and in
-# test_widened_bfloat16_products_equal_the_bf16_units for the path without AVX512-BF16.
+# test_the_builds_for_processors_without_a_feature_compute_as_xla for the builds without AVX-512 features.
 WARNINGS_ARE_ERRORS = ["-Wall", "-Wextra", "-Werror"]
 
 
