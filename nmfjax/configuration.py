@@ -97,7 +97,8 @@ def default_config() -> ml_collections.ConfigDict:
     # The network (paper section 2.5): the fields of nmfjax.models.NetworkSpec, NMF options under model.nmf.
     config.model = model_config()
     config.model.features = (32, 64, 96, CLASSES)  # the last block has one output per class of the data
-    # The NMF iterations by the fastest path of the platform: the fused C++ kernel on a CPU, Triton on a GPU.
+    # The NMF iterations by the fastest path of the platform: the fused C++ kernel on a CPU with AVX-512,
+    # Triton on a GPU (where its programs fill the SMs), else XLA's loop.
     config.model.nmf.kernel = "auto"
 
     # Data (paper section 2.6): random crops, flips and colour jitter; pixels in [0, 1].

@@ -25,7 +25,7 @@ Where it runs (``NMFOptions.kernel``): ``"pallas"`` lowers to Triton on an
 NVIDIA GPU and runs in Pallas's interpret mode on other platforms (slow, but
 the same arithmetic: for tests); ``"auto"`` takes Triton on a GPU where the
 call's programs fill the SMs (:func:`fills_gpu`), the C++ kernel of
-:mod:`nmfjax.cpu_kernel` on a CPU (float32, and bfloat16 on bf16 units), and
+:mod:`nmfjax.cpu_kernel` on a CPU with AVX-512 (float32, and bfloat16 on bf16 units), and
 XLA's loop elsewhere (a call of a few programs leaves most of the GPU idle,
 while XLA's products spread over it). :func:`forward` makes that choice; the platform's branch is taken
 when the program is lowered for its platform (``lax.platform_dependent``), so
@@ -371,14 +371,20 @@ def one_step_backward(
     return xla(x, w, h, g)
 
 
+#: The vector width at which the C++ kernel outruns XLA's loop (AVX-512); "auto" takes it only there.
+AVX512_BITS = 512
+
+
 def cpu_kernel_applies(precision: str, dtype: jax.typing.DTypeLike, cpu_bfloat16_path: str) -> bool:
     """Whether ``kernel="auto"`` takes :mod:`nmfjax.cpu_kernel` on a CPU: operands of ``dtype`` float32,
-    the kernel built for this machine, and float32 products, or bfloat16 ones where the process runs
-    them on the bf16 units (``cpu_bfloat16_path`` ``"native"``) and so does the kernel
+    the kernel built for this machine with AVX-512's vectors (:func:`nmfjax.cpu_kernel.vector_bits`;
+    with AVX2's it computes the same but trains and evaluates slower than XLA's loop,
+    docs/performance.md), and float32 products, or bfloat16 ones where the process runs them on the
+    bf16 units (``cpu_bfloat16_path`` ``"native"``) and so does the kernel
     (:func:`nmfjax.cpu_kernel.bfloat16_units`); the emulation stays XLA's loop.
     """
-    if jnp.dtype(dtype) != jnp.float32:
+    if jnp.dtype(dtype) != jnp.float32 or cpu_kernel.vector_bits() != AVX512_BITS:
         return False
     if precision == "float32":
-        return cpu_kernel.available()
+        return True
     return precision == "bfloat16" and cpu_bfloat16_path == "native" and cpu_kernel.bfloat16_units()

@@ -264,7 +264,7 @@ class NMFOptions:
         ``"cpu"``, the fused C++ kernel of :mod:`nmfjax.cpu_kernel` on a CPU
         (float32 or bfloat16; XLA's loop on other platforms). With ``"auto"``,
         Triton on an NVIDIA GPU where its programs fill the SMs, the C++ kernel
-        on a CPU where it compiles and the op computes in float32, or in
+        on a CPU with AVX-512 where it compiles and the op computes in float32, or in
         bfloat16 on the CPU's bf16 units; else XLA's loop.
         Where the C++ kernel runs the forward, it runs the one-step backward
         of ``"approx"`` too (:func:`nmfjax.cpu_kernel.one_step_backward`);

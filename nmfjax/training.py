@@ -185,8 +185,9 @@ def _lower_precision_products(precision: str) -> str:
 
 def _nmf_iterations(spec: models.NetworkSpec) -> str:
     """For the header line, on a CPU: that the fused C++ kernel runs the NMF iterations, or why
-    ``kernel="auto"`` cannot have it (empty for other kernels and platforms, and for precisions that
-    ``"auto"`` leaves to XLA's loop: tf32, and bfloat16 without the bf16 units).
+    ``kernel="auto"`` does not take it (unavailable, or slower here: no AVX-512); empty for other
+    kernels and platforms, and for precisions that ``"auto"`` leaves to XLA's loop: tf32, and
+    bfloat16 without the bf16 units.
     """
     if not spec.uses_nmf or spec.nmf.kernel not in ("cpu", "auto") or jax.default_backend() != "cpu":
         return ""
@@ -196,6 +197,8 @@ def _nmf_iterations(spec: models.NetworkSpec) -> str:
     reason = cpu_kernel.unavailable_reason()
     if reason is not None:  # (a compiler's error may run over many lines: its first says what failed)
         return f"; NMF iterations in XLA's loop: the C++ kernel is unavailable ({reason.splitlines()[0]})"
+    if spec.nmf.kernel == "auto" and not kernels.cpu_kernel_applies("float32", jnp.float32, ops.cpu_bfloat16_path()):
+        return "; NMF iterations in XLA's loop, faster than the C++ kernel on a processor without AVX-512"
     return "; NMF iterations in the fused C++ kernel"
 
 

@@ -27,7 +27,8 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _COMPILATION_CACHE)
 # XLA's CPU backend without LLVM's optimisation passes, here and in the processes the tests start: the
 # tests' tiny programs spend most of their time compiling, which this halves (the same programs, the
 # same operations; slower code only where a test runs much of it). Benchmarks and users keep XLA's default.
-os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""), "--xla_backend_optimization_level=0"]).strip()
+FAST_COMPILATION = "--xla_backend_optimization_level=0"
+os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""), FAST_COMPILATION]).strip()
 
 # Tests in this process see one CPU device, whatever ran before them: the backend starts now, so a
 # command's main() run in-process (it splits the CPU into one device per core) cannot change it.

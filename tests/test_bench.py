@@ -125,8 +125,10 @@ def test_cpu_profile_splits_the_step_into_the_nmf_iterations_and_the_rest(tmp_pa
     profile = json.loads((tmp_path / "profile-cpu.json").read_text())
     # Both parts were found in the trace: the loops' instructions by the op's name, the rest by theirs.
     assert profile["nmf_iterations_ms"] > 0 and profile["rest_ms"] > 0
-    # With the configs' kernel "auto" a CPU runs the iterations in the C++ kernel: one call per NMF layer.
-    assert profile["kernel"] == "auto" and profile["nmf_kernel_calls"] == (4 if cpu_kernel.available() else 0)
+    # With the configs' kernel "auto" a CPU with AVX-512 runs the iterations in the C++ kernel: one call
+    # per NMF layer.
+    calls = 4 if kernels.cpu_kernel_applies("float32", jnp.float32, "native") else 0
+    assert profile["kernel"] == "auto" and profile["nmf_kernel_calls"] == calls
     assert profile["operations_ms_per_device_step"] == pytest.approx(profile["nmf_iterations_ms"] + profile["rest_ms"])
     assert profile["top_rest"] and all(row["shape"] and row["ms"] > 0 for row in profile["top_rest"])
     assert "NMF forward iterations ms" in capsys.readouterr().out
@@ -273,6 +275,7 @@ def test_the_cpu_kernel_study_sets_the_kernel_against_xlas_loop_and_the_peak(tmp
     written = json.loads((tmp_path / "cpu_kernel.json").read_text())
     assert (written["rounds"], written["iterations"], written["peak_size"]) == (1, 2, bench.PEAK_SIZE)
     assert written["peak_gflops"] > 0 and len(written["layers"]) == 4
+    assert written["vector_bits"] == cpu_kernel.vector_bits() in (256, 512)
     xla, kernel = written["rows"]
     assert (xla["variant"], kernel["variant"]) == ("xla", "cpu")
     (mine,), (theirs,) = written["measured"]["cpu"], written["measured"]["xla"]  # one round each

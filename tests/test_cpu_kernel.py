@@ -248,7 +248,13 @@ def test_the_gradients_through_the_kernel_at_bfloat16_equal_xlas(gradient):
         np.testing.assert_allclose(fused, xla, rtol=2e-2, atol=2e-3 * float(jnp.abs(xla).max()))
 
 
-def test_auto_runs_the_kernel_for_float32_and_for_bfloat16_on_bf16_units():
+@pytest.fixture
+def avx512_build(monkeypatch):
+    """``auto``'s choice as on a processor with AVX-512, wherever the tests run (the programs are the same)."""
+    monkeypatch.setattr(cpu_kernel, "vector_bits", lambda: kernels.AVX512_BITS)
+
+
+def test_auto_runs_the_kernel_for_float32_and_for_bfloat16_on_bf16_units(avx512_build):
     x, w = _problem(64, 75, 32)
 
     def program(**fields):
@@ -274,6 +280,17 @@ def test_auto_runs_the_kernel_for_float32_and_for_bfloat16_on_bf16_units():
         assert cpu_kernel.TARGET not in program(kernel="auto", precision="bfloat16")
         assert cpu_kernel.TARGET in program(kernel="cpu", precision="bfloat16")
     assert not kernels.cpu_kernel_applies("float32", jnp.float64, "native")
+
+
+def test_auto_leaves_the_nmf_op_to_xlas_loop_where_the_kernel_has_avx2s_vectors(monkeypatch):
+    # (there it computes the same but trains and evaluates slower: docs/bench_cpu/avx2/cpu_kernel.json)
+    monkeypatch.setattr(cpu_kernel, "vector_bits", lambda: 256)
+    x, w = _problem(64, 75, 32)
+    gradient = jax.grad(lambda x, w: jnp.sum(ops.nmf(x, w, kernel="auto") ** 2), argnums=(0, 1))
+    program = jax.jit(gradient).lower(x, w).as_text()
+    assert cpu_kernel.TARGET not in program and cpu_kernel.BACKWARD_TARGET not in program
+    assert cpu_kernel.TARGET in jax.jit(lambda x, w: ops.nmf(x, w, kernel="cpu")).lower(x, w).as_text()
+    assert not any(kernels.cpu_kernel_applies(precision, jnp.float32, "native") for precision in ops.PRECISIONS)
 
 
 def test_the_kernel_reports_its_bf16_units_as_the_processor_has_them():

@@ -13,7 +13,7 @@ import pytest
 
 from nmfjax import configuration, parallel, workdirs
 from nmfjax.errors import ConfigError, WorkdirError
-from tests.conftest import MOCK_DATA, ROOT, child_process, run_process, train_command
+from tests.conftest import FAST_COMPILATION, MOCK_DATA, ROOT, child_process, run_process, train_command
 
 ARGS = [
     "--config",
@@ -26,8 +26,13 @@ ARGS = [
 DATA = MOCK_DATA.format(examples=40)  # 4 steps per epoch
 DETERMINISTIC = ("epoch", "train_loss", "train_loss_sum", "train_accuracy", "test_loss", "test_accuracy")
 TIMEOUT = 300
-# The test's own environment must not decide the device count or the processes.
-CLEAN_ENV = {"XLA_FLAGS": None, "JAX_NUM_CPU_DEVICES": None, **dict.fromkeys(parallel.DISTRIBUTED_VARIABLES.values())}
+# The test's own environment must not decide the device count or the processes (XLA's flags: only the
+# suite's fast compilation).
+CLEAN_ENV = {
+    "XLA_FLAGS": FAST_COMPILATION,
+    "JAX_NUM_CPU_DEVICES": None,
+    **dict.fromkeys(parallel.DISTRIBUTED_VARIABLES.values()),
+}
 
 
 def _free_port() -> int:

@@ -24,6 +24,8 @@ _PROGRAMS_SCRIPT = textwrap.dedent(
     from nmfjax import configuration, cpu_kernel, evaluation, parallel, trainer as trainers
     from tests.conftest import tiny_config
 
+    # "auto" as on a processor with AVX-512, where it takes the C++ kernel (the same programs on any).
+    cpu_kernel.vector_bits = lambda: 512
     config = tiny_config({model!r}, batch_size=12, eval_batch_size=12)
     spec = configuration.validate_config(config)
     trainer = trainers.Trainer(config, spec, parallel.data_mesh())

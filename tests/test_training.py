@@ -251,16 +251,32 @@ def test_the_first_line_says_how_the_bfloat16_products_run(tmp_path, capsys, pat
 
 
 @pytest.mark.parametrize(
-    ("kernel", "unavailable", "says"),
+    ("kernel", "unavailable", "vector_bits", "says"),
     [
-        ("auto", None, "; NMF iterations in the fused C++ kernel"),
-        ("auto", "no C++ compiler ('c++')", "; NMF iterations in XLA's loop: the C++ kernel is unavailable (no C++"),
-        ("xla", None, ""),
+        ("auto", None, 512, "; NMF iterations in the fused C++ kernel"),
+        (
+            "auto",
+            None,
+            256,
+            "; NMF iterations in XLA's loop, faster than the C++ kernel on a processor without AVX-512",
+        ),
+        ("cpu", None, 256, "; NMF iterations in the fused C++ kernel"),
+        (
+            "auto",
+            "no C++ compiler ('c++')",
+            None,
+            "; NMF iterations in XLA's loop: the C++ kernel is unavailable (no C++",
+        ),
+        ("xla", None, 512, ""),
     ],
 )
-def test_the_first_line_says_whether_the_cpu_kernel_runs(tmp_path, capsys, monkeypatch, kernel, unavailable, says):
+def test_the_first_line_says_whether_the_cpu_kernel_runs(
+    tmp_path, capsys, monkeypatch, kernel, unavailable, vector_bits, says
+):
     if unavailable is None and not cpu_kernel.available():
         pytest.skip(f"the CPU kernel cannot be built here: {cpu_kernel.unavailable_reason()}")
+    # (the processor's vector width as the build reports it: each choice of "auto" on any machine)
+    monkeypatch.setattr(cpu_kernel, "vector_bits", lambda: vector_bits)
     if unavailable is not None:
         monkeypatch.setattr(cpu_kernel, "available", lambda: False)
         monkeypatch.setattr(cpu_kernel, "unavailable_reason", lambda: unavailable + "\nthe compiler's other lines")

@@ -83,6 +83,7 @@ def cpu_kernel_study(sizes: Sizes, output: pathlib.Path, rounds: int = 4, iterat
         "cpu": cpu_name(),
         "jax": jax.__version__,
         "devices": len(devices),
+        "vector_bits": cpu_kernel.vector_bits(),  # the kernel's build: 512 (AVX-512) or 256 (AVX2)
         "batch_size": sizes.loop_batch,
         "iterations": iterations,
         "rounds": rounds,
