@@ -23,11 +23,19 @@ SHARED_TFDS = ROOT.parent / "shared" / "tfds"
 _COMPILATION_CACHE = tempfile.mkdtemp(prefix="nmfjax-test-xla-cache-")
 atexit.register(shutil.rmtree, _COMPILATION_CACHE, ignore_errors=True)
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _COMPILATION_CACHE)
+# Every program, not only those that took a second to compile: many tests compile the same small ones.
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
-# XLA's CPU backend without LLVM's optimisation passes, here and in the processes the tests start: the
-# tests' tiny programs spend most of their time compiling, which this halves (the same programs, the
-# same operations; slower code only where a test runs much of it). Benchmarks and users keep XLA's default.
-FAST_COMPILATION = "--xla_backend_optimization_level=0"
+# XLA's CPU backend without LLVM's optimisation passes and with its older fusion code generator, here
+# and in the processes the tests start: the tests' tiny programs spend most of their time compiling.
+# The first flag halved that; the second cut what was left to a third (the tiny benchmark's compilations:
+# 49 s with the first alone, 16 s with both). The same programs and operations, run about as fast (the
+# 10,000-image evaluation: 72 s with both, 78 s with the first). Benchmarks and users keep XLA's default.
+# The older generator fuses a call of k train steps unlike a lone step, so the check that steps_per_call
+# changes no bit runs in a process without it (tests/test_training.py).
+NO_LLVM_PASSES = "--xla_backend_optimization_level=0"
+OLDER_FUSION_EMITTERS = "--xla_cpu_use_fusion_emitters=false"
+FAST_COMPILATION = f"{NO_LLVM_PASSES} {OLDER_FUSION_EMITTERS}"
 os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""), FAST_COMPILATION]).strip()
 
 # Tests in this process see one CPU device, whatever ran before them: the backend starts now, so a
