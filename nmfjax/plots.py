@@ -29,7 +29,7 @@ from matplotlib.figure import Figure
 
 from nmfjax import cli
 from nmfjax.outputs import write_output
-from nmfjax.workdirs import trained_epochs
+from nmfjax.workdirs import rate_drops, trained_epochs
 
 
 def save_figure(figure: Figure, output: str | pathlib.Path) -> pathlib.Path:
@@ -62,7 +62,8 @@ def _plain_log_axis(axis, formatter) -> None:
 
 def plot_learning_curves(workdirs: list[str | pathlib.Path], output: str | pathlib.Path) -> pathlib.Path:
     """Loss and accuracy against epoch for each workdir, and the learning rates where the plateau rule
-    lowered them; returns the PNG's path.
+    lowered them, each lowering also marked on the loss and accuracy panels by a dotted line between
+    the epoch after which the rule fired and the next; returns the PNG's path.
     """
     histories = []
     for workdir in map(pathlib.Path, workdirs):
@@ -88,6 +89,9 @@ def plot_learning_curves(workdirs: list[str | pathlib.Path], output: str | pathl
             accuracy_axis.plot(epochs, accuracy, style, color=color, marker=".", label=label)
         if lowered:
             axes[2].plot(epochs, factors[workdir], color=color, marker=".", label=workdir.name)
+        for drop in rate_drops(rows):
+            for axis in (loss_axis, accuracy_axis):
+                axis.axvline(drop + 0.5, color=color, linestyle=":", linewidth=1, label=f"{workdir.name} rates lowered")
     loss_axis.set(title="loss (CE + 0.5 MSE) / 1.5", xlabel="epoch", ylabel="loss")
     accuracy_axis.set(title="accuracy", xlabel="epoch", ylabel="accuracy (%)")
     if lowered:
@@ -97,8 +101,15 @@ def plot_learning_curves(workdirs: list[str | pathlib.Path], output: str | pathl
     for axis in axes:
         axis.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         axis.grid(alpha=0.3)
-        axis.legend(fontsize=8)
+        _legend_once_per_label(axis)
     return save_figure(figure, output)
+
+
+def _legend_once_per_label(axis) -> None:
+    """The axis's legend with one entry per label (a run's rate drops share one)."""
+    handles, labels = axis.get_legend_handles_labels()
+    unique = dict(zip(labels, handles, strict=True))
+    axis.legend(unique.values(), unique.keys(), fontsize=8)
 
 
 def _plot_first_epochs(histories: list[tuple[pathlib.Path, list[dict[str, Any]]]], output) -> pathlib.Path:
@@ -136,14 +147,15 @@ def _plot_first_epochs(histories: list[tuple[pathlib.Path, list[dict[str, Any]]]
 def plot_comparison(comparison: dict[str, Any], output: str | pathlib.Path) -> pathlib.Path:
     """The paper's Figure 5: best test accuracy against parameter count, one point per run
     (:func:`nmfjax.experiments.compare_runs`), with the accuracy the paper and the authors' README
-    report for the same network as open marks in its colour.
+    report for the same network as open marks in its colour, and the best of an earlier run of it
+    (the summary's ``earlier``, where there is one) as a cross.
 
     Networks of equal size (CNN and CNMF; CNN+1x1 and CNMF+1x1) are drawn a little apart,
     the convolutional one to the left, so that their labels do not collide.
     """
     from matplotlib.lines import Line2D
 
-    figure = Figure(figsize=(8.5, 5.2))
+    figure = Figure(figsize=(10.5, 5.2))
     axis = figure.subplots()
     runs = comparison["runs"]
     parameters = [run["parameters"] for run in runs]
@@ -156,6 +168,12 @@ def plot_comparison(comparison: dict[str, Any], output: str | pathlib.Path) -> p
         accuracy = 100 * run["best_test_accuracy"]
         axis.plot(x, accuracy, "o", color=color, markersize=9)
         axis.annotate(f"{run['name']}: {accuracy:.1f} %", (x, accuracy), (side * 9, 0), **text)
+        if run.get("earlier"):
+            before = 100 * run["earlier"]["best_test_accuracy"]
+            axis.plot(x, before, "x", color=color, markersize=8)
+            axis.annotate(
+                f"{run['earlier']['epochs']} epochs: {before:.1f} %", (x, before), (side * 8, 0), fontsize=8, **text
+            )
         shown: set[float] = set()
         for key, marker, label in sources:
             value = comparison[key].get(run["model"])
@@ -168,6 +186,8 @@ def plot_comparison(comparison: dict[str, Any], output: str | pathlib.Path) -> p
         Line2D([], [], color="grey", marker=marker, markerfacecolor="none", linestyle="", label=f"reported: {label}")
         for _, marker, label in sources
     ]
+    if any(run.get("earlier") for run in runs):
+        legend.append(Line2D([], [], color="grey", marker="x", linestyle="", label="nmfjax: an earlier run's best"))
     epochs = "/".join(map(str, sorted({run["epochs"] for run in runs})))
     axis.set(
         title=f"CIFAR-10: test accuracy against parameters (nmfjax after {epochs} epochs)",
@@ -177,7 +197,7 @@ def plot_comparison(comparison: dict[str, Any], output: str | pathlib.Path) -> p
     )
     axis.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda value, _: f"{value / 1000:g}k"))
     axis.grid(alpha=0.3)
-    axis.legend(handles=legend, fontsize=8, loc="upper center")
+    axis.legend(handles=legend, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))  # clear of the marks
     return save_figure(figure, output)
 
 

@@ -20,7 +20,7 @@ import pathlib
 import socket
 import sys
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import ml_collections
@@ -28,6 +28,9 @@ import ml_collections
 from nmfjax.configuration import RESUMABLE_FIELDS
 from nmfjax.errors import MissingFileError, WorkdirError, close_directory_hint, describe
 from nmfjax.outputs import storage_errors, write_atomically
+
+#: The rate of the first parameter group (nmfjax.models.PARAMETER_GROUPS) in a metrics row.
+_FIRST_RATE = "learning_rate_module_a"
 
 # --- the run's config.json: older layouts read as today's, and compared with a rerun's ---
 
@@ -338,6 +341,34 @@ def read_metrics(workdir: str | pathlib.Path) -> list[dict[str, Any]]:
         except json.JSONDecodeError:
             print(f"warning: {path} line {number} is not valid JSON; skipped it.", file=sys.stderr)
     return rows
+
+
+def rate_drops(rows: Sequence[Mapping[str, Any]]) -> list[int]:
+    """The epochs after which the plateau rule divided the learning rates (arXiv 2503.20398, section 2.6).
+
+    Args:
+      rows: a run's :func:`read_metrics`, from its first epoch.
+
+    Returns:
+      Each epoch whose rule's verdict, the row's ``next_learning_rate_scale`` (rows since 0.4), is below the
+      scale the epoch ran at; in rows without it, each epoch followed by one at a lower rate. The scales
+      are module a's rate over the first epoch's (every group's rate is scaled alike).
+    """
+    if not rows:
+        return []
+    start = rows[0][_FIRST_RATE]
+    drops = []
+    for index, row in enumerate(rows):
+        if "next_learning_rate_scale" in row:
+            next_rate = row["next_learning_rate_scale"] * start
+        elif index + 1 < len(rows):
+            next_rate = rows[index + 1][_FIRST_RATE]
+        else:
+            continue
+        # A relative margin: the recorded rate and the verdict are float32 scales times the rate in float64.
+        if next_rate < row[_FIRST_RATE] * (1 - 1e-6):
+            drops.append(row["epoch"])
+    return drops
 
 
 def append_metrics(workdir: pathlib.Path, row: Mapping[str, Any]) -> None:

@@ -1237,11 +1237,17 @@ def reproduction_record(doc: Document) -> None:
 
 def paper_recipe_status(doc: Document) -> None:
     """The status table is what the progress command makes of the published records."""
-    published = sorted(path.parent for path in (REPRODUCTION / "paper_recipe").glob("*/metrics.jsonl"))
-    statuses = [experiments.recipe.run_status(path) for path in published]
+    statuses = experiments.recipe.published_statuses(REPRODUCTION / "paper_recipe")
     if statuses:
         doc.table(experiments.recipe.status_table(statuses))
     doc.given("50,000 training and 10,000 test images", "CIFAR-10")
+    doc.given("evaluated on all 10,000 test images", "CIFAR-10")
+    paper, readme = experiments.compare.PAPER_ACCURACY, experiments.compare.AUTHORS_README_ACCURACY
+    doc.claim(
+        "beside the paper ({} / {} / {} %; the authors' README says {} % for CNMF + 1x1)",
+        *(f"{100 * paper[model]:.1f}" for model in ("cnmf_1x1", "cnn", "cnmf")),
+        f"{100 * readme['cnmf_1x1']:.1f}",
+    )
     doc.given("every rate divided by 10 after 10 epochs", "the paper's recipe (configs)")
     doc.given("below 1e-9 or at 500 epochs", "the paper's recipe (configs)")
     doc.given("a workdir of about 2 MB", "the size of a CNMF + 1x1 checkpoint")

@@ -285,6 +285,35 @@ def test_compare_command_writes_the_table_figure5_curves_and_json(workdirs, tmp_
         assert _is_png(output / name), name
 
 
+def test_compare_shows_the_gap_to_the_paper_and_each_runs_earlier_run(workdirs, tmp_path, capsys, monkeypatch):
+    earlier = _copy_record(workdirs / "cnmf_1x1", tmp_path / "earlier" / "cnmf_1x1")
+    rows = read_metrics(earlier)[:1]
+    (earlier / "metrics.jsonl").write_text(json.dumps(rows[0]) + "\n")  # one epoch
+    drawn = []
+    monkeypatch.setattr(plots, "save_figure", lambda figure, output: drawn.append(figure) or pathlib.Path(output))
+    argv = ["compare", str(workdirs / "cnn"), str(workdirs / "cnmf_1x1"), "--output", str(tmp_path / "out")]
+    experiments.main([*argv, "--earlier", str(earlier)])
+    cnn, cnmf_1x1 = json.loads((tmp_path / "out" / "compare.json").read_text())["runs"]
+    assert cnn["earlier"] is None
+    assert cnmf_1x1["earlier"]["epochs"] == 1 and cnmf_1x1["earlier"]["best_test_accuracy"] == rows[0]["test_accuracy"]
+    table = (tmp_path / "out" / "compare.md").read_text().splitlines()
+    assert table[0].endswith("| best against the paper | earlier run: best (epoch) of epochs |")
+    gap = 100 * (0.851 - cnmf_1x1["best_test_accuracy"])
+    assert table[3].endswith(f"| {gap:.1f} points short | {100 * rows[0]['test_accuracy']:.2f} % (1) of 1 |")
+    assert table[2].endswith(" points short | - |")
+    figure5 = drawn[0]
+    crosses = [line for line in figure5.axes[0].lines if line.get_marker() == "x"]
+    assert len(crosses) == 1 and crosses[0].get_ydata()[0] == pytest.approx(100 * rows[0]["test_accuracy"])
+    # Without earlier runs, neither the column nor the crosses.
+    drawn.clear()
+    experiments.main(argv)
+    assert "earlier" not in (tmp_path / "out" / "compare.md").read_text()
+    assert not [line for line in drawn[0].axes[0].lines if line.get_marker() == "x"]
+    _assert_user_error(
+        capsys, "both earlier cnmf_1x1 runs", experiments.main, [*argv, "--earlier", str(earlier), str(earlier)]
+    )
+
+
 def test_compare_names_a_workdir_without_epochs(workdirs, tmp_path, capsys):
     empty = _copy_record(workdirs / "cnn", tmp_path / "empty")
     (empty / "metrics.jsonl").write_text("")
@@ -542,6 +571,25 @@ def test_learning_curves_show_the_learning_rates_only_where_the_plateau_rule_low
     assert _png_width(with_rates) > 1.3 * _png_width(constant)  # a third panel
 
 
+def test_learning_curves_mark_each_rate_drop_on_the_loss_and_accuracy_panels(workdirs, tmp_path, monkeypatch):
+    lowered = _copy_record(workdirs / "cnn", tmp_path / "lowered")
+    rows = read_metrics(lowered)
+    rows[0]["next_learning_rate_scale"] = 0.1  # the rule fired after epoch 1 ...
+    rows[-1]["learning_rate_module_a"] /= 10
+    rows[-1]["next_learning_rate_scale"] = 0.01  # ... and after epoch 2
+    (lowered / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    drawn = []
+    monkeypatch.setattr(plots, "save_figure", lambda figure, output: drawn.append(figure) or pathlib.Path(output))
+    plots.plot_learning_curves([workdirs / "cnn", lowered], tmp_path / "curves.png")
+    (figure,) = drawn
+    for axis in figure.axes[:2]:
+        vertical = [line for line in axis.lines if line.get_label() == "lowered rates lowered"]
+        assert sorted(line.get_xdata()[0] for line in vertical) == [1.5, 2.5]
+        assert axis.get_legend_handles_labels()[1].count("lowered rates lowered") == 2
+        assert [text.get_text() for text in axis.get_legend().get_texts()].count("lowered rates lowered") == 1
+        assert not any("cnn rates lowered" in label for label in axis.get_legend_handles_labels()[1])
+
+
 def test_runs_of_one_epoch_are_drawn_as_labelled_bars_not_as_dots(workdirs, tmp_path, monkeypatch):
     single = _copy_record(workdirs / "cnn", tmp_path / "single")
     first_row = read_metrics(single)[0]
@@ -617,6 +665,12 @@ def test_progress_command_publishes_the_records_a_status_table_and_a_state_to_re
     assert "| CNMF + 1x1 | 2 of 4 |" in readme and "| running |" in readme
     published = output / "cnmf_1x1"
     assert load_config(published).data_dir is None
+    assert (output / "learning_curves.png").read_bytes().startswith(b"\x89PNG")
+    # A run published alone later joins the table; the one before keeps its row.
+    experiments.main(["progress", str(workdirs / "cnn"), "--output", str(output)])
+    rows = [line for line in (output / "README.md").read_text().splitlines() if line.startswith("| CN")]
+    assert [row.split(" | ")[0] for row in rows] == ["| CNN", "| CNMF + 1x1"]
+    assert "| 2 of 4 |" in rows[1] and not (output / "cnn" / "resume").exists()
     assert read_metrics(published) == read_metrics(run)
     # The kept state is a workdir: copied back, train.py's run continues from it and does not restart.
     resumed = tmp_path / "resumed"

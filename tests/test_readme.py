@@ -19,7 +19,11 @@ from tests.records import assert_training_matches_record
 
 README = (ROOT / "README.md").read_text()
 # The pages a user reads; the tutorial's code cells run when the guide is built (sphinx-build, in .ci/run).
-GUIDE = ["README.md", "CONTRIBUTING.md", *sorted(path.relative_to(ROOT).as_posix() for path in ROOT.glob("docs/*.md"))]
+GUIDE = [
+    "README.md",
+    "CONTRIBUTING.md",
+    *sorted(path.relative_to(ROOT).as_posix() for path in ROOT.glob("docs/**/*.md")),
+]
 
 
 def _code_blocks(language, pages=("README.md",)):

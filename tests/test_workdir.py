@@ -5,6 +5,7 @@ import pathlib
 import shutil
 from unittest import mock
 
+import numpy as np
 import pytest
 
 from nmfjax import checkpoints, configuration, data, errors, training, workdirs
@@ -255,3 +256,30 @@ def test_a_config_json_from_before_the_model_section_is_converted(tmp_path):
     assert workdirs.config_differences(old, _config(**{"model.nmf.precision": "tf32"})) == [
         ("model.nmf.precision", "float32", "tf32")
     ]
+
+
+def _rows(scales, verdicts=None, rate=0.01):
+    """Metrics rows that ran at ``rate`` times float32 ``scales``, with the rule's ``verdicts`` where given."""
+    rows = [
+        {"epoch": epoch, "learning_rate_module_a": rate * float(np.float32(scale))}
+        for epoch, scale in enumerate(scales, 1)
+    ]
+    for row, verdict in zip(rows, verdicts or [], strict=False):
+        if verdict is not None:
+            row["next_learning_rate_scale"] = float(np.float32(verdict))
+    return rows
+
+
+@pytest.mark.parametrize(
+    ("scales", "verdicts", "drops"),
+    [
+        ([1, 1, 0.1, 0.1, 0.01], None, [2, 4]),  # before 0.4: the next epoch's lower rate
+        ([1, 1, 0.1], [1, 0.1, 0.01], [2, 3]),  # since 0.4: the verdict, the last epoch's included
+        ([1, 0.1, 0.1], [None, None, 0.1], [1]),  # resumed across 0.4: an unchanged verdict is no drop
+        ([1, 0.1, 0.01], [None, 0.01, 0.001], [1, 2, 3]),  # float32 scales of 0.1 ** k: each drop once
+        ([1e-7, 1e-8], [1e-8, 1e-9], [1, 2]),  # far down, near the stop at 1e-9
+        ([], None, []),
+    ],
+)
+def test_rate_drops_are_the_epochs_after_which_the_plateau_rule_lowered_the_rates(scales, verdicts, drops):
+    assert workdirs.rate_drops(_rows(scales, verdicts)) == drops

@@ -208,7 +208,7 @@ def _command_evaluate(args) -> None:
 
 
 def _command_compare(args) -> None:
-    comparison = compare.compare_runs(args.workdirs)
+    comparison = compare.compare_runs(args.workdirs, args.earlier)
     output = _output_dir(args)
     table = compare.markdown_table(comparison)
     _report(
@@ -222,11 +222,15 @@ def _command_compare(args) -> None:
 
 def _command_progress(args) -> None:
     output = pathlib.Path(args.output)
-    statuses = [recipe.publish(workdir, output, args.keep_state) for workdir in args.workdirs]
+    published = [recipe.publish(workdir, output, args.keep_state) for workdir in args.workdirs]
+    statuses = recipe.published_statuses(output)
     readme = recipe.write_status(output / "README.md", statuses)
+    curves = plots.plot_learning_curves(
+        [output / status["model"] for status in statuses], output / "learning_curves.png"
+    )
     print(recipe.status_table(statuses).rstrip("\n"))
-    kept = [status["model"] for status in statuses if args.keep_state and not status["ended"]]
-    print(f"wrote {readme} and {', '.join(str(output / status['model']) for status in statuses)}/")
+    kept = [status["model"] for status in published if args.keep_state and not status["ended"]]
+    print(f"wrote {readme}, {curves} and {', '.join(str(output / status['model']) for status in published)}/")
     if kept:
         print(f"kept the state to resume from in {', '.join(str(output / model / recipe.RESUME) for model in kept)}")
 
@@ -370,6 +374,13 @@ def build_parser() -> argparse.ArgumentParser:
     command.add_argument(
         "--output", help="output directory (default: WORKDIR/experiments for one, PARENT/experiments beside several)"
     )
+    command.add_argument(
+        "--earlier",
+        nargs="+",
+        default=[],
+        metavar="WORKDIR",
+        help="earlier runs of the same architectures (e.g. shorter ones), shown beside each run of theirs",
+    )
     command.set_defaults(function=_command_compare, accepts_overrides=False)
     help_text = "a trained network's weights, config and metrics, without optimiser state, for load_checkpoint"
     command = commands.add_parser("export", help=help_text, description=help_text)
@@ -379,7 +390,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--step", default="latest", type=_step, help='checkpoint: "latest" (default), "best" or an epoch'
     )
     command.set_defaults(function=_command_export, accepts_overrides=False)
-    help_text = "long runs of the paper's recipe: their records and a status table published into OUTPUT"
+    help_text = (
+        "long runs of the paper's recipe: their records published into OUTPUT, with a status table "
+        "and learning curves of every run published there"
+    )
     command = commands.add_parser("progress", help=help_text, description=help_text)
     command.add_argument("workdirs", nargs="+", metavar="WORKDIR", help="workdirs of train.py, running or ended")
     command.add_argument("--output", required=True, help="e.g. docs/reproduction/paper_recipe")

@@ -16,6 +16,7 @@ from typing import Any
 from flax import nnx
 
 from nmfjax import configuration, models, workdirs
+from nmfjax.errors import UserError
 
 #: Test accuracy on CIFAR-10 reported in the paper (section 3, Figure 5); CNN+1x1 has no number in its text.
 PAPER_ACCURACY = {"cnn": 0.810, "cnmf": 0.815, "cnmf_1x1": 0.851}
@@ -68,21 +69,43 @@ def summarize_run(workdir: str | pathlib.Path) -> dict[str, Any]:
     }
 
 
-def compare_runs(run_directories: Sequence[str | pathlib.Path]) -> dict[str, Any]:
-    """:func:`summarize_run` of each workdir, with the paper's accuracy for its architecture.
+def compare_runs(
+    run_directories: Sequence[str | pathlib.Path], earlier_directories: Sequence[str | pathlib.Path] = ()
+) -> dict[str, Any]:
+    """:func:`summarize_run` of each workdir, with the paper's accuracy for its architecture and,
+    where ``earlier_directories`` hold a run of the same architecture, that earlier run's result.
 
     Returns:
       ``{"runs": [summary, ...], "paper": PAPER_ACCURACY, "authors_readme": AUTHORS_README_ACCURACY}``;
-      each summary also has ``name`` (as :data:`MODEL_NAMES` writes it) and ``paper_accuracy``
-      (None where the paper reports none).
+      each summary also has ``name`` (as :data:`MODEL_NAMES` writes it), ``paper_accuracy``
+      (None where the paper reports none) and, with ``earlier_directories``, ``earlier``: the
+      earlier run's ``workdir``, ``epochs``, ``best_test_accuracy``, ``best_epoch`` and
+      ``final_test_accuracy`` (None where none has the architecture).
+
+    Raises:
+      UserError: two earlier runs have one architecture.
     """
+    earlier: dict[str, dict[str, Any]] = {}
+    for directory in earlier_directories:
+        summary = summarize_run(directory)
+        if summary["model"] in earlier:
+            raise UserError(
+                f"{earlier[summary['model']]['workdir']} and {directory} are both earlier {summary['model']} runs: "
+                "name one run per architecture."
+            )
+        earlier[summary["model"]] = {key: summary[key] for key in _EARLIER_FIELDS}
     runs = []
     for directory in run_directories:
         summary = summarize_run(directory)
         summary["name"] = MODEL_NAMES.get(summary["model"], summary["model"])
         summary["paper_accuracy"] = PAPER_ACCURACY.get(summary["model"])
+        if earlier_directories:
+            summary["earlier"] = earlier.get(summary["model"])
         runs.append(summary)
     return {"runs": runs, "paper": PAPER_ACCURACY, "authors_readme": AUTHORS_README_ACCURACY}
+
+
+_EARLIER_FIELDS = ("workdir", "epochs", "best_test_accuracy", "best_epoch", "final_test_accuracy")
 
 
 def _duration(seconds: float) -> str:
@@ -98,16 +121,25 @@ def _reported(model: str) -> str:
     )
 
 
+def _short_of_paper(run: dict[str, Any]) -> str:
+    if run["paper_accuracy"] is None:
+        return "-"
+    points = 100 * (run["paper_accuracy"] - run["best_test_accuracy"])
+    return f"{points:.1f} points short" if points > 0 else f"{-points:.1f} points above"
+
+
 def markdown_table(comparison: dict[str, Any]) -> str:
-    """The comparison as a Markdown table, one row per run."""
+    """The comparison as a Markdown table, one row per run; with earlier runs, a column of theirs."""
+    with_earlier = any("earlier" in run for run in comparison["runs"])
     lines = [
         "| model | run | parameters | NMF | convolution | BatchNorm | best test accuracy (epoch) "
-        "| last test accuracy | epochs | training time | epoch (median) | train img/s (median) | paper |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| last test accuracy | epochs | training time | epoch (median) | train img/s (median) | paper "
+        "| best against the paper |" + (" earlier run: best (epoch) of epochs |" if with_earlier else ""),
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if with_earlier else ""),
     ]
     for run in comparison["runs"]:
         epochs = f"{run['epochs']}" + ("" if run["epochs"] >= run["num_epochs"] else f" of {run['num_epochs']}")
-        lines.append(
+        line = (
             f"| {run['name']} | {pathlib.Path(run['workdir']).name} "
             f"| {run['parameters']:,} | {run['nmf_parameters']:,} | {run['cnn_parameters']:,} "
             f"| {run['batch_norm_parameters']:,} "
@@ -115,6 +147,14 @@ def markdown_table(comparison: dict[str, Any]) -> str:
             f"| {100 * run['final_test_accuracy']:.2f} % "
             f"| {epochs} | {_duration(run['seconds'])} | {run['median_epoch_seconds']:.0f} s "
             f"| {run['train_images_per_second']:.0f} "
-            f"| {_reported(run['model'])} |"
+            f"| {_reported(run['model'])} | {_short_of_paper(run)} |"
         )
+        if with_earlier:
+            before = run.get("earlier")
+            line += (
+                f" {100 * before['best_test_accuracy']:.2f} % ({before['best_epoch']}) of {before['epochs']} |"
+                if before
+                else " - |"
+            )
+        lines.append(line)
     return "\n".join(lines) + "\n"

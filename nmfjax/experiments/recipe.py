@@ -4,9 +4,10 @@ while they go: their status from ``config.json`` and ``metrics.jsonl``, publishe
 with, while a run goes on, the latest state it can resume from.
 
 ``python -m nmfjax.experiments progress WORKDIR... --output docs/reproduction/paper_recipe --keep_state``
-copies each run's records to ``OUTPUT/MODEL/``, rewrites the status table of ``OUTPUT/README.md`` and
-keeps the newest checkpoint in ``OUTPUT/MODEL/resume/`` (a workdir to copy back and rerun ``train.py``
-on), which it removes once the run has ended.
+copies each run's records to ``OUTPUT/MODEL/``, rewrites the status table of ``OUTPUT/README.md`` (a row
+per run published there) and ``OUTPUT/learning_curves.png``, and keeps the newest checkpoint in
+``OUTPUT/MODEL/resume/`` (a workdir to copy back and rerun ``train.py`` on), which it removes once the
+run has ended.
 """
 
 from __future__ import annotations
@@ -43,19 +44,9 @@ def run_status(workdir: str | pathlib.Path) -> dict[str, Any]:
     if not rows:
         raise WorkdirError(f"{workdir} holds no finished epoch yet; run this again after the first one.")
     groups = list(models.PARAMETER_GROUPS)
-    first_group = f"learning_rate_{groups[0]}"
-    # An epoch whose rates are below the one before's follows a firing of the rule.
-    drops = [
-        before["epoch"]
-        for before, after in zip(rows[:-1], rows[1:], strict=True)
-        if after[first_group] < before[first_group]
-    ]
     last = rows[-1]
     if "next_learning_rate_scale" in last:  # the rule's verdict on the last epoch (rows since 0.4)
-        scale = last["next_learning_rate_scale"]
-        if scale * config.learning_rates[groups[0]] < last[first_group]:
-            drops.append(last["epoch"])
-        rates = {group: config.learning_rates[group] * scale for group in groups}
+        rates = {group: config.learning_rates[group] * last["next_learning_rate_scale"] for group in groups}
     else:
         rates = {group: last[f"learning_rate_{group}"] for group in groups}
     best = max(rows, key=lambda row: row["test_accuracy"])
@@ -73,7 +64,7 @@ def run_status(workdir: str | pathlib.Path) -> dict[str, Any]:
         "best_epoch": best["epoch"],
         "last_test_accuracy": last["test_accuracy"],
         "rates": rates,
-        "drops": drops,
+        "drops": workdirs.rate_drops(rows),
         "ended": why != "running",
         "why": why,
     }
@@ -139,6 +130,20 @@ def publish(workdir: str | pathlib.Path, output: str | pathlib.Path, keep_state:
         shutil.rmtree(resume, ignore_errors=True)
         fresh.rename(resume)
     return status
+
+
+def published_statuses(output: str | pathlib.Path) -> list[dict[str, Any]]:
+    """:func:`run_status` of every run published in ``output`` (each ``OUTPUT/MODEL/`` with its records),
+    in the order of :data:`~nmfjax.experiments.compare.MODEL_NAMES`: a run published before stays in the
+    table while another is published alone.
+    """
+    published = [path for path in pathlib.Path(output).iterdir() if (path / "metrics.jsonl").is_file()]
+    order = list(MODEL_NAMES)
+    statuses = [run_status(path) for path in published]
+    return sorted(
+        statuses,
+        key=lambda status: (order.index(status["model"]) if status["model"] in order else len(order), status["model"]),
+    )
 
 
 def _newest_checkpoint(workdir: pathlib.Path) -> pathlib.Path:
