@@ -1,4 +1,4 @@
-"""Shared fixtures: the real CIFAR-10 subset beside the checkout, tiny configs, and train.py subprocesses."""
+"""Shared fixtures: the suite's XLA flags, the real CIFAR-10 subset beside the checkout, and train.py subprocesses."""
 
 import atexit
 import contextlib
@@ -51,20 +51,6 @@ def shared_tfds() -> str:
     if not (SHARED_TFDS / "cifar10").is_dir():
         pytest.skip(f"the CIFAR-10 subset is not at {SHARED_TFDS} (../shared/tfds beside the checkout; CI has it)")
     return str(SHARED_TFDS)
-
-
-def tiny_config(model="cnmf_1x1", **overrides):
-    """A model config with a small, fast recipe for tests."""
-    from nmfjax import configuration
-
-    config = configuration.default_config()
-    config.model.architecture = model
-    config.batch_size = 10
-    config.eval_batch_size = 10
-    config.model.nmf.iterations = 3
-    config.num_epochs = 1
-    config.log_every_steps = 1
-    return configuration.apply_overrides(config, overrides)
 
 
 # --- train.py and other commands as real processes ---

@@ -20,8 +20,8 @@ from flax import nnx
 
 from nmfjax import configuration, cpu_kernel, kernels, layers, ops
 from nmfjax.errors import ConfigError
-from tests.conftest import tiny_config
 from tests.test_kernels import LAYER_PROBLEMS, _problem
+from tests.tiny_configs import tiny_config
 
 # float32 round-off: the kernel's products sum in another order than XLA's GEMMs, its quotients are
 # within 2 ulp, and the N updates carry the differences along.

@@ -14,7 +14,8 @@ from flax import nnx
 from configs import cnmf_local
 from nmfjax import checkpoints, configuration, data, errors, experiments, models, ops, plots, training
 from nmfjax.workdirs import load_config, read_metrics
-from tests.conftest import ROOT, mocked_tfds, tiny_config
+from tests.conftest import ROOT, mocked_tfds
+from tests.tiny_configs import tiny_config
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 MOCK_EXAMPLES = 20

@@ -15,7 +15,7 @@ from jax import export
 
 from nmfjax import configuration, cpu_kernel, evaluation, kernels, models, ops, parallel
 from nmfjax import trainer as trainer_module
-from tests.conftest import tiny_config
+from tests.tiny_configs import tiny_config
 
 CUDA = ("cuda",)
 # The fused kernel's Triton call has no compatibility guarantee across jaxlib versions (it is

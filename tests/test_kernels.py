@@ -13,7 +13,7 @@ from jax.test_util import check_grads
 
 from nmfjax import configuration, cpu_kernel, evaluation, kernels, layers, models, ops, parallel
 from nmfjax import trainer as trainer_module
-from tests.conftest import tiny_config
+from tests.tiny_configs import tiny_config
 
 # float32 round-off: the kernel sums W^T (x / R) over the features in chunks, XLA in one product,
 # and the N updates carry the difference along.

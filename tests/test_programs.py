@@ -19,10 +19,10 @@ from tests.conftest import run_process
 _PROGRAMS_SCRIPT = textwrap.dedent(
     """
     import json, os
-    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+    os.environ["XLA_FLAGS"] += " --xla_force_host_platform_device_count=2"  # after the suite's flags
     import jax, jax.numpy as jnp, numpy as np
     from nmfjax import configuration, cpu_kernel, evaluation, parallel, trainer as trainers
-    from tests.conftest import tiny_config
+    from tests.tiny_configs import tiny_config
 
     # "auto" as on a processor with AVX-512, where it takes the C++ kernel (the same programs on any).
     cpu_kernel.vector_bits = lambda: 512

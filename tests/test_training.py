@@ -32,7 +32,8 @@ from nmfjax import (
     workdirs,
 )
 from nmfjax import trainer as trainer_module
-from tests.conftest import MOCK_DATA, NO_LLVM_PASSES, mocked_tfds, run_process, tiny_config
+from tests.conftest import MOCK_DATA, NO_LLVM_PASSES, mocked_tfds, run_process
+from tests.tiny_configs import tiny_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -167,16 +168,13 @@ def test_resuming_and_any_steps_per_call_give_the_same_parameters_and_metrics_as
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     script = MOCK_DATA.format(examples=30) + textwrap.dedent("""
         import pathlib, sys
-        from nmfjax import configuration, training, workdirs
-        tiny = {"batch_size": 10, "eval_batch_size": 10, "model.nmf.iterations": 3, "log_every_steps": 1}
-        def config(num_epochs, steps_per_call):
-            overrides = {**tiny, "num_epochs": num_epochs, "steps_per_call": steps_per_call}
-            return configuration.apply_overrides(configuration.default_config(), overrides)
+        from nmfjax import training, workdirs
+        from tests.tiny_configs import tiny_config
         straight, resumed = map(pathlib.Path, sys.argv[1:])
-        training.train_and_evaluate(config(2, 1), straight)
-        training.train_and_evaluate(config(1, 2), resumed)
+        training.train_and_evaluate(tiny_config(num_epochs=2, steps_per_call=1), straight)
+        training.train_and_evaluate(tiny_config(num_epochs=1, steps_per_call=2), resumed)
         assert [row["epoch"] for row in workdirs.read_metrics(resumed)] == [1]
-        training.train_and_evaluate(config(2, 3), resumed)
+        training.train_and_evaluate(tiny_config(num_epochs=2, steps_per_call=3), resumed)
     """)
     command = [sys.executable, "-c", script, str(straight), str(resumed)]
     child = run_process(command, tmp_path / "process", env={"XLA_FLAGS": NO_LLVM_PASSES})
@@ -363,10 +361,10 @@ def test_a_diverging_run_stops_with_a_clear_error_and_saves_nothing_of_that_epoc
 _DATA_PARALLEL_SCRIPT = textwrap.dedent(
     """
     import os
-    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    os.environ["XLA_FLAGS"] += " --xla_force_host_platform_device_count=8"  # after the suite's flags
     import jax, numpy as np
     from nmfjax import configuration, evaluation, parallel, trainer as trainers
-    from tests.conftest import tiny_config
+    from tests.tiny_configs import tiny_config
 
     assert jax.device_count() == 8
     config = tiny_config("cnmf_1x1", batch_size=16, eval_batch_size=16)

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from nmfjax import checkpoints, configuration, data, errors, training, workdirs
-from tests.conftest import mocked_tfds, tiny_config
+from tests.conftest import mocked_tfds
+from tests.tiny_configs import tiny_config
 
 MOCK_EXAMPLES = 30
 # What a rerun must reproduce exactly; times and images/s differ from run to run.
