@@ -25,9 +25,9 @@ from tests.conftest import (
     mocked_tfds,
     run_process,
     script_command,
-    tiny_config,
     train_command,
 )
+from tests.tiny_configs import tiny_config
 
 TINY = ["--config.num_epochs=1", "--config.batch_size=10", "--config.eval_batch_size=10"]
 TINY += ["--config.model.nmf.iterations=2", "--config.log_every_steps=1"]
