@@ -53,13 +53,6 @@ def shared_tfds() -> str:
     return str(SHARED_TFDS)
 
 
-def pytest_collection_modifyitems(items):
-    """The slow tests first (each otherwise in its place): with -n, one started last keeps a worker busy
-    while the others wait; started first, the short ones fill in around it.
-    """
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
-
-
 # --- train.py and other commands as real processes ---
 
 

@@ -12,7 +12,6 @@ from nmfjax.bench import bfloat16 as bench_bfloat16
 from tests.conftest import mocked_tfds
 
 
-@pytest.mark.slow
 def test_tiny_benchmark_writes_json_and_plot(tmp_path, capsys):
     bench.main(["--tiny", "--output", str(tmp_path)])
     results = json.loads((tmp_path / "bench.json").read_text())
@@ -72,7 +71,6 @@ def test_gpu_suite_says_there_is_no_gpu_on_a_cpu(capsys):
 KERNELS = ("xla", "xla_unrolled", "pallas")  # what --gpu compares: XLA's loop, unrolled, and the fused kernel
 
 
-@pytest.mark.slow
 def test_every_step_of_the_gpu_suite_runs_on_a_cpu_device(tmp_path, capsys):
     sizes = dataclasses.replace(bench.GPU_TINY, train={**bench.GPU_TINY.train, "download": True})  # mock data
     with mocked_tfds(20):
@@ -195,7 +193,6 @@ def test_the_bfloat16_study_has_each_precision_as_train_py_runs_it_then_with_xla
     ]
 
 
-@pytest.mark.slow
 def test_the_bfloat16_study_sets_each_path_against_float32_and_its_own_peak(tmp_path, capsys, monkeypatch):
     # Its rows as train.py runs each precision (the XLA-loop twins and the emulation: the test above).
     rows = [v for v in bench_bfloat16._variants() if v.kernel == "auto" and not v.xla_backward]
@@ -271,7 +268,6 @@ def test_a_kernel_step_is_counted_with_the_flops_of_xlas_loop():
     assert rows["cpu"]["train_gflops_per_image"] == rows["xla"]["train_gflops_per_image"]
 
 
-@pytest.mark.slow
 def test_the_cpu_kernel_study_sets_the_kernel_against_xlas_loop_and_the_peak(tmp_path, capsys):
     if not cpu_kernel.available():
         pytest.skip(f"the CPU kernel cannot be built here: {cpu_kernel.unavailable_reason()}")

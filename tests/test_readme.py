@@ -123,7 +123,7 @@ def test_the_guides_python_examples_run(page, index, block, monkeypatch):
 
 def test_ci_runs_exactly_the_guides_test_command():
     ci_commands = [
-        line.split("||")[0].strip()  # (.ci/run keeps the status, waits for the wheel and the guide, then exits with it)
+        line.split("||")[0].strip()  # (.ci/run keeps the status, waits for the guide's build, then exits with it)
         for line in (ROOT / ".ci" / "run").read_text().splitlines()
         if "pytest" in line and not line.lstrip().startswith("#")
     ]

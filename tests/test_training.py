@@ -160,7 +160,6 @@ def _final_state(workdir):
     return jax.device_get(state), epoch
 
 
-@pytest.mark.slow
 def test_resuming_and_any_steps_per_call_give_the_same_parameters_and_metrics_as_one_run(tmp_path):
     # 3 steps per epoch: one step per call straight through; resumed, 2 per call (a call of 2 and one
     # of 1) for epoch 1, then 3 for epoch 2. In a process with XLA's own fusion code generator, as users
