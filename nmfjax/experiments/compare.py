@@ -24,6 +24,8 @@ PAPER_ACCURACY = {"cnn": 0.810, "cnmf": 0.815, "cnmf_1x1": 0.851}
 AUTHORS_README_ACCURACY = {"cnn": 0.810, "cnmf": 0.815, "cnmf_1x1": 0.837}
 #: How tables and figures name the architectures.
 MODEL_NAMES = {"cnn": "CNN", "cnn_1x1": "CNN + 1x1", "cnmf": "CNMF", "cnmf_1x1": "CNMF + 1x1"}
+#: What :func:`compare_runs` keeps of an earlier run.
+_EARLIER_FIELDS = ("workdir", "epochs", "best_test_accuracy", "best_epoch", "final_test_accuracy")
 
 
 def summarize_run(workdir: str | pathlib.Path) -> dict[str, Any]:
@@ -103,9 +105,6 @@ def compare_runs(
             summary["earlier"] = earlier.get(summary["model"])
         runs.append(summary)
     return {"runs": runs, "paper": PAPER_ACCURACY, "authors_readme": AUTHORS_README_ACCURACY}
-
-
-_EARLIER_FIELDS = ("workdir", "epochs", "best_test_accuracy", "best_epoch", "final_test_accuracy")
 
 
 def _duration(seconds: float) -> str:
