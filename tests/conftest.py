@@ -2,6 +2,8 @@
 
 import atexit
 import contextlib
+import fcntl
+import json
 import os
 import pathlib
 import shutil
@@ -51,6 +53,22 @@ def shared_tfds() -> str:
     if not (SHARED_TFDS / "cifar10").is_dir():
         pytest.skip(f"the CIFAR-10 subset is not at {SHARED_TFDS} (../shared/tfds beside the checkout; CI has it)")
     return str(SHARED_TFDS)
+
+
+def once_per_run(tmp_path_factory, name: str, compute):
+    """``compute()``'s JSON result, computed once in a test run however many xdist workers ask for it: the
+    first computes it under a file lock in the run's own temporary folder, the others read it there.
+    A module's tests are spread over the workers, so a module-scoped fixture would run on each.
+    """
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        return compute()
+    root = tmp_path_factory.getbasetemp().parent  # the run's folder, above each worker's own
+    result = root / f"{name}.json"
+    with open(root / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if compute() fails
+        if not result.exists():
+            result.write_text(json.dumps(compute()))
+    return json.loads(result.read_text())
 
 
 # --- train.py and other commands as real processes ---

@@ -13,7 +13,7 @@ import pytest
 
 from nmfjax import configuration, parallel, workdirs
 from nmfjax.errors import ConfigError, WorkdirError
-from tests.conftest import FAST_COMPILATION, MOCK_DATA, ROOT, child_process, run_process, train_command
+from tests.conftest import FAST_COMPILATION, MOCK_DATA, ROOT, child_process, once_per_run, run_process, train_command
 
 ARGS = [
     "--config",
@@ -95,17 +95,21 @@ def _run_two_processes(tmp_path, name, workdir, *, use_variables=False, prelude=
 
 @pytest.fixture(scope="module")
 def one_process_run(tmp_path_factory):
-    """The reference: one process over two CPU devices."""
-    workdir = tmp_path_factory.mktemp("one-process") / "run"
-    child = run_process(
-        train_command(*ARGS, f"--workdir={workdir}", "--config.cpu_devices=2", prelude=DATA),
-        workdir.parent / "process",
-        env=CLEAN_ENV,
-        timeout=TIMEOUT,
-    )
-    assert child.process.returncode == 0, child.stderr[-3000:]
-    assert "2 device(s), " in child.stdout
-    return _rows(workdir)
+    """The reference: one process over two CPU devices (its metrics rows)."""
+
+    def train():
+        workdir = tmp_path_factory.mktemp("one-process") / "run"
+        child = run_process(
+            train_command(*ARGS, f"--workdir={workdir}", "--config.cpu_devices=2", prelude=DATA),
+            workdir.parent / "process",
+            env=CLEAN_ENV,
+            timeout=TIMEOUT,
+        )
+        assert child.process.returncode == 0, child.stderr[-3000:]
+        assert "2 device(s), " in child.stdout
+        return _rows(workdir)
+
+    return once_per_run(tmp_path_factory, "one-process-run", train)
 
 
 @pytest.mark.slow

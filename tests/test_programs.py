@@ -14,7 +14,7 @@ import textwrap
 
 import pytest
 
-from tests.conftest import run_process
+from tests.conftest import once_per_run, run_process
 
 _PROGRAMS_SCRIPT = textwrap.dedent(
     """
@@ -69,10 +69,13 @@ def _aliased_parameters(hlo: str) -> set[int]:
 
 @pytest.fixture(scope="module", params=["cnmf_1x1", "cnn_1x1"])
 def programs(request, tmp_path_factory):
-    script = _PROGRAMS_SCRIPT.format(model=request.param)
-    child = run_process([sys.executable, "-c", script], tmp_path_factory.mktemp("programs"), timeout=600)
-    assert child.process.returncode == 0, child.stderr[-3000:]
-    return json.loads(child.stdout.strip().splitlines()[-1])
+    def compile_programs():
+        script = _PROGRAMS_SCRIPT.format(model=request.param)
+        child = run_process([sys.executable, "-c", script], tmp_path_factory.mktemp("programs"), timeout=600)
+        assert child.process.returncode == 0, child.stderr[-3000:]
+        return json.loads(child.stdout.strip().splitlines()[-1])
+
+    return once_per_run(tmp_path_factory, f"programs-{request.param}", compile_programs)
 
 
 def test_the_k_step_call_runs_the_products_of_the_single_step(programs):
