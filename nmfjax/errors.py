@@ -22,6 +22,7 @@ import signal
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Iterator
 
 
@@ -163,7 +164,9 @@ def quiet_failure(is_reported: Callable[[BaseException], bool] = lambda error: T
                 while os.fstat(sink.fileno()).st_size != size and time.monotonic() < deadline:
                     size = os.fstat(sink.fileno()).st_size
                     time.sleep(0.2)
-                    gc.collect()
+                    with warnings.catch_warnings():  # the failed restore's abandoned coroutines are collected too
+                        warnings.filterwarnings("ignore", "coroutine .* was never awaited", RuntimeWarning)
+                        gc.collect()
             raise
         else:
             held_back = False
