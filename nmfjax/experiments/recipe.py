@@ -138,12 +138,8 @@ def published_statuses(output: str | pathlib.Path) -> list[dict[str, Any]]:
     table while another is published alone.
     """
     published = [path for path in pathlib.Path(output).iterdir() if (path / "metrics.jsonl").is_file()]
-    order = list(MODEL_NAMES)
-    statuses = [run_status(path) for path in published]
-    return sorted(
-        statuses,
-        key=lambda status: (order.index(status["model"]) if status["model"] in order else len(order), status["model"]),
-    )
+    order = list(MODEL_NAMES)  # every architecture a config may name
+    return sorted((run_status(path) for path in published), key=lambda status: order.index(status["model"]))
 
 
 def _newest_checkpoint(workdir: pathlib.Path) -> pathlib.Path:
